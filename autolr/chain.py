@@ -1,0 +1,238 @@
+"""A chain of policies: lr = base_lr · manual · Π factor_i, clamped to [min_lr, max_lr].
+
+The chain state is one JSON-serialisable dict. ``update(state, record)`` is a pure step: the
+same records from the same state give the same decisions, which is what makes restart, replay
+and rewind exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from .policy import Observation, Policy, PolicyError, State
+from .records import Record
+
+#: Relative change below which a new LR is not a decision (floating-point noise).
+REL_TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A learning-rate change: the control file's fields plus the evidence behind it."""
+
+    scale: float
+    lr: float | None
+    step: int | None
+    policy: str
+    reason: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    kind: str = "decision"
+
+
+def choose_metric(names: Iterable[str]) -> str | None:
+    """``val_loss`` if present, else ``loss``, else the first name containing "loss"."""
+    names = list(names)
+    for preferred in ("val_loss", "loss"):
+        if preferred in names:
+            return preferred
+    return next((n for n in names if "loss" in n.lower()), None)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Composes policies. ``base_lr`` None means only scales are known (lr is then null)."""
+
+    policies: tuple[Policy, ...]
+    base_lr: float | None = None
+    min_lr: float | None = None
+    max_lr: float | None = None
+    metric: str | None = None
+    unit: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("base_lr", "min_lr", "max_lr"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise PolicyError(f"{name} must be a finite number > 0, got {v!r}")
+        if self.min_lr and self.max_lr and self.min_lr > self.max_lr:
+            raise PolicyError(f"min_lr {self.min_lr} is above max_lr {self.max_lr}")
+
+    @property
+    def base(self) -> float:
+        return self.base_lr if self.base_lr is not None else 1.0
+
+    @property
+    def names(self) -> str:
+        return "+".join(p.name for p in self.policies) or "none"
+
+    # ---- state -------------------------------------------------------------------------
+    def init(self) -> State:
+        state: State = {
+            "policies": [p.init(self.base) for p in self.policies],
+            "manual": 1.0,
+            "rows": 0,
+            "monitor": self.metric,
+            "unit": self.unit,
+            "scale": 1.0,
+        }
+        scale = self._target_scale(state)
+        state["scale"] = scale if _usable(scale) else 1.0
+        return state
+
+    def scale(self, state: State) -> float:
+        """The multiplier on the loop's own base LR."""
+        return state["scale"]
+
+    def lr(self, state: State) -> float | None:
+        """The absolute LR, or None when no base LR is known."""
+        return None if self.base_lr is None else self.base_lr * state["scale"]
+
+    def _target_scale(self, state: State) -> float:
+        raw = state["manual"]
+        for policy, pstate in zip(self.policies, state["policies"]):
+            raw *= policy.value(pstate)
+        lr = self.base * raw
+        if self.min_lr is not None:
+            lr = max(lr, self.min_lr)
+        if self.max_lr is not None:
+            lr = min(lr, self.max_lr)
+        return lr / self.base
+
+    # ---- observation -------------------------------------------------------------------
+    def update(
+        self, state: State, record: Record, columns: Sequence[str] = ()
+    ) -> tuple[State, Decision | None]:
+        """Feed one log row; return the new state and the decision it caused, if any."""
+        state = dict(state)
+        if state["monitor"] is None:
+            state["monitor"] = choose_metric([*columns, *record.metrics])
+        if state["unit"] is None:
+            state["unit"] = (
+                "step" if record.step is not None else "epoch" if record.epoch is not None else "row"
+            )
+        obs = Observation(
+            row=state["rows"],
+            step=record.step,
+            epoch=record.epoch,
+            metrics=record.metrics,
+            lr=self.base * state["scale"],
+            monitor=state["monitor"],
+            unit=state["unit"],
+        )
+        held = any(p.holds(obs) for p in self.policies)
+        old_values = [p.value(s) for p, s in zip(self.policies, state["policies"])]
+        new_states, notes = [], []
+        for policy, pstate in zip(self.policies, state["policies"]):
+            if policy.stateful and held:
+                new_states.append(pstate)
+                notes.append(None)
+                continue
+            pstate, note = policy.update(pstate, obs)
+            new_states.append(pstate)
+            notes.append(note)
+        state["policies"] = new_states
+        state["rows"] += 1
+        return self._decide(state, obs, old_values, notes)
+
+    def _decide(self, state, obs, old_values, notes) -> tuple[State, Decision | None]:
+        old_scale = state["scale"]
+        scale = self._target_scale(state)
+        if not _changed(old_scale, scale):
+            return state, None
+        changed, reasons, evidence = [], [], {}
+        for policy, pstate, old, note in zip(self.policies, state["policies"], old_values, notes):
+            new = policy.value(pstate)
+            if not (note or _changed(old, new)):
+                continue
+            changed.append(policy.name)
+            if note:
+                reasons.append(f"{policy.name}: {note['reason']}")
+                evidence[policy.name] = {k: v for k, v in note.items() if k != "reason"}
+            else:
+                t = obs.time(getattr(policy, "unit", "auto"))
+                reasons.append(f"{policy.name}: factor {old:.6g} -> {new:.6g} after {state['unit'] if getattr(policy, 'unit', 'auto') == 'auto' else policy.unit} {t:g}")
+        if not _usable(scale):
+            # Never write a NaN, infinite or non-positive LR: keep the last good one.
+            return state, None
+        state["scale"] = scale
+        clamp = self._clamp_note(scale)
+        if clamp:
+            reasons.append(clamp)
+        return state, Decision(
+            scale=scale,
+            lr=self.lr(state),
+            step=_step_of(obs),
+            policy="+".join(changed) or "clamp",
+            reason="; ".join(reasons) or "clamped",
+            evidence=evidence,
+        )
+
+    def _clamp_note(self, scale: float) -> str:
+        lr = self.base * scale
+        if self.min_lr is not None and lr <= self.min_lr * (1 + REL_TOL):
+            return f"clamped to min_lr {self.min_lr:g}"
+        if self.max_lr is not None and lr >= self.max_lr * (1 - REL_TOL):
+            return f"clamped to max_lr {self.max_lr:g}"
+        return ""
+
+    # ---- manual override ---------------------------------------------------------------
+    def override(self, state: State, *, lr: float | None = None, scale: float | None = None) -> State:
+        """Adopt a manual LR (or scale): later policy decisions continue from it."""
+        if (lr is None) == (scale is None):
+            raise ValueError("give exactly one of lr or scale")
+        target = scale if scale is not None else lr / self.base
+        if not _usable(target):
+            raise ValueError(f"manual value must be finite and > 0, got {lr if scale is None else scale!r}")
+        state = dict(state)
+        current = self._target_scale(dict(state, manual=1.0))
+        state["manual"] = target / current
+        state["scale"] = target
+        return state
+
+
+def _usable(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def _changed(old: float, new: float) -> bool:
+    if old == new:
+        return False
+    if not (math.isfinite(old) and math.isfinite(new)):
+        return True
+    return abs(new - old) > REL_TOL * max(abs(old), abs(new))
+
+
+def _step_of(obs: Observation) -> int | None:
+    if obs.step is not None:
+        return obs.step
+    if obs.epoch is not None and float(obs.epoch).is_integer():
+        return int(obs.epoch)
+    return obs.row
+
+
+def build_chain(
+    specs: Sequence[tuple[str, dict[str, Any]]],
+    registry: dict[str, type],
+    *,
+    base_lr: float | None = None,
+    min_lr: float | None = None,
+    max_lr: float | None = None,
+    metric: str | None = None,
+    mode: str | None = None,
+    unit: str | None = None,
+) -> Chain:
+    """Instantiate ``(name, params)`` specs; run-level metric/mode/unit fill unset parameters."""
+    policies = []
+    for name, params in specs:
+        if name not in registry:
+            raise PolicyError(f"unknown policy {name!r}; installed: {', '.join(registry)}")
+        cls = registry[name]
+        params = dict(params)
+        fields = {f.name for f in cls.parameters()}
+        for key, value in (("metric", metric), ("mode", mode), ("unit", unit)):
+            if value is not None and key in fields and key not in params:
+                params[key] = value
+        policies.append(cls.from_params(params))
+    return Chain(tuple(policies), base_lr=base_lr, min_lr=min_lr, max_lr=max_lr, metric=metric, unit=unit)

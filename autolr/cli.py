@@ -1,0 +1,183 @@
+"""The ``autolr`` command line."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import ConfigError, Settings, load_config, parse_policy_options
+from .control import CONTROL_NAME, ControlError, ControlWriter, control_path
+from .plugins import PluginError, get_plugin_manager, policy_classes, reader_classes
+from .policy import PolicyError
+
+
+class Registry:
+    """The plugin manager and what it registered, built once per command."""
+
+    def __init__(self, plugins_dir: str | None):
+        self.pm = get_plugin_manager(plugins_dir)
+        self.policies = policy_classes(self.pm)
+        self.readers = reader_classes(self.pm)
+
+
+def settings_options(func):
+    """The options every command that builds a chain shares."""
+    options = [
+        click.option("--policy", "policies", multiple=True, metavar="SPEC",
+                     help="NAME or NAME:KEY=VALUE,... ; repeat to chain (factors multiply)."),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="autolr.toml with the chain and options."),
+        click.option("--base-lr", type=float, help="The loop's base LR; without it only a scale is written."),
+        click.option("--metric", help="Monitored metric (default: val_loss, else loss, else a *loss* column)."),
+        click.option("--mode", type=click.Choice(["min", "max"]), help="Default: min unless the metric name contains 'acc'."),
+        click.option("--unit", type=click.Choice(["step", "epoch", "row"]), help="Time unit (default: step, else epoch, else row)."),
+        click.option("--min-lr", type=float, help="Clamp the chain's LR from below."),
+        click.option("--max-lr", type=float, help="Clamp the chain's LR from above."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def cli_overrides(kw: dict[str, Any]) -> dict[str, Any]:
+    out = {k: kw.pop(k) for k in ("base_lr", "metric", "mode", "unit", "min_lr", "max_lr")}
+    specs = kw.pop("policies")
+    if specs:
+        out["policies"] = parse_policy_options(specs)
+    return out
+
+
+def fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="autolr")
+@click.option("--plugins-dir", type=click.Path(file_okay=False), help="Load plugin *.py files from this folder.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.pass_context
+def main(ctx: click.Context, plugins_dir: str | None, verbose: int) -> None:
+    """autolr: tune a running job's learning rate from the logs it already writes.
+
+    A policy chain reads the training log, decides learning-rate changes and writes them
+    atomically to autolr.json in the run folder; the training loop polls that file.
+    """
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+        format="autolr: %(message)s",
+    )
+    try:
+        ctx.obj = Registry(plugins_dir)
+    except (PluginError, PolicyError) as exc:
+        fail(str(exc))
+
+
+@main.command()
+@click.argument("logs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@settings_options
+@click.option("--every-row", is_flag=True, help="One line per observed row, not only per change.")
+@click.pass_obj
+def replay(reg: Registry, logs: tuple[str, ...], config_path: str | None, every_row: bool, **kw) -> None:
+    """Run a policy chain over finished logs, exactly as the daemon would live.
+
+    Prints one JSON object per line: {"log", "step", "lr", "scale", "policy", "reason"}; the
+    first line of each log is the initial value (step null).
+    """
+    from .replay import ReplayError, replay_log
+
+    try:
+        settings = load_config(config_path).defaults.merged(cli_overrides(kw))
+        settings.chain(reg.policies)  # fail on bad specs before any output
+        for log in logs:
+            for line in replay_log(log, settings, reg.policies, reg.readers, every_row=every_row):
+                click.echo(json.dumps(line))
+    except (ConfigError, PolicyError, ReplayError) as exc:
+        fail(str(exc))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def policies(reg: Registry, as_json: bool) -> None:
+    """List every installed policy with its parameters, defaults and description."""
+    rows = []
+    for name, cls in reg.policies.items():
+        params = []
+        own = [f for f in cls.parameters() if f.name != "unit"]
+        unit = [f for f in cls.parameters() if f.name == "unit"]
+        for f in own + unit:
+            default = None if f.default is dataclasses.MISSING else f.default
+            params.append({"name": f.name, "default": default, "required": f.default is dataclasses.MISSING})
+        rows.append({"name": name, "doc": cls.doc(), "module": cls.__module__, "parameters": params})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=list))
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<14} {row['doc']}")
+        rendered = [p["name"] + ("=<required>" if p["required"] else f"={_show(p['default'])}") for p in row["parameters"]]
+        click.echo(f"{'':<14}   {', '.join(rendered) or '(no parameters)'}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ",".join(map(str, value)) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "none" if value is None else str(value)
+
+
+@main.command()
+@click.pass_obj
+def readers(reg: Registry) -> None:
+    """List every installed log reader."""
+    for name, cls in reg.readers.items():
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        click.echo(f"{name:<14} {doc[0] if doc else ''}")
+
+
+@main.command(name="set")
+@click.argument("run", type=click.Path())
+@click.option("--lr", type=float, help="Set this absolute learning rate.")
+@click.option("--scale", type=float, help="Set this multiplier on the loop's base LR.")
+@click.option("--reason", default="manual override", show_default=True)
+@click.pass_obj
+def set_lr(reg: Registry, run: str, lr: float | None, scale: float | None, reason: str) -> None:
+    """Change the LR of a live job now, through its control file.
+
+    RUN is the run folder (or its autolr.json). The change is recorded in the journal, and
+    the daemon's later decisions continue from it.
+    """
+    from .manual import ManualError, set_manual
+
+    try:
+        record = set_manual(run, lr=lr, scale=scale, reason=reason)
+    except (ManualError, ControlError) as exc:
+        fail(str(exc))
+    click.echo(json.dumps(record))
+
+
+@main.command()
+@click.option("--dir", "folder", default="autolr-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the demo run folder is left.")
+@click.option("--steps", default=1500, show_default=True, help="Simulated optimizer steps.")
+@click.option("--seed", default=0, show_default=True)
+def demo(folder: str, steps: int, seed: int) -> None:
+    """Simulate a training run and let autolr tune it live.
+
+    A noisy SGD loop writes metrics.jsonl; warmup then plateau react to its validation loss;
+    the loop applies the new rates from autolr.json; each decision prints as it happens.
+    """
+    from .demo import run_demo
+
+    run_demo(Path(folder), steps=steps, seed=seed, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,321 @@
+"""The control-file protocol: ``autolr.json`` in the run folder, and its journal.
+
+Control file (schema 1)::
+
+    {"schema": 1, "seq": 7, "scale": 0.1, "lr": 0.01, "step": 1200,
+     "policy": "plateau", "reason": "...", "updated_at": "2026-11-21T10:00:00.123456Z"}
+
+Every write is atomic (temporary file in the same folder, fsync, ``os.replace``), so a reader
+never sees a partial file. Every decision is appended to ``autolr.decisions.jsonl`` first, with
+its evidence, so the journal is never behind the control file. Writers take ``autolr.lock``.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
+SCHEMA = 1
+CONTROL_NAME = "autolr.json"
+JOURNAL_NAME = "autolr.decisions.jsonl"
+LOCK_NAME = "autolr.lock"
+#: A control file larger than this is refused by the client.
+MAX_CONTROL_BYTES = 64 << 10
+FILE_MODE = 0o644
+
+
+class ControlError(ValueError):
+    """A control file that is malformed or holds an unusable value."""
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def control_path(run: str | os.PathLike) -> Path:
+    """The control file of a run folder, or ``run`` itself when it names a ``.json`` file."""
+    path = Path(run)
+    return path if path.suffix == ".json" and not path.is_dir() else path / CONTROL_NAME
+
+
+def validate_control(obj: Any) -> dict[str, Any]:
+    """Return ``obj`` if it is a usable control record, else raise ControlError."""
+    if not isinstance(obj, dict):
+        raise ControlError("control file is not a JSON object")
+    for key in ("schema", "seq"):
+        if not isinstance(obj.get(key), int) or isinstance(obj.get(key), bool):
+            raise ControlError(f"control file field {key!r} is missing or not an integer")
+    if obj["schema"] != SCHEMA:
+        raise ControlError(f"control file schema {obj['schema']} is not supported (expected {SCHEMA})")
+    if not _positive(obj.get("scale")):
+        raise ControlError(f"control file scale {obj.get('scale')!r} is not a finite number > 0")
+    lr = obj.get("lr")
+    if lr is not None and not _positive(lr):
+        raise ControlError(f"control file lr {lr!r} is not a finite number > 0")
+    return obj
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def atomic_write_json(path: Path, obj: Any, *, fsync: bool = True) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: temp file, fsync, ``os.replace``."""
+    data = (json.dumps(obj, allow_nan=False, separators=(", ", ": ")) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=".autolr-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_json(path: Path, limit: int = MAX_CONTROL_BYTES) -> Any:
+    """Parse a small JSON file; raise ControlError when it is oversized or malformed."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ControlError(f"{path} is larger than {limit} bytes")
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise ControlError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def last_journal_entry(path: Path) -> dict[str, Any] | None:
+    """The last complete JSON line of a journal, or None."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - (256 << 10)))
+            tail = f.read()
+    except FileNotFoundError:
+        return None
+    for line in reversed(tail.split(b"\n")):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue  # a torn last line from a crash: the one before it counts
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
+def read_journal(run: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every entry of a run's journal (torn lines skipped)."""
+    path = Path(run) / JOURNAL_NAME
+    out = []
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line)
+                if isinstance(obj, dict):
+                    out.append(obj)
+    return out
+
+
+class ControlWriter:
+    """Publishes decisions for one run folder: journal line first, then the control file."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, fsync: bool = True):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / CONTROL_NAME
+        self.journal = self.run_dir / JOURNAL_NAME
+        self.fsync = fsync
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run's writer lock (``autolr.lock``) so seq numbers never collide."""
+        if fcntl is None:  # pragma: no cover
+            yield
+            return
+        fd = os.open(self.run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def current(self) -> dict[str, Any] | None:
+        """The control record in force: the control file, or the journal when it is ahead."""
+        record = None
+        with contextlib.suppress(FileNotFoundError, ControlError):
+            record = validate_control(read_json(self.path))
+        last = last_journal_entry(self.journal)
+        if last is not None and isinstance(last.get("seq"), int):
+            if record is None or last["seq"] > record["seq"]:
+                with contextlib.suppress(ControlError):
+                    return validate_control(_control_fields(last))
+        return record
+
+    def publish(
+        self,
+        *,
+        scale: float,
+        lr: float | None,
+        step: int | None,
+        policy: str,
+        reason: str,
+        evidence: dict[str, Any] | None = None,
+        kind: str = "decision",
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Append a decision to the journal and replace the control file; return its record."""
+        record = {
+            "schema": SCHEMA,
+            "seq": 0,
+            "scale": float(scale),
+            "lr": None if lr is None else float(lr),
+            "step": step,
+            "policy": policy,
+            "reason": reason,
+            "updated_at": utc_now(),
+            **extra,
+        }
+        validate_control(dict(record, seq=1))  # never write an unusable LR
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self.locked():
+            current = self.current()
+            record["seq"] = (current["seq"] if current else 0) + 1
+            entry = dict(record, kind=kind, evidence=evidence or {})
+            self._append_journal(entry)
+            atomic_write_json(self.path, record, fsync=self.fsync)
+        return record
+
+    def repair(self) -> dict[str, Any] | None:
+        """Rewrite the control file from the journal when a crash left it behind."""
+        with self.locked():
+            current = self.current()
+            on_disk = None
+            with contextlib.suppress(FileNotFoundError, ControlError):
+                on_disk = validate_control(read_json(self.path))
+            if current is not None and (on_disk is None or on_disk["seq"] < current["seq"]):
+                atomic_write_json(self.path, current, fsync=self.fsync)
+            return current
+
+    def _append_journal(self, entry: dict[str, Any]) -> None:
+        line = (json.dumps(entry, allow_nan=False, default=_json_default) + "\n").encode()
+        fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        try:
+            # A crash may have left a torn last line: start on a fresh line.
+            if os.fstat(fd).st_size and not _ends_with_newline(self.journal):
+                line = b"\n" + line
+            os.write(fd, line)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+CONTROL_FIELDS = ("schema", "seq", "scale", "lr", "step", "policy", "reason", "updated_at", "apply_at_step")
+
+
+def _control_fields(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: entry[k] for k in CONTROL_FIELDS if k in entry}
+
+
+class Control:
+    """Client for a training loop: ``Control(run_dir).lr(default)`` on every step.
+
+    An unchanged file costs one ``stat`` (or nothing, within ``min_interval`` seconds of the
+    last one). A malformed file or an unusable value is ignored with one warning, and the last
+    good value is kept.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, min_interval: float = 0.0):
+        self.path = control_path(path)
+        self.min_interval = float(min_interval)
+        self._record: dict[str, Any] | None = None
+        self._key: tuple[int, int, int] | None = None
+        self._next_check = 0.0
+
+    def _refresh(self) -> None:
+        if self.min_interval:
+            now = time.monotonic()
+            if now < self._next_check:
+                return
+            self._next_check = now + self.min_interval
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return  # no file yet, or it vanished: keep the last good value
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key == self._key:
+            return
+        self._key = key
+        try:
+            record = validate_control(read_json(self.path))
+        except (OSError, ControlError) as exc:
+            warnings.warn(f"autolr: ignoring {self.path}: {exc}; keeping the last good value", RuntimeWarning, stacklevel=3)
+            return
+        self._record = record
+
+    def record(self) -> dict[str, Any] | None:
+        """The last good control record, or None before the first one."""
+        self._refresh()
+        return self._record
+
+    def scale(self) -> float:
+        """The multiplier for the loop's own base LR (1.0 before any decision)."""
+        self._refresh()
+        return self._record["scale"] if self._record else 1.0
+
+    def lr(self, default: float) -> float:
+        """The absolute LR: the file's ``lr``, else ``default · scale``; ``default`` before any."""
+        self._refresh()
+        rec = self._record
+        if rec is None:
+            return default
+        return rec["lr"] if rec["lr"] is not None else default * rec["scale"]
+
+    @property
+    def seq(self) -> int:
+        """The sequence number of the last good record (0 before any)."""
+        self._refresh()
+        return self._record["seq"] if self._record else 0

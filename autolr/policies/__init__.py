@@ -1,0 +1,1 @@
+"""Built-in policies, registered through the same hook as third-party plugins."""

@@ -1,0 +1,162 @@
+"""The policy interface.
+
+A policy maps a stream of observations to a multiplicative factor on the base learning rate.
+Its state is explicit and JSON-serialisable: ``init() -> state``,
+``update(state, obs) -> (state, note)`` and ``value(state) -> factor``. Nothing is hidden in
+the object, so a chain can be saved, restored, replayed and rewound to the same numbers.
+
+A policy class is a frozen dataclass: its fields are its public parameters, with PyTorch's
+names where PyTorch has the same knob.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Mapping
+
+UNITS = ("auto", "step", "epoch", "row")
+State = dict[str, Any]
+Note = dict[str, Any]
+
+
+class PolicyError(ValueError):
+    """Invalid policy name or parameters; the message says what is valid."""
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One log row as a policy sees it.
+
+    ``lr`` is the learning rate the chain had set while the row was produced: absolute when the
+    base LR is known, else a scale on the loop's own base LR. ``monitor`` is the run's
+    monitored metric name (None until the log shows one) and ``unit`` the run's default unit.
+    """
+
+    row: int
+    step: int | None
+    epoch: float | None
+    metrics: Mapping[str, float]
+    lr: float
+    monitor: str | None = None
+    unit: str = "row"
+
+    def time(self, unit: str) -> float | None:
+        """The row's counter in ``unit`` (``auto`` means the run's default unit)."""
+        if unit == "auto":
+            unit = self.unit
+        if unit == "step":
+            return self.step
+        if unit == "epoch":
+            return self.epoch
+        return self.row
+
+
+def default_mode(metric: str | None) -> str:
+    """``max`` for accuracy-like metrics (name contains ``acc``), else ``min``."""
+    return "max" if metric and "acc" in metric.lower() else "min"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base class. Subclasses set ``name`` and implement ``init``, ``update`` and ``value``."""
+
+    name: ClassVar[str] = ""
+    #: Stateful policies react to the metric. They are not updated while a schedule in the
+    #: chain ``holds`` (a warmup in progress), so their counts start after it.
+    stateful: ClassVar[bool] = False
+
+    def init(self, base_lr: float = 1.0) -> State:
+        """The state before any observation. ``base_lr`` is 1.0 when only scales are known."""
+        raise NotImplementedError
+
+    def update(self, state: State, obs: Observation) -> tuple[State, Note | None]:
+        """Return the new state and an optional note ``{"reason": str, ...evidence}``."""
+        raise NotImplementedError
+
+    def value(self, state: State) -> float:
+        """The factor on the base learning rate for what follows."""
+        raise NotImplementedError
+
+    def holds(self, obs: Observation) -> bool:
+        """True while this policy owns the LR at ``obs`` (a warmup in progress)."""
+        return False
+
+    # ---- construction from user input -------------------------------------------------
+    @classmethod
+    def doc(cls) -> str:
+        """The one-line description: the first line of the class docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    @classmethod
+    def parameters(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "Policy":
+        """Build from user-supplied values, coercing types; unknown names are clear errors."""
+        fields = {f.name: f for f in cls.parameters()}
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            raise PolicyError(
+                f"policy {cls.name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                f"valid: {', '.join(fields) or '(none)'}"
+            )
+        values = {k: coerce(v, hints[k], f"{cls.name}:{k}") for k, v in params.items()}
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise PolicyError(f"policy {cls.name!r}: {exc}") from exc
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """Coerce ``value`` to the type ``hint`` (int, float, bool, str, Literal, Optional, tuple)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where)
+            except PolicyError as exc:
+                errors.append(str(exc))
+        raise PolicyError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise PolicyError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        item_hint = args[0] if args else Any
+        return tuple(coerce(v, item_hint, where) for v in items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise PolicyError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise PolicyError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PolicyError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise PolicyError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise PolicyError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def check(condition: bool, policy: str, message: str) -> None:
+    """Raise a PolicyError unless ``condition``."""
+    if not condition:
+        raise PolicyError(f"policy {policy!r}: {message}")

@@ -1,0 +1,42 @@
+"""The record: one row of a training log, as every reader returns it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Keys that readers map to the step counter, in order of preference.
+STEP_KEYS = ("step", "global_step", "trainer/global_step", "iter", "iteration", "num_updates", "_step")
+#: Keys that readers map to the epoch counter.
+EPOCH_KEYS = ("epoch",)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One log row: numeric metrics plus the step and epoch counters when the log has them.
+
+    ``run`` names a run inside a source that holds several (an MLflow database); None means
+    the run of the file's folder. ``restart`` marks the first record of a resumed segment
+    (TensorBoard's ``purge_step``): the run's history is cut at its step.
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    step: int | None = None
+    epoch: float | None = None
+    run: str | None = None
+    restart: bool = False
+
+
+def split_counters(values: dict[str, float]) -> Record:
+    """Move the step/epoch counters out of a flat dict of numbers into a Record."""
+    metrics = dict(values)
+    step = epoch = None
+    for key in STEP_KEYS:
+        if key in metrics:
+            v = metrics.pop(key)
+            if step is None and v == v and abs(v) < 2**63:
+                step = int(v)
+    for key in EPOCH_KEYS:
+        if key in metrics:
+            v = metrics.pop(key)
+            if epoch is None and v == v:
+                epoch = float(v)
+    return Record(metrics, step, epoch)
