@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -153,9 +154,11 @@ def test_missing_plugins_dir_is_a_clear_error(tmp_path):
 def installed_cyclic(tmp_path_factory):
     """Really install the example plugin package (into a target folder) with pip."""
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / "autolr-cyclic"
+    shutil.copytree(ROOT / "plugins" / "autolr-cyclic", source)  # keep build files out of the repo
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT / "plugins" / "autolr-cyclic")],
+         "--target", str(target), str(source)],
         check=True, capture_output=True, text=True, timeout=300,
     )
     return target
