@@ -164,6 +164,61 @@ def set_lr(reg: Registry, run: str, lr: float | None, scale: float | None, reaso
 
 
 @main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@settings_options
+@click.option("--poll", type=float, is_flag=False, flag_value=1.0, default=None, metavar="[SECONDS]",
+              help="Poll instead of inotify (NFS/SMB/Lustre); every SECONDS, default 1.")
+@click.option("--once", is_flag=True, help="Process everything present, then exit (cron, tests).")
+@click.option("--follow-symlinks", is_flag=True, help="Follow symlinks that lead outside ROOT.")
+@click.option("--rescan", type=float, default=30.0, show_default=True, help="Seconds between safety-net rescans.")
+@click.option("--no-fsync", is_flag=True, help="Skip fsync on writes (faster; less durable on power loss).")
+@click.pass_obj
+def watch(reg: Registry, root: str, config_path: str | None, poll: float | None, once: bool,
+          follow_symlinks: bool, rescan: float, no_fsync: bool, **kw) -> None:
+    """Watch ROOT's runs, tune their learning rates live (the main job).
+
+    A run is a folder holding a recognised log. Settings come from ROOT/autolr.toml (or
+    --config), per-run [runs."glob"] sections, then these flags. Each run gets autolr.json
+    (control file), autolr.decisions.jsonl (journal) and autolr.state.json (resume state).
+    """
+    from .daemon import Daemon, Options
+    from .view import View
+
+    root_path = Path(root)
+    try:
+        default_cfg = root_path / "autolr.toml"
+        config = load_config(config_path or (default_cfg if default_cfg.is_file() else None))
+        overrides = cli_overrides(kw)
+        config.defaults.merged(overrides).chain(reg.policies)
+    except (ConfigError, PolicyError) as exc:
+        fail(str(exc))
+    options = Options(poll=poll, once=once, follow_symlinks=follow_symlinks, rescan=rescan, fsync=not no_fsync)
+    view = View()
+    daemon = Daemon(root_path, config, overrides, reg.policies, reg.readers, options, on_event=view)
+    view.summaries = lambda: [r.summary() for r in daemon.runs.values()]
+    daemon.install_signal_handlers()
+    daemon.run()
+
+
+@main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per run.")
+def status(root: str, as_json: bool) -> None:
+    """Show every run under ROOT from its files (no daemon needed)."""
+    from .status import collect_status
+    from .view import run_line
+
+    rows = collect_status(Path(root))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no autolr runs under {root}")
+    for row in rows:
+        click.echo(run_line(row))
+
+
+@main.command()
 @click.option("--dir", "folder", default="autolr-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the demo run folder is left.")
 @click.option("--steps", default=1500, show_default=True, help="Simulated optimizer steps.")

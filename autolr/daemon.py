@@ -1,0 +1,337 @@
+"""``autolr watch``: watch a tree of runs, tail their logs, decide and publish.
+
+The watchdog handler only enqueues paths. The worker (the main thread) reads each changed
+file from its stored position, so duplicate, coalesced or dropped events do no harm; a slow
+rescan runs as a safety net. ``--poll`` uses watchdog's polling observer (NFS, SMB, Lustre);
+the daemon falls back to it by itself when the inotify limits are reached.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import Config
+from .control import CONTROL_NAME, atomic_write_json, read_json
+from .readers import is_own_file, reader_for
+from .readers.base import Reader
+from .run import Run
+
+log = logging.getLogger("autolr.daemon")
+
+SOURCES_STATE = ".autolr-sources.json"  # read positions of sources that feed several runs
+
+
+@dataclass
+class Options:
+    poll: float | None = None  # seconds between polls; None: inotify
+    once: bool = False
+    follow_symlinks: bool = False
+    rescan: float = 30.0
+    flush: float = 2.0
+    fsync: bool = True
+
+
+class Daemon:
+    """Watches ``root``; ``run()`` blocks until stopped (or, with ``once``, until caught up)."""
+
+    def __init__(self, root: Path, config: Config, overrides: dict[str, Any], policies: dict[str, type],
+                 readers: dict[str, type], options: Options | None = None,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None):
+        self.root = Path(root).resolve()
+        self.config = config
+        self.overrides = overrides
+        self.policies = policies
+        self.readers = readers
+        self.options = options or Options()
+        self.on_event = on_event or (lambda kind, data: None)
+        self.runs: dict[Path, Run] = {}
+        self.sources: dict[Path, Reader] = {}
+        self.saved_sources: dict[Path, dict[str, dict]] = {}
+        self.multi_state: dict[str, Any] = {}
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.pending: set[Path] = set()
+        self.lock = threading.Lock()
+        self.observer = None
+        self.mode = "once" if self.options.once else ("poll" if self.options.poll else "inotify")
+        self.errors: defaultdict[str, int] = defaultdict(int)
+
+    # ---- discovery -----------------------------------------------------------------------
+    def inside_root(self, path: Path) -> bool:
+        if self.options.follow_symlinks:
+            return True
+        try:
+            return Path(os.path.realpath(path)).is_relative_to(self.root)
+        except OSError:
+            return False
+
+    def discover(self, folder: Path | None = None) -> list[Path]:
+        """Walk ``folder`` (default the root), add every recognised log not yet known; return them."""
+        folder = folder or self.root
+        found: list[Path] = []
+        seen_dirs: set[str] = set()
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=self.options.follow_symlinks,
+                                                    onerror=lambda e: None):
+            real = os.path.realpath(dirpath)
+            if real in seen_dirs or not self.inside_root(Path(dirpath)):
+                dirnames[:] = []
+                continue
+            seen_dirs.add(real)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".autolr"))
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if path not in self.sources and self.consider(path) is not None:
+                    found.append(path)
+        return found
+
+    def consider(self, path: Path) -> Reader | None:
+        """Add ``path`` as a source if a reader recognises it."""
+        if is_own_file(path) or path.name.startswith(".") or not self.inside_root(path):
+            return None
+        if path.is_symlink() and not self.options.follow_symlinks:
+            if not self.inside_root(path):
+                return None
+        cls = reader_for(path, self.readers)
+        if cls is None:
+            return None
+        try:
+            reader = cls(path)
+        except Exception as exc:
+            self.count(f"reader {cls.name} failed to open", path, exc)
+            return None
+        self.sources[path] = reader
+        if getattr(cls, "multi_run", False):
+            saved = self.multi_state.get(str(path))
+            if saved and saved.get("reader") == cls.name:
+                with contextlib.suppress(Exception):
+                    reader.set_state(saved["state"])
+        else:
+            run = self.open_run(cls.run_dir(path))
+            run.add_source(reader, self.saved_sources.get(run.folder, {}).get(str(path)))
+        self.on_event("source", {"path": str(path), "reader": cls.name})
+        return reader
+
+    def open_run(self, folder: Path) -> Run:
+        folder = Path(folder)
+        run = self.runs.get(folder)
+        if run is not None:
+            return run
+        try:
+            rel = str(folder.relative_to(self.root))
+        except ValueError:
+            rel = str(folder)
+        settings = self.config.for_run(rel).merged(self.overrides)
+        folder.mkdir(parents=True, exist_ok=True)
+        run = Run(folder, settings, self.policies, fsync=self.options.fsync,
+                  on_decision=lambda r, rec: self.on_event("decision", {"run": str(r.folder), **rec}))
+        self.saved_sources[folder] = run.load()
+        self.runs[folder] = run
+        self.on_event("run", {"run": str(folder), "control": str(run.writer.path),
+                              "policy": run.engine.chain.names, "restored": run.restored})
+        return run
+
+    # ---- reading -------------------------------------------------------------------------
+    def process(self, path: Path) -> None:
+        """Read what is new in source ``path`` and feed it to its run(s)."""
+        reader = self.sources.get(path)
+        if reader is None:
+            return
+        if not path.exists():
+            self.drop_source(path)
+            return
+        multi = getattr(reader, "multi_run", False)
+        while True:
+            try:
+                records = reader.read()
+            except Exception as exc:  # a reader bug must never kill the daemon
+                self.count(f"reader {reader.name} error", path, exc)
+                return
+            if records:
+                if multi:
+                    groups: dict[str | None, list] = defaultdict(list)
+                    for rec in records:
+                        groups[rec.run].append(rec)
+                    for run_id, group in groups.items():
+                        self.open_run(reader.folder_for(run_id)).feed(reader, group)
+                    self.multi_state[str(path)] = {"reader": reader.name, "state": reader.get_state()}
+                else:
+                    self.runs[reader.run_dir(path)].feed(reader, records)
+            if not reader.more or self.stop_event.is_set():
+                break
+
+    def drop_source(self, path: Path) -> None:
+        reader = self.sources.pop(path, None)
+        if reader is None:
+            return
+        self.on_event("vanished", {"path": str(path)})
+        if getattr(reader, "multi_run", False):
+            return
+        folder = reader.run_dir(path)
+        run = self.runs.get(folder)
+        if run is None:
+            return
+        run.sources.pop(path, None)
+        if not run.sources:
+            run.save()
+            del self.runs[folder]
+            self.on_event("dropped", {"run": str(folder)})
+
+    def handle(self, path: Path) -> None:
+        """React to a path the observer reported (or a rescan found)."""
+        if path in self.sources:
+            self.process(path)
+            return
+        if path.name == CONTROL_NAME and path.parent in self.runs:
+            self.runs[path.parent].adopt_manual()
+            return
+        if is_own_file(path):
+            return
+        if path.is_dir():
+            if self.inside_root(path):
+                for p in self.discover(path):  # files already known have events of their own
+                    self.process(p)
+            return
+        gone = [p for p in self.sources if p == path or p.is_relative_to(path)]
+        for p in gone:  # a folder or file moved away or deleted
+            if not p.exists():
+                self.drop_source(p)
+        if path.is_file() and self.consider(path) is not None:
+            self.process(path)
+
+    def catch_up(self) -> None:
+        """Read every known source to its end; vanished ones are dropped."""
+        for path in list(self.sources):
+            if self.stop_event.is_set():
+                return
+            self.process(path)
+
+    def rescan(self) -> None:
+        self.discover()
+        self.catch_up()
+
+    # ---- persistence ---------------------------------------------------------------------
+    def load_multi_state(self) -> None:
+        with contextlib.suppress(Exception):
+            data = read_json(self.root / SOURCES_STATE, 64 << 20)
+            if isinstance(data, dict):
+                self.multi_state = data
+
+    def flush(self) -> None:
+        for run in list(self.runs.values()):
+            if run.dirty:
+                run.save()
+        if self.multi_state:
+            with contextlib.suppress(OSError, ValueError):
+                atomic_write_json(self.root / SOURCES_STATE, self.multi_state, fsync=self.options.fsync)
+
+    # ---- the loop ------------------------------------------------------------------------
+    def enqueue(self, path: str | bytes) -> None:
+        """Called from the observer thread: only records the path."""
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        name = os.path.basename(path)
+        if name.startswith(".autolr") or (is_own_file(Path(path)) and name != CONTROL_NAME):
+            return
+        with self.lock:
+            self.pending.add(Path(path))
+        self.wake.set()
+
+    def drain(self) -> None:
+        with self.lock:
+            batch, self.pending = self.pending, set()
+        self.wake.clear()
+        for path in sorted(batch):
+            if self.stop_event.is_set():
+                return
+            try:
+                self.handle(path)
+            except Exception as exc:  # never die on a log
+                self.count("unexpected error", path, exc)
+
+    def start_observer(self) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        daemon = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:
+                daemon.enqueue(event.src_path)
+                dest = getattr(event, "dest_path", None)
+                if dest:
+                    daemon.enqueue(dest)
+
+        def start(observer) -> None:
+            observer.schedule(Handler(), str(self.root), recursive=True)
+            observer.start()
+            self.observer = observer
+
+        if self.options.poll:
+            start(PollingObserver(timeout=self.options.poll))
+            return
+        try:
+            start(Observer())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EMFILE, errno.ENFILE):
+                raise
+            log.warning("inotify limit reached (%s): falling back to polling every 1 s. Raise "
+                        "fs.inotify.max_user_watches / max_user_instances to use inotify.", exc)
+            self.mode = "poll (inotify limit)"
+            start(PollingObserver(timeout=1.0))
+
+    def stop(self, *_: Any) -> None:
+        self.stop_event.set()
+        self.wake.set()
+
+    def run(self) -> None:
+        self.load_multi_state()
+        self.discover()
+        self.on_event("ready", {"runs": len(self.runs), "sources": len(self.sources), "mode": self.mode})
+        if not self.options.once:
+            self.start_observer()  # before catching up, so nothing written meanwhile is missed
+        try:
+            self.catch_up()
+            self.flush()
+            self.on_event("caught_up", {"runs": len(self.runs)})
+            if self.options.once:
+                return
+            next_rescan = time.monotonic() + self.options.rescan
+            next_flush = time.monotonic() + self.options.flush
+            while not self.stop_event.is_set():
+                timeout = max(0.0, min(next_rescan, next_flush) - time.monotonic())
+                if self.wake.wait(timeout):
+                    self.drain()
+                now = time.monotonic()
+                if now >= next_rescan:
+                    self.rescan()
+                    next_rescan = now + self.options.rescan
+                if now >= next_flush:
+                    self.flush()
+                    self.on_event("tick", {})
+                    next_flush = now + self.options.flush
+        finally:
+            if self.observer is not None:
+                self.observer.stop()
+                with contextlib.suppress(RuntimeError):
+                    self.observer.join(timeout=5)
+            self.flush()
+            self.on_event("stopped", {})
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def count(self, what: str, path: Path, exc: BaseException) -> None:
+        self.errors[what] += 1
+        level = logging.WARNING if self.errors[what] <= 3 else logging.DEBUG
+        log.log(level, "%s: %s: %s", path, what, exc, exc_info=self.errors[what] <= 1)

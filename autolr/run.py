@@ -1,0 +1,244 @@
+"""One watched run: its log sources, its engine, its control file and its persisted state.
+
+State (``autolr.state.json`` in the run folder) holds the engine state, each source's read
+position and the seq of the last decision published. It is written atomically right after
+every publish and periodically otherwise. After a crash, decisions the journal holds beyond
+the saved seq are matched, in order, against the ones re-derived from the re-read records,
+so none is published twice and none is lost.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from .chain import Decision
+from .config import Settings
+from .control import ControlError, ControlWriter, atomic_write_json, read_journal, read_json
+from .engine import RunEngine
+from .readers.base import Reader
+
+log = logging.getLogger("autolr.run")
+
+STATE_NAME = "autolr.state.json"
+STATE_VERSION = 1
+MAX_STATE_BYTES = 256 << 20
+
+
+class Run:
+    """A run folder: sources feed records to one engine; decisions go to the control file."""
+
+    def __init__(self, folder: Path, settings: Settings, registry: dict[str, type], *,
+                 fsync: bool = True, on_decision: Callable[["Run", dict], None] | None = None):
+        self.folder = folder
+        self.settings = settings
+        self.engine = RunEngine(settings.chain(registry), history=settings.history)
+        self.writer = ControlWriter(folder, fsync=fsync)
+        self.fsync = fsync
+        self.sources: dict[Path, Reader] = {}
+        self.seq = 0
+        self.pending: list[dict[str, Any]] = []  # journal entries beyond the saved state
+        self.last_step: int | float | None = None
+        self.last_metric: float | None = None
+        self.last_decision: dict[str, Any] | None = None
+        self.rows = 0
+        self.dirty = False
+        self.errors: Counter[str] = Counter()
+        self.on_decision = on_decision
+        self.restored = False
+
+    # ---- sources -------------------------------------------------------------------------
+    def add_source(self, reader: Reader, saved: dict[str, Any] | None = None) -> None:
+        if saved and saved.get("reader") == reader.name:
+            with contextlib.suppress(Exception):
+                reader.set_state(saved["state"])
+        self.sources[reader.path] = reader
+
+    def skipped(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for reader in self.sources.values():
+            total.update(reader.skipped)
+        total.update(self.errors)
+        return total
+
+    # ---- processing ----------------------------------------------------------------------
+    def feed(self, reader: Reader, records) -> None:
+        """Feed records read from ``reader`` through the engine and publish the decisions."""
+        self.adopt_manual()
+        columns = reader.columns()
+        seq_before = self.seq
+        for record in records:
+            try:
+                decisions = self.engine.feed(record, columns)
+            except Exception as exc:  # a policy bug must not kill the daemon
+                self.errors["policy error"] += 1
+                log.exception("%s: policy error on a record: %s", self.folder, exc)
+                continue
+            self.rows += 1
+            self.dirty = True
+            if record.step is not None or record.epoch is not None:
+                self.last_step = record.step if record.step is not None else _int_if_whole(record.epoch)
+            monitor = self.engine.state.get("monitor")
+            if monitor in record.metrics:
+                self.last_metric = record.metrics[monitor]
+            for decision in decisions:
+                self.publish(decision)
+        if self.seq != seq_before:
+            # Saved only once the whole batch is fed, so the stored read positions never run
+            # ahead of the engine; a crash before this line is covered by the journal match.
+            self.save()
+
+    def publish(self, decision: Decision) -> None:
+        if self.pending:
+            expected = self.pending[0]
+            if _same_decision(expected, decision):
+                self.pending.pop(0)
+                self.seq = expected["seq"]
+                self._adopt_pending_manuals()
+                return
+            log.warning("%s: journal after the saved state disagrees with the replay; "
+                        "publishing anew", self.folder)
+            self.pending.clear()
+        try:
+            record = self.writer.publish(
+                scale=decision.scale, lr=decision.lr, step=decision.step, policy=decision.policy,
+                reason=decision.reason, evidence=decision.evidence, kind=decision.kind,
+            )
+        except (OSError, ControlError) as exc:
+            # A failing disk: the last good control file stays; retried at the next decision.
+            self.errors["control write failed"] += 1
+            log.error("%s: could not write the control file: %s", self.folder, exc)
+            return
+        self.seq = record["seq"]
+        self.last_decision = record
+        self.dirty = True
+        if self.on_decision:
+            self.on_decision(self, record)
+
+    def adopt_manual(self) -> None:
+        """Continue from an ``autolr set`` made since our last publish."""
+        if self.pending:
+            return
+        current = self.writer.current()
+        if current is None or current["seq"] <= self.seq:
+            return
+        self.seq = current["seq"]
+        self.last_decision = current
+        if current.get("policy") == "manual":
+            with contextlib.suppress(ValueError):
+                self.engine.override(scale=current["scale"])
+                log.info("%s: adopted manual override seq %d (scale %g)", self.folder,
+                         current["seq"], current["scale"])
+        self.dirty = True
+
+    def _adopt_pending_manuals(self) -> None:
+        while self.pending and self.pending[0].get("kind") == "manual":
+            entry = self.pending.pop(0)
+            with contextlib.suppress(ValueError):
+                self.engine.override(scale=entry["scale"])
+            self.seq = entry["seq"]
+
+    # ---- persistence ---------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.folder / STATE_NAME
+
+    def save(self) -> None:
+        data = {
+            "version": STATE_VERSION,
+            "seq": self.seq,
+            "engine": self.engine.get_state(),
+            "sources": {
+                _rel(path, self.folder): {"reader": r.name, "state": r.get_state()}
+                for path, r in self.sources.items()
+            },
+            "rows": self.rows,
+            "last_step": self.last_step,
+            "last_metric": _finite_or_none(self.last_metric),
+            "skipped": dict(self.skipped()),
+            "saved_at": time.time(),
+        }
+        try:
+            atomic_write_json(self.state_path, data, fsync=self.fsync)
+            self.dirty = False
+        except (OSError, ValueError) as exc:
+            self.errors["state write failed"] += 1
+            log.error("%s: could not save state: %s", self.folder, exc)
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """Restore the saved state; return the saved source states by absolute path."""
+        try:
+            data = read_json(self.state_path, MAX_STATE_BYTES)
+        except FileNotFoundError:
+            data = None
+        except (OSError, ControlError) as exc:
+            log.warning("%s: ignoring unreadable state (%s); starting over", self.folder, exc)
+            data = None
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            self._resume_from_journal()
+            return {}
+        try:
+            self.engine.set_state(data["engine"])
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("%s: ignoring incompatible state (%s); starting over", self.folder, exc)
+            self._resume_from_journal()
+            return {}
+        self.seq = int(data.get("seq", 0))
+        self.rows = int(data.get("rows", 0))
+        self.last_step = data.get("last_step")
+        self.last_metric = data.get("last_metric")
+        self.restored = True
+        self.pending = [e for e in read_journal(self.folder) if isinstance(e.get("seq"), int) and e["seq"] > self.seq]
+        self._adopt_pending_manuals()
+        self.writer.repair()
+        return {str(self.folder / rel): v for rel, v in data.get("sources", {}).items()}
+
+    def _resume_from_journal(self) -> None:
+        """No usable state: re-derive everything, matching what the journal already holds."""
+        self.pending = [e for e in read_journal(self.folder) if isinstance(e.get("seq"), int)]
+        self.seq = 0
+        self._adopt_pending_manuals()
+
+    # ---- reporting -----------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        last = self.last_decision or {}
+        return {
+            "run": str(self.folder),
+            "control": str(self.writer.path),
+            "step": self.last_step,
+            "metric": self.engine.state.get("monitor"),
+            "value": _finite_or_none(self.last_metric),
+            "lr": self.engine.lr,
+            "scale": self.engine.scale,
+            "seq": self.seq,
+            "rows": self.rows,
+            "last_decision": {k: last.get(k) for k in ("seq", "step", "policy", "reason")} if last else None,
+            "skipped": dict(self.skipped()),
+            "sources": sorted(_rel(p, self.folder) for p in self.sources),
+        }
+
+
+def _same_decision(entry: dict[str, Any], decision: Decision) -> bool:
+    return (entry.get("step") == decision.step and entry.get("policy") == decision.policy
+            and isinstance(entry.get("scale"), (int, float))
+            and math.isclose(entry["scale"], decision.scale, rel_tol=1e-12))
+
+
+def _rel(path: Path, folder: Path) -> str:
+    try:
+        return os.path.relpath(path, folder)
+    except ValueError:
+        return str(path)
+
+
+def _finite_or_none(x: Any) -> Any:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _int_if_whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x

@@ -1,0 +1,45 @@
+"""``autolr status``: every run's state, read from its files alone."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from .control import CONTROL_NAME, ControlError, last_journal_entry, JOURNAL_NAME, read_json, validate_control
+from .run import MAX_STATE_BYTES, STATE_NAME
+
+
+def collect_status(root: Path) -> list[dict[str, Any]]:
+    """A summary per run folder under ``root`` holding a control file or autolr state."""
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if CONTROL_NAME in filenames or STATE_NAME in filenames:
+            rows.append(run_status(Path(dirpath)))
+    return rows
+
+
+def run_status(folder: Path) -> dict[str, Any]:
+    control = state = None
+    with contextlib.suppress(OSError, ControlError):
+        control = validate_control(read_json(folder / CONTROL_NAME))
+    with contextlib.suppress(OSError, ControlError):
+        state = read_json(folder / STATE_NAME, MAX_STATE_BYTES)
+    state = state if isinstance(state, dict) else {}
+    chain = (state.get("engine") or {}).get("chain") or {}
+    last = last_journal_entry(folder / JOURNAL_NAME)
+    return {
+        "run": str(folder),
+        "control": str(folder / CONTROL_NAME),
+        "step": state.get("last_step"),
+        "metric": chain.get("monitor"),
+        "value": state.get("last_metric"),
+        "lr": control.get("lr") if control else None,
+        "scale": control.get("scale") if control else 1.0,
+        "seq": control.get("seq") if control else 0,
+        "rows": state.get("rows", 0),
+        "last_decision": {k: last.get(k) for k in ("seq", "step", "policy", "reason")} if last else None,
+        "skipped": state.get("skipped", {}),
+        "sources": sorted((state.get("sources") or {}).keys()),
+    }
