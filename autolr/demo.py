@@ -1,0 +1,107 @@
+"""``autolr demo``: a simulated training run tuned live by the real ``autolr watch`` daemon.
+
+The "model" is a linear regression trained by minibatch SGD on noisy data: the loss falls,
+then levels off at a floor that grows with the learning rate, so every cut of the LR after a
+plateau buys a lower validation loss. The loop writes ``metrics.jsonl`` and reads its LR from
+``autolr.json`` at every step, exactly as a real training loop would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .control import Control
+
+DEMO_CONFIG = """\
+# autolr demo settings: warmup, then cut the LR by 0.3 when val_loss plateaus.
+base_lr = {base_lr}
+min_lr = {min_lr}
+metric = "val_loss"
+policy = ["warmup:steps=100,start_factor=0.1", "plateau:factor=0.3,patience=3,threshold=0.01"]
+"""
+
+
+def simulate(run_dir: Path, ctl: Control, *, steps: int, base_lr: float, seed: int,
+             echo: Callable[[str], None], step_seconds: float = 0.01) -> list[tuple[int, float]]:
+    """Train, logging to ``run_dir/metrics.jsonl``; return the (step, lr) changes applied."""
+    rng = np.random.default_rng(seed)
+    dim, noise, batch = 40, 1.0, 16
+    w_true = rng.normal(size=dim)
+    x_val = rng.normal(size=(2000, dim))
+    y_val = x_val @ w_true + noise * rng.normal(size=2000)
+    w = np.zeros(dim)
+    applied = [(0, ctl.lr(base_lr))]
+    seq = ctl.seq
+    with open(run_dir / "metrics.jsonl", "a", buffering=1) as log:
+        for step in range(steps):
+            lr = ctl.lr(base_lr)
+            if ctl.seq != seq:
+                seq = ctl.seq
+                rec = ctl.record() or {}
+                quiet = rec.get("policy") == "warmup" and 1 < len(applied) and lr < base_lr
+                if not quiet:  # warmup moves every step: show its first and last change
+                    echo(f"  step {step:5d}: lr {applied[-1][1]:.4g} -> {lr:.4g}   ({rec.get('reason')})")
+                applied.append((step, lr))
+            x = rng.normal(size=(batch, dim))
+            y = x @ w_true + noise * rng.normal(size=batch)
+            err = x @ w - y
+            w -= lr * (x.T @ err) / batch
+            row = {"step": step, "loss": round(float(np.mean(err**2) / 2), 6), "lr": lr}
+            if step % 25 == 24:
+                row["val_loss"] = round(float(np.mean((x_val @ w - y_val) ** 2) / 2), 6)
+            log.write(json.dumps(row) + "\n")
+            time.sleep(step_seconds)
+    return applied
+
+
+def run_demo(folder: Path, *, steps: int = 1500, seed: int = 0, base_lr: float = 0.05,
+             echo: Callable[[str], None] = print) -> list[tuple[int, float]]:
+    """Start the daemon on ``folder``, run the simulated training, stop the daemon."""
+    folder = folder.resolve()
+    run_dir = folder / "run-1"
+    if run_dir.exists():
+        for name in ("metrics.jsonl", "autolr.json", "autolr.decisions.jsonl", "autolr.state.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (folder / "autolr.toml").write_text(DEMO_CONFIG.format(base_lr=base_lr, min_lr=base_lr / 100))
+    (run_dir / "metrics.jsonl").touch()
+    daemon_log = open(folder / "daemon.log", "w")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "autolr.cli", "watch", str(folder), "--no-fsync"],
+        stdout=daemon_log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    try:
+        _wait_for(lambda: "catching up" in (folder / "daemon.log").read_text() or daemon.poll() is not None)
+        if daemon.poll() is not None:
+            raise SystemExit(f"the daemon exited early:\n{(folder / 'daemon.log').read_text()}")
+        echo(f"autolr demo: daemon watching {folder} (pid {daemon.pid}); simulated training in {run_dir}")
+        echo(f"  chain: warmup 100 steps, then plateau on val_loss; base lr {base_lr}, min lr {base_lr / 100}")
+        applied = simulate(run_dir, Control(run_dir), steps=steps, base_lr=base_lr, seed=seed, echo=echo)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        daemon_log.close()
+    echo(f"done: {len(applied) - 1} LR changes applied. Look at {run_dir}:")
+    echo("  metrics.jsonl (the log), autolr.json (control file), autolr.decisions.jsonl (journal)")
+    echo(f"  autolr status {folder}    autolr replay {run_dir / 'metrics.jsonl'} --config {folder / 'autolr.toml'}")
+    return applied
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise TimeoutError("timed out waiting for the daemon")
