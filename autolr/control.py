@@ -34,6 +34,7 @@ LOCK_NAME = "autolr.lock"
 #: A control file larger than this is refused by the client.
 MAX_CONTROL_BYTES = 64 << 10
 FILE_MODE = 0o644
+DIR_MODE = 0o755
 
 
 class ControlError(ValueError):
@@ -61,7 +62,9 @@ def validate_control(obj: Any) -> dict[str, Any]:
         raise ControlError(f"control file schema {obj['schema']} is not supported (expected {SCHEMA})")
     if not _positive(obj.get("scale")):
         raise ControlError(f"control file scale {obj.get('scale')!r} is not a finite number > 0")
-    lr = obj.get("lr")
+    if "lr" not in obj:
+        raise ControlError("control file field 'lr' is missing (use null for none)")
+    lr = obj["lr"]
     if lr is not None and not _positive(lr):
         raise ControlError(f"control file lr {lr!r} is not a finite number > 0")
     return obj
@@ -71,9 +74,13 @@ def _positive(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def atomic_write_json(path: Path, obj: Any, *, fsync: bool = True) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically: temp file, fsync, ``os.replace``."""
-    data = (json.dumps(obj, allow_nan=False, separators=(", ", ": ")) + "\n").encode()
+def atomic_write_json(path: Path, obj: Any, *, fsync: bool = True, allow_nan: bool = False) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: temp file, fsync, ``os.replace``.
+
+    ``allow_nan`` is for private state files only (metric histories hold NaN); control files
+    never carry a non-finite number.
+    """
+    data = (json.dumps(obj, allow_nan=allow_nan, separators=(", ", ": ")) + "\n").encode()
     fd, tmp = tempfile.mkstemp(prefix=".autolr-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -102,8 +109,16 @@ def _fsync_dir(folder: Path) -> None:
 
 def read_json(path: Path, limit: int = MAX_CONTROL_BYTES) -> Any:
     """Parse a small JSON file; raise ControlError when it is oversized or malformed."""
+    return parse_json(_read_limited(path, limit), path, limit)
+
+
+def _read_limited(path: Path | str, limit: int) -> bytes:
     with open(path, "rb") as f:
-        data = f.read(limit + 1)
+        return f.read(limit + 1)
+
+
+def parse_json(data: bytes, path: Path | str, limit: int = MAX_CONTROL_BYTES) -> Any:
+    """Parse bytes read by ``_read_limited``; raise ControlError when oversized or malformed."""
     if len(data) > limit:
         raise ControlError(f"{path} is larger than {limit} bytes")
     try:
@@ -198,18 +213,19 @@ class ControlWriter:
             "seq": 0,
             "scale": float(scale),
             "lr": None if lr is None else float(lr),
-            "step": step,
+            "step": _plain(step),
             "policy": policy,
             "reason": reason,
             "updated_at": utc_now(),
-            **extra,
+            **_plain(extra),
         }
         validate_control(dict(record, seq=1))  # never write an unusable LR
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Not world-writable even under umask 0: whoever can write the folder can replace the file.
+        self.run_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         with self.locked():
             current = self.current()
             record["seq"] = (current["seq"] if current else 0) + 1
-            entry = dict(record, kind=kind, evidence=evidence or {})
+            entry = dict(record, kind=kind, evidence=_plain(evidence or {}))
             self._append_journal(entry)
             atomic_write_json(self.path, record, fsync=self.fsync)
         return record
@@ -245,6 +261,28 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` as strict-JSON values: numpy scalars unwrapped, NaN/inf as strings.
+
+    The evidence of a decision often holds the metric that triggered it, which is NaN or
+    infinite exactly when a run diverges; ``allow_nan=False`` must not turn that into a
+    failed publish.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else ("NaN" if obj != obj else ("Infinity" if obj > 0 else "-Infinity"))
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int)):
+        return obj
+    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:  # numpy / torch scalars
+        return _plain(obj.item())
+    if hasattr(obj, "tolist"):
+        return _plain(obj.tolist())
+    return obj
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):  # numpy scalars
         return obj.item()
@@ -260,6 +298,12 @@ def _control_fields(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: entry[k] for k in CONTROL_FIELDS if k in entry}
 
 
+#: A file modified less than this long ago may be rewritten within the same timestamp tick
+#: (coarse or 1-2 s filesystem clocks), and atomic replaces recycle inode numbers, so its
+#: (inode, mtime, size) cannot prove it unchanged: the client re-reads it until it is older.
+RACY_NS = 2_000_000_000
+
+
 class Control:
     """Client for a training loop: ``Control(run_dir).lr(default)`` on every step.
 
@@ -270,9 +314,12 @@ class Control:
 
     def __init__(self, path: str | os.PathLike, *, min_interval: float = 0.0):
         self.path = control_path(path)
+        self._fspath = os.fspath(self.path)  # os.stat on a str skips Path.__fspath__ per call
         self.min_interval = float(min_interval)
         self._record: dict[str, Any] | None = None
         self._key: tuple[int, int, int] | None = None
+        self._recheck = False  # the file is too recent for its key to prove it unchanged
+        self._data: bytes | None = None  # the bytes last parsed, good or bad
         self._next_check = 0.0
 
     def _refresh(self) -> None:
@@ -282,17 +329,35 @@ class Control:
                 return
             self._next_check = now + self.min_interval
         try:
-            st = os.stat(self.path)
+            st = os.stat(self._fspath)
         except OSError:
             return  # no file yet, or it vanished: keep the last good value
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if key == self._key:
+        if key == self._key and not self._recheck:
             return
+        self._load(key, st.st_mtime_ns)
+
+    def _load(self, key: tuple[int, int, int], mtime_ns: int) -> None:
         self._key = key
+        self._recheck = abs(time.time_ns() - mtime_ns) < RACY_NS
         try:
-            record = validate_control(read_json(self.path))
-        except (OSError, ControlError) as exc:
-            warnings.warn(f"autolr: ignoring {self.path}: {exc}; keeping the last good value", RuntimeWarning, stacklevel=3)
+            data = _read_limited(self._fspath, MAX_CONTROL_BYTES)
+        except FileNotFoundError:
+            self._key = None  # replaced or removed since the stat: look again next call
+            return
+        except OSError as exc:
+            self._recheck = False  # one warning: retry only when the file changes
+            warnings.warn(f"autolr: cannot read {self.path}: {exc}; keeping the last good value",
+                          RuntimeWarning, stacklevel=4)
+            return
+        if data == self._data:
+            return  # the same bytes as last time: nothing new, and no second warning
+        self._data = data
+        try:
+            record = validate_control(parse_json(data, self.path))
+        except ControlError as exc:
+            warnings.warn(f"autolr: ignoring {self.path}: {exc}; keeping the last good value",
+                          RuntimeWarning, stacklevel=4)
             return
         self._record = record
 
@@ -304,7 +369,8 @@ class Control:
     def scale(self) -> float:
         """The multiplier for the loop's own base LR (1.0 before any decision)."""
         self._refresh()
-        return self._record["scale"] if self._record else 1.0
+        rec = self._record
+        return rec["scale"] if rec is not None else 1.0
 
     def lr(self, default: float) -> float:
         """The absolute LR: the file's ``lr``, else ``default · scale``; ``default`` before any."""
@@ -312,10 +378,12 @@ class Control:
         rec = self._record
         if rec is None:
             return default
-        return rec["lr"] if rec["lr"] is not None else default * rec["scale"]
+        lr = rec["lr"]
+        return lr if lr is not None else default * rec["scale"]
 
     @property
     def seq(self) -> int:
         """The sequence number of the last good record (0 before any)."""
         self._refresh()
-        return self._record["seq"] if self._record else 0
+        rec = self._record
+        return rec["seq"] if rec is not None else 0

@@ -135,6 +135,7 @@ class Daemon:
                   on_decision=lambda r, rec: self.on_event("decision", {"run": str(r.folder), **rec}))
         self.saved_sources[folder] = run.load()
         self.runs[folder] = run
+        run.start()
         self.on_event("run", {"run": str(folder), "control": str(run.writer.path),
                               "policy": run.engine.chain.names, "restored": run.restored})
         return run
@@ -231,7 +232,7 @@ class Daemon:
                 run.save()
         if self.multi_state:
             with contextlib.suppress(OSError, ValueError):
-                atomic_write_json(self.root / SOURCES_STATE, self.multi_state, fsync=self.options.fsync)
+                atomic_write_json(self.root / SOURCES_STATE, self.multi_state, fsync=self.options.fsync, allow_nan=True)
 
     # ---- the loop ------------------------------------------------------------------------
     def enqueue(self, path: str | bytes) -> None:

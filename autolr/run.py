@@ -164,7 +164,7 @@ class Run:
             "saved_at": time.time(),
         }
         try:
-            atomic_write_json(self.state_path, data, fsync=self.fsync)
+            atomic_write_json(self.state_path, data, fsync=self.fsync, allow_nan=True)
             self.dirty = False
         except (OSError, ValueError) as exc:
             self.errors["state write failed"] += 1
@@ -202,7 +202,22 @@ class Run:
         """No usable state: re-derive everything, matching what the journal already holds."""
         self.pending = [e for e in read_journal(self.folder) if isinstance(e.get("seq"), int)]
         self.seq = 0
+        if self.pending and self.pending[0].get("kind") == "initial":
+            self.seq = self.pending.pop(0)["seq"]
         self._adopt_pending_manuals()
+
+    def start(self) -> None:
+        """Publish the chain's initial value for a run seen for the first time."""
+        if self.restored or self.seq or self.pending:
+            return
+        current = self.writer.current()
+        if current is not None:  # a control file from elsewhere (autolr set before the daemon)
+            self.adopt_manual()
+            return
+        engine = self.engine
+        self.publish(Decision(scale=engine.scale, lr=engine.lr, step=None, policy=engine.chain.names,
+                              reason="initial value of the chain", kind="initial"))
+        self.save()
 
     # ---- reporting -----------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

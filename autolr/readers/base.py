@@ -15,6 +15,8 @@ log = logging.getLogger("autolr.readers")
 READ_BLOCK = 8 << 20
 #: Lines longer than this are skipped and counted, never loaded whole.
 MAX_LINE = 1 << 20
+#: Bytes before the offset kept to recognise a file rewritten past the offset.
+MARK = 64
 
 
 class Reader:
@@ -73,7 +75,9 @@ class TextTailer:
     """Yields the complete lines appended to a file since the stored byte offset.
 
     A partial last line stays unread until its newline arrives. A file whose identity (device,
-    inode) changed or that shrank below the offset is read again from the start.
+    inode) changed, that shrank below the offset, or whose bytes just before the offset are no
+    longer the ones already read (truncated and rewritten past the offset between two reads) is
+    read again from the start.
     """
 
     def __init__(self, path: Path, reader: Reader):
@@ -82,18 +86,26 @@ class TextTailer:
         self.offset = 0
         self.identity: tuple[int, int] | None = None
         self.skipping = False  # inside an over-long line, discarding up to its newline
+        self.mark = b""  # the last MARK bytes before the offset, as read
 
     def get_state(self) -> dict[str, Any]:
-        return {"offset": self.offset, "identity": self.identity, "skipping": self.skipping}
+        return {"offset": self.offset, "identity": self.identity, "skipping": self.skipping,
+                "mark": self.mark.hex()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.offset = int(state.get("offset", 0))
         ident = state.get("identity")
         self.identity = tuple(ident) if ident else None
         self.skipping = bool(state.get("skipping", False))
+        try:
+            self.mark = bytes.fromhex(state.get("mark") or "")[-MARK:]
+        except (TypeError, ValueError):
+            self.mark = b""
+        if len(self.mark) > self.offset:
+            self.mark = b""
 
     def restart(self) -> None:
-        self.offset, self.skipping = 0, False
+        self.offset, self.skipping, self.mark = 0, False, b""
         self.reader.restarted = True
 
     def read_lines(self) -> list[bytes]:
@@ -107,6 +119,10 @@ class TextTailer:
                     self.restart()
                 elif st.st_size < self.offset:
                     self.restart()
+                elif self.mark and len(self.mark) <= self.offset:
+                    f.seek(self.offset - len(self.mark))
+                    if f.read(len(self.mark)) != self.mark:
+                        self.restart()
                 self.identity = identity
                 if st.st_size == self.offset:
                     return []
@@ -114,12 +130,19 @@ class TextTailer:
                 data = f.read(READ_BLOCK)
         except FileNotFoundError:
             return []
-        return self._split(data)
+        start = self.offset
+        lines = self._split(data)
+        n = self.offset - start
+        if n >= MARK:
+            self.mark = data[n - MARK : n]
+        elif n > 0:
+            self.mark = (self.mark + data[:n])[-MARK:]
+        return lines
 
     def _split(self, data: bytes) -> list[bytes]:
         end = data.rfind(b"\n")
         if end < 0:
-            if len(data) >= MAX_LINE:  # no newline in sight: discard, bounded
+            if len(data) > MAX_LINE:  # no newline in sight: discard, bounded
                 self.offset += len(data)
                 if not self.skipping:
                     self.reader.skip("over-long line", f"> {MAX_LINE} bytes")

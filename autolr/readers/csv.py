@@ -8,7 +8,6 @@ with any other header is a new log, read from its start.
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,10 @@ from ..records import Record, split_counters
 from .base import Reader, TextTailer
 
 MISSING = frozenset({"", "NA", "N/A", "None", "null"})
+#: A line the csv module cannot parse.
+BAD_ROW: list[str] = ["<malformed>"]
+#: Lines looked at for the header row when checking for a rewrite.
+HEADER_SCAN = 100
 
 
 class CsvReader(Reader):
@@ -28,6 +31,7 @@ class CsvReader(Reader):
         self.header: list[str] | None = None
         self.delivered = 0  # data rows returned since the file's start
         self.to_skip = 0  # rows of an in-place rewrite still to pass over
+        self.need_header = True  # the next non-blank row is the header
 
     @classmethod
     def matches(cls, path: Path) -> bool:
@@ -42,6 +46,7 @@ class CsvReader(Reader):
             "header": self.header,
             "delivered": self.delivered,
             "to_skip": self.to_skip,
+            "need_header": self.need_header,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -49,34 +54,51 @@ class CsvReader(Reader):
         self.header = state.get("header")
         self.delivered = int(state.get("delivered", 0))
         self.to_skip = int(state.get("to_skip", 0))
+        self.need_header = bool(state.get("need_header", self.header is None or self.tailer.offset == 0))
 
     def read(self) -> list[Record]:
         self.restarted = False
         if self.header is not None and self._header_changed():
-            self.tailer.offset, self.tailer.skipping = 0, False
-        at_start = self.tailer.offset == 0
+            self.tailer.restart()
         lines = self.tailer.read_lines()
+        if self.restarted:  # read from the start again
+            self.need_header = True
+        # A truncated or replaced file is only a new log once its header says so: a file caught
+        # in the middle of Lightning's rewrite (empty, or half a header) is not a restart.
+        self.restarted = False
         if not lines:
             return []
-        expect_header = at_start or self.restarted
-        self.restarted = False  # decided by the header below
-        delimiter = "\t" if self.path.suffix.lower() == ".tsv" else ","
         out: list[Record] = []
-        for row in csv.reader([b.decode("utf-8", "replace") for b in lines], delimiter=delimiter):
-            if not row or row == [""]:
+        for line in lines:
+            row = self._row(line)
+            if row is None:  # blank line
                 continue
-            if expect_header:
-                expect_header = False
+            if self.need_header and row is not BAD_ROW:
+                self.need_header = False
                 self._take_header([c.strip() for c in row])
-            elif self.to_skip:
-                self.to_skip -= 1
+                continue
+            if not self.need_header:
+                # Every data row counts, good or bad: Lightning's rewrite writes them all again.
                 self.delivered += 1
-            else:
-                record = self._parse(row)
-                if record is not None:
-                    self.delivered += 1
-                    out.append(record)
+                if self.to_skip:
+                    self.to_skip -= 1
+                    continue
+            if row is BAD_ROW:
+                self.skip("malformed CSV row", "unparseable")
+                continue
+            record = self._parse(row)
+            if record is not None:
+                out.append(record)
         return out
+
+    def _row(self, line: bytes) -> list[str] | None:
+        """One line parsed on its own (so chunking cannot matter); None when blank."""
+        delimiter = "\t" if self.path.suffix.lower() == ".tsv" else ","
+        try:
+            row = next(csv.reader([line.decode("utf-8", "replace")], delimiter=delimiter), [])
+        except csv.Error:  # a stray CR, a field over csv's size limit
+            return BAD_ROW
+        return None if not row or row == [""] else row
 
     def _take_header(self, new: list[str]) -> None:
         """Reading from the start again: a wider header is a rewrite, anything else a new log."""
@@ -89,16 +111,20 @@ class CsvReader(Reader):
         self.header = new
 
     def _header_changed(self) -> bool:
-        """True when the file's first line no longer is the header we parsed."""
+        """True when the file's header row (its first non-blank line) is no longer ours."""
         try:
             with open(self.path, "rb") as f:
-                first = f.readline(1 << 16)
+                for _ in range(HEADER_SCAN):
+                    line = f.readline(1 << 16)
+                    if not line.endswith(b"\n"):
+                        return False  # being rewritten right now: look again next time
+                    line = line[:-1]
+                    row = self._row(line[:-1] if line.endswith(b"\r") else line)
+                    if row is not None and row is not BAD_ROW:
+                        return [c.strip() for c in row] != self.header
         except OSError:
             return False
-        if not first.endswith(b"\n"):
-            return False  # being rewritten right now: look again next time
-        row = next(csv.reader(io.StringIO(first.decode("utf-8", "replace"))), [])
-        return [c.strip() for c in row] != self.header
+        return False
 
     def _parse(self, row: list[str]) -> Record | None:
         header = self.header

@@ -5,6 +5,7 @@ Nested objects are flattened with ``/`` (``{"train": {"loss": 1}}`` gives ``trai
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,13 @@ def numeric_items(obj: dict[str, Any], prefix: str = "") -> dict[str, float]:
         name = f"{prefix}{key}"
         if isinstance(value, bool) or value is None:
             continue
-        if isinstance(value, (int, float)):
-            out[name] = float(value)
+        if isinstance(value, float):
+            out[name] = value
+        elif isinstance(value, int):
+            try:
+                out[name] = float(value)
+            except OverflowError:  # an integer beyond float range, as float("1e999") would be
+                out[name] = math.inf if value > 0 else -math.inf
         elif isinstance(value, str):
             try:
                 out[name] = float(value)

@@ -1,0 +1,289 @@
+"""MLflow tracking stores: the SQLite database and the legacy file store.
+
+SQLite (``mlflow.db``, MLflow's default store since 3.7). Metrics are rows of the table
+``metrics(key, value, timestamp, step, run_uuid, is_nan)``; one database holds every run.
+The table is polled by ``rowid`` (rows are only ever inserted, so rowids grow), read-only,
+and a locked or busy database is simply tried again on the next read. MLflow stores NaN as
+``value=0, is_nan=1`` and ±inf as ±1.7976931348623157e308; both are turned back into the
+IEEE values. Consecutive rows of one run at one step become one Record, ``Record.run`` is the
+run id, and a metric named ``epoch`` becomes ``Record.epoch``.
+
+Control folder of a SQLite run: ``<folder of mlflow.db>/autolr-runs/<run_id>/``. The run's
+artifact folder is not used: it depends on the working directory the job started in and may
+be remote, while this path follows from two things the training loop knows::
+
+    Control(Path(db_path).parent / "autolr-runs" / mlflow.active_run().info.run_id)
+
+(:func:`sqlite_run_folder` computes the same path.)
+
+File store (``MLFLOW_ALLOW_FILE_STORE=true`` with a ``file:`` URI in MLflow 3.17):
+``<root>/<experiment>/<run>/metrics/<key>``, where a key containing ``/`` becomes subfolders,
+one line per value: ``timestamp_ms value step``, or ``timestamp_ms value step dataset digest``
+(a 2-field ``timestamp value`` line from old MLflow has step 0). Every key file is its own
+source, tailed by byte offset, and belongs to the run folder ``<root>/<experiment>/<run>``,
+which is also its control folder: all key files of one MLflow run are one autolr run.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.request import pathname2url
+
+from ..hookspecs import hookimpl
+from ..records import Record
+from .base import Reader, TextTailer
+
+log = logging.getLogger("autolr.readers")
+
+DB_NAME = "mlflow.db"
+RUNS_FOLDER = "autolr-runs"
+#: MLflow's stand-in for ±inf in the database.
+DB_INF = 1.7976931348623157e308
+#: Rows fetched per ``read()`` at most; ``more`` says when there are further ones.
+BATCH_ROWS = 50_000
+#: Seconds a read waits for a writer's lock before giving up until the next read.
+BUSY_TIMEOUT = 0.05
+SQLITE_MAGIC = b"SQLite format 3\x00"
+DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+QUERY = (
+    "SELECT rowid, key, value, step, run_uuid, is_nan FROM metrics "
+    "WHERE rowid > ? ORDER BY rowid LIMIT ?"
+)
+
+
+def sqlite_run_folder(db_path: str | os.PathLike, run_id: str) -> Path:
+    """The control folder autolr uses for ``run_id`` of the SQLite store at ``db_path``."""
+    return Path(db_path).parent / RUNS_FOLDER / run_id
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    uri = "file:" + pathname2url(os.path.abspath(path)) + "?mode=ro"
+    return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT)
+
+
+def _has_metrics_table(path: Path) -> bool:
+    """An SQLite file whose ``metrics`` table has MLflow's columns (a cheap schema peek)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+                return False
+        conn = _connect(path)
+        try:
+            row = conn.execute(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'metrics'"
+            ).fetchone()
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error):
+        return False
+    sql = (row[0] or "").lower() if row else ""
+    return all(col in sql for col in ("run_uuid", "is_nan", "step", "value"))
+
+
+def _metric_value(value: Any, is_nan: Any) -> float | None:
+    if is_nan:
+        return math.nan
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    if abs(v) == DB_INF:
+        return math.copysign(math.inf, v)
+    return v
+
+
+def _record(metrics: dict[str, float], step: int | None, run: str | None) -> Record:
+    epoch = metrics.pop("epoch", None)
+    if epoch is not None and epoch != epoch:
+        epoch = None
+    return Record(metrics, step, epoch, run)
+
+
+class MlflowDbReader(Reader):
+    """Reads the ``metrics`` table of an MLflow SQLite store; records carry their run id."""
+
+    name = "mlflow"
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.rowid = 0  # the last rowid delivered
+        self.identity: tuple[int, int] | None = None
+        self._restart_pending = False
+        self._bad: tuple | None = None  # the file signature last counted as not a database
+
+    @classmethod
+    def matches(cls, path: Path) -> bool:
+        if path.name == DB_NAME:
+            return True
+        return path.suffix.lower() in DB_SUFFIXES and _has_metrics_table(path)
+
+    @classmethod
+    def run_dir(cls, path: Path) -> Path:
+        return path.parent
+
+    def folder_for(self, run: str | None) -> Path:
+        if run is None:
+            return self.run_dir(self.path)
+        return sqlite_run_folder(self.path, run)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"rowid": self.rowid, "identity": self.identity, "restart": self._restart_pending}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.rowid = int(state.get("rowid", 0))
+        ident = state.get("identity")
+        self.identity = tuple(ident) if ident else None
+        self._restart_pending = bool(state.get("restart", False))
+
+    def read(self) -> list[Record]:
+        self.restarted = False
+        self.more = False
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return []
+        self._check_identity((st.st_dev, st.st_ino))
+        rows = self._fetch((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        if not rows:
+            return []
+        self.more = len(rows) >= BATCH_ROWS
+        self.rowid = rows[-1][0]
+        if self._restart_pending:
+            self.restarted, self._restart_pending = True, False
+        return list(self._group(rows))
+
+    def _check_identity(self, identity: tuple[int, int]) -> None:
+        """A different file at the path (a new database): read it from its first row."""
+        if self.identity is not None and identity != self.identity:
+            log.info("%s: database replaced, reading it from the start", self.path)
+            self.rowid = 0
+            self._restart_pending = True
+        self.identity = identity
+
+    def _fetch(self, signature: tuple) -> list[tuple]:
+        try:
+            conn = _connect(self.path)
+        except sqlite3.Error as exc:
+            log.debug("%s: cannot open (%s); retrying next time", self.path, exc)
+            return []
+        try:
+            rows = conn.execute(QUERY, (self.rowid, BATCH_ROWS)).fetchall()
+            if not rows:
+                self._clamp(conn)
+            return rows
+        except sqlite3.OperationalError as exc:  # locked, busy, tables not created yet
+            log.debug("%s: %s; retrying next time", self.path, exc)
+        except sqlite3.DatabaseError as exc:  # not a database, or a corrupt one
+            if self._bad != signature:
+                self._bad = signature
+                self.skip("unreadable SQLite database", str(exc)[:80])
+        finally:
+            conn.close()
+        return []
+
+    def _clamp(self, conn: sqlite3.Connection) -> None:
+        """Rows above our rowid were deleted (MLflow's gc): new rows reuse their ids."""
+        top = conn.execute("SELECT max(rowid) FROM metrics").fetchone()[0] or 0
+        if top < self.rowid:
+            log.info("%s: rows above %d deleted; following from %d", self.path, self.rowid, top)
+            self.rowid = top
+
+    def _group(self, rows: Iterable[tuple]) -> Iterable[Record]:
+        """Consecutive rows of one (run, step) as one Record; a repeated key starts a new one."""
+        metrics: dict[str, float] = {}
+        current: tuple | None = None
+        for _rowid, key, value, step, run, is_nan in rows:
+            v = _metric_value(value, is_nan)
+            if v is None or not isinstance(key, str) or not isinstance(run, str):
+                self.skip("malformed metrics row", f"key={key!r} value={value!r}")
+                continue
+            step = step if isinstance(step, int) else None
+            if metrics and ((step, run) != current or key in metrics):
+                yield _record(metrics, *current)
+                metrics = {}
+            current = (step, run)
+            metrics[key] = v
+        if metrics:
+            yield _record(metrics, *current)
+
+
+def locate_metric_file(path: Path) -> tuple[Path, str] | None:
+    """``(run folder, metric key)`` for a key file of an MLflow file store, else None.
+
+    The layout is ``<root>/<experiment>/<run>/metrics/<key parts...>``; the root is named
+    ``mlruns`` or the run and experiment folders hold MLflow's ``meta.yaml``.
+    """
+    parts = path.parts
+    for i in range(3, len(parts) - 1):
+        if parts[i] != "metrics" or parts[i - 2] == ".trash":
+            continue
+        run = Path(*parts[:i])
+        if parts[i - 3] == "mlruns" or (
+            (run / "meta.yaml").is_file() and (run.parent / "meta.yaml").is_file()
+        ):
+            return run, "/".join(parts[i + 1 :])
+    return None
+
+
+class MlflowFileReader(Reader):
+    """Tails one metric file of an MLflow file store (``<run>/metrics/<key>``)."""
+
+    name = "mlflow-file"
+    priority = 10  # a key named like ``acc.csv`` is still an MLflow metric file
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.tailer = TextTailer(self.path, self)
+        found = locate_metric_file(self.path)
+        self.key = found[1] if found else self.path.name
+
+    @classmethod
+    def matches(cls, path: Path) -> bool:
+        return locate_metric_file(path) is not None
+
+    @classmethod
+    def run_dir(cls, path: Path) -> Path:
+        found = locate_metric_file(path)
+        return found[0] if found else path.parent
+
+    def get_state(self) -> dict[str, Any]:
+        return {"tail": self.tailer.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.tailer.set_state(state.get("tail", {}))
+
+    def read(self) -> list[Record]:
+        self.restarted = False
+        out: list[Record] = []
+        for line in self.tailer.read_lines():
+            record = self.parse(line)
+            if record is not None:
+                out.append(record)
+        return out
+
+    def parse(self, line: bytes) -> Record | None:
+        """``timestamp value [step [dataset digest]]`` as a Record of this file's key."""
+        fields = line.split()
+        if not fields:
+            return None
+        try:
+            if len(fields) < 2:
+                raise ValueError("fewer than 2 fields")
+            int(fields[0])
+            value = float(fields[1])
+            step = int(fields[2]) if len(fields) >= 3 else 0
+        except ValueError as exc:
+            self.skip("malformed MLflow metric line", str(exc)[:80])
+            return None
+        return _record({self.key: value}, step, None)
+
+
+@hookimpl
+def register_readers(register) -> None:
+    register(MlflowDbReader)
+    register(MlflowFileReader)

@@ -1,0 +1,257 @@
+"""The watch daemon, in process: discovery, settings, resume, rewind, truncation, vanishing logs."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from autolr.config import load_config, parse_policy_options
+from autolr.control import read_journal
+from autolr.daemon import Daemon, Options
+from autolr.plugins import get_plugin_manager, policy_classes, reader_classes
+from autolr.replay import replay_log
+from autolr.config import Settings
+
+PM = get_plugin_manager(entry_points=False)
+POLICIES, READERS = policy_classes(PM), reader_classes(PM)
+
+
+def make_daemon(root: Path, *, policy=("plateau:patience=3",), base_lr=0.1, config=None, **opts) -> tuple[Daemon, list]:
+    events: list = []
+    overrides = {"policies": parse_policy_options(policy), "base_lr": base_lr}
+    daemon = Daemon(root, load_config(config), overrides, POLICIES, READERS,
+                    Options(once=True, fsync=False, **opts), on_event=lambda k, d: events.append((k, d)))
+    return daemon, events
+
+
+def write_jsonl(path: Path, rows, mode="a") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, mode) as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def flat_then_flat(steps, level=1.0):
+    return [{"step": s, "loss": level} for s in steps]
+
+
+def decisions(run: Path) -> list[tuple]:
+    return [(e["step"], round(e["scale"], 12), e["policy"]) for e in read_journal(run)
+            if e["kind"] in ("decision", "initial")]
+
+
+def replay_changes(log: Path, policy=("plateau:patience=3",), base_lr=0.1) -> list[tuple]:
+    settings = Settings(policies=parse_policy_options(policy), base_lr=base_lr)
+    lines = list(replay_log(log, settings, POLICIES, READERS))
+    return [(x["step"], round(x["scale"], 12), x["policy"]) for x in lines]
+
+
+def test_discovers_runs_and_writes_control_journal_state(tmp_path):
+    write_jsonl(tmp_path / "a" / "metrics.jsonl", flat_then_flat(range(20)))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "log.csv").write_text("epoch,loss\n" + "".join(f"{e},1.0\n" for e in range(10)))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.md").write_text("not a log")
+    daemon, events = make_daemon(tmp_path)
+    daemon.run()
+    assert set(daemon.runs) == {tmp_path / "a", tmp_path / "b"}
+    for run in ("a", "b"):
+        control = json.loads((tmp_path / run / "autolr.json").read_text())
+        assert control["schema"] == 1 and control["seq"] >= 2
+        assert (tmp_path / run / "autolr.state.json").is_file()
+    # what was printed names each run's control file
+    printed = [d for k, d in events if k == "run"]
+    assert {d["control"] for d in printed} == {str(tmp_path / r / "autolr.json") for r in "ab"}
+    # the journal equals an offline replay of the same log (initial + every change)
+    assert decisions(tmp_path / "a") == replay_changes(tmp_path / "a" / "metrics.jsonl")
+
+
+def test_own_files_are_never_read_as_logs(tmp_path):
+    write_jsonl(tmp_path / "a" / "metrics.jsonl", flat_then_flat(range(20)))
+    for _ in range(2):
+        daemon, _ = make_daemon(tmp_path)
+        daemon.run()
+        assert set(daemon.sources) == {tmp_path / "a" / "metrics.jsonl"}
+
+
+def test_restart_resumes_without_repeating_or_skipping(tmp_path):
+    log = tmp_path / "run" / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / (1 + s) if s < 30 else 0.03} for s in range(120)]
+    write_jsonl(log, rows[:50])
+    make_daemon(tmp_path)[0].run()
+    first = decisions(tmp_path / "run")
+    write_jsonl(log, rows[50:])
+    daemon, _ = make_daemon(tmp_path)
+    daemon.run()
+    journal = read_journal(tmp_path / "run")
+    assert [e["seq"] for e in journal] == list(range(1, len(journal) + 1))
+    assert decisions(tmp_path / "run")[: len(first)] == first
+    assert decisions(tmp_path / "run") == replay_changes(log)
+    assert daemon.runs[tmp_path / "run"].rows == 120  # a re-read from the start would give 170
+
+
+def test_lost_state_is_rebuilt_from_the_log_without_duplicating_the_journal(tmp_path):
+    log = tmp_path / "run" / "metrics.jsonl"
+    write_jsonl(log, flat_then_flat(range(40)))
+    make_daemon(tmp_path)[0].run()
+    before = read_journal(tmp_path / "run")
+    (tmp_path / "run" / "autolr.state.json").unlink()
+    make_daemon(tmp_path)[0].run()
+    assert read_journal(tmp_path / "run") == before
+
+
+def test_crash_between_journal_and_state_does_not_repeat_a_decision(tmp_path):
+    """Simulate a kill after publishing but before the state save: restore an older state."""
+    log = tmp_path / "run" / "metrics.jsonl"
+    write_jsonl(log, flat_then_flat(range(10)))
+    make_daemon(tmp_path)[0].run()
+    old_state = (tmp_path / "run" / "autolr.state.json").read_bytes()
+    write_jsonl(log, flat_then_flat(range(10, 30)))
+    make_daemon(tmp_path)[0].run()
+    after = read_journal(tmp_path / "run")
+    (tmp_path / "run" / "autolr.state.json").write_bytes(old_state)  # the save never happened
+    make_daemon(tmp_path)[0].run()
+    assert read_journal(tmp_path / "run") == after
+
+
+def test_steps_going_back_rewind_to_exactly_the_uninterrupted_decisions(tmp_path):
+    """A job resumed from a checkpoint at step 40 rewrites steps 40.. with new values."""
+    noisy = [{"step": s, "loss": 1.0 / (1 + s) + (0.5 if s % 7 == 0 else 0)} for s in range(80)]
+    resumed = [{"step": s, "loss": 0.02 if s < 60 else 0.01} for s in range(40, 120)]
+    log = tmp_path / "run" / "metrics.jsonl"
+    write_jsonl(log, noisy + resumed)
+    clean = tmp_path / "clean" / "metrics.jsonl"
+    write_jsonl(clean, noisy[:40] + resumed)
+    daemon, _ = make_daemon(tmp_path)
+    daemon.run()
+    ctl = json.loads((tmp_path / "run" / "autolr.json").read_text())
+    ctl_clean = json.loads((tmp_path / "clean" / "autolr.json").read_text())
+    assert ctl["scale"] == pytest.approx(ctl_clean["scale"], rel=1e-12)
+    journal = read_journal(tmp_path / "run")
+    rewinds = [e for e in journal if e["kind"] == "rewind"]
+    assert len(rewinds) == 1 and rewinds[0]["evidence"]["to"] == 40
+    # after the rewind, the decisions are exactly the clean run's from step 40 on
+    after = [(e["step"], round(e["scale"], 12)) for e in journal[journal.index(rewinds[0]) + 1:]]
+    clean_after = [(s, sc) for s, sc, _ in decisions(tmp_path / "clean") if s is not None and s >= 40]
+    assert after == clean_after
+    assert daemon.runs[tmp_path / "run"].engine.rewinds == 1
+
+
+def test_rewind_state_survives_a_restart(tmp_path):
+    rows = [{"step": s, "loss": 1.0} for s in range(30)] + [{"step": s, "loss": 0.5} for s in range(10, 40)]
+    log = tmp_path / "run" / "metrics.jsonl"
+    write_jsonl(log, rows[:35])
+    make_daemon(tmp_path)[0].run()
+    write_jsonl(log, rows[35:])
+    make_daemon(tmp_path)[0].run()
+    whole = tmp_path / "whole" / "metrics.jsonl"
+    write_jsonl(whole, rows)
+    make_daemon(tmp_path)[0].run()
+    strip = lambda run: [(e["step"], round(e["scale"], 12), e["kind"]) for e in read_journal(run)]
+    assert strip(tmp_path / "run") == strip(tmp_path / "whole")
+
+
+def test_truncated_log_is_read_again_and_rewinds(tmp_path):
+    """Keras CSVLogger truncates at each fit(): epochs restart at 0."""
+    run = tmp_path / "run"
+    run.mkdir()
+    log = run / "training.csv"
+    log.write_text("epoch,loss\n" + "".join(f"{e},1.0\n" for e in range(12)))
+    make_daemon(tmp_path)[0].run()
+    log.write_text("epoch,loss\n" + "".join(f"{e},{1 / (e + 1)}\n" for e in range(3)))
+    daemon, _ = make_daemon(tmp_path)
+    daemon.run()
+    kinds = [e["kind"] for e in read_journal(run)]
+    assert "rewind" in kinds
+    assert daemon.runs[run].engine.state["rows"] == 3  # history cut back to the new file's rows
+
+
+def test_lightning_style_header_rewrite_does_not_duplicate(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    log = run / "metrics.csv"
+    log.write_text("epoch,step,train_loss\r\n0,49,2.31\r\n0,99,2.1\r\n")
+    daemon, _ = make_daemon(tmp_path, policy=("constant",))
+    daemon.run()
+    with open(log, "r+") as f:  # in place: same inode, larger file
+        f.write("epoch,step,train_loss,val_loss\r\n0,49,2.31,\r\n0,99,2.1,\r\n0,99,,1.95\r\n0,149,1.9,\r\n")
+    daemon, _ = make_daemon(tmp_path, policy=("constant",))
+    daemon.run()
+    assert daemon.runs[run].rows == 4  # 2 before + 2 new; a duplicating re-read would give 6
+    assert daemon.runs[run].engine.state["rows"] == 4
+    assert daemon.runs[run].engine.rewinds == 0
+
+
+def test_vanished_logs_drop_the_run(tmp_path):
+    write_jsonl(tmp_path / "a" / "metrics.jsonl", flat_then_flat(range(5)))
+    daemon, events = make_daemon(tmp_path)
+    daemon.run()
+    (tmp_path / "a" / "metrics.jsonl").unlink()
+    daemon.catch_up()
+    assert tmp_path / "a" not in daemon.runs
+    assert ("dropped", {"run": str(tmp_path / "a")}) in events
+
+
+def test_config_file_with_per_run_globs_and_cli_override(tmp_path):
+    (tmp_path / "autolr.toml").write_text(
+        'base_lr = 0.5\npolicy = ["step:step_size=5"]\n\n[runs."fast-*"]\npolicy = ["step:step_size=2"]\nbase_lr = 0.2\n')
+    for name in ("fast-1", "slow-1"):
+        write_jsonl(tmp_path / name / "m.jsonl", flat_then_flat(range(6)))
+    events: list = []
+    daemon = Daemon(tmp_path, load_config(tmp_path / "autolr.toml"), {}, POLICIES, READERS,
+                    Options(once=True, fsync=False), on_event=lambda k, d: events.append((k, d)))
+    daemon.run()
+    fast = json.loads((tmp_path / "fast-1" / "autolr.json").read_text())
+    slow = json.loads((tmp_path / "slow-1" / "autolr.json").read_text())
+    assert fast["lr"] == pytest.approx(0.2 * 0.1**3)  # after step 5: t=6 -> floor(6/2)=3
+    assert slow["lr"] == pytest.approx(0.5 * 0.1)
+    daemon = Daemon(tmp_path / "x" if False else tmp_path, load_config(tmp_path / "autolr.toml"),
+                    {"base_lr": 1.0}, POLICIES, READERS, Options(once=True, fsync=False))
+    assert daemon.config.for_run("fast-1").merged({"base_lr": 1.0}).base_lr == 1.0
+
+
+def test_symlinks_out_of_the_root_are_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    write_jsonl(outside / "m.jsonl", flat_then_flat(range(5)))
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    os.symlink(outside, root / "link")
+    os.symlink(outside / "m.jsonl", root / "run" / "m.jsonl")
+    daemon, _ = make_daemon(root)
+    daemon.run()
+    assert daemon.runs == {}
+    daemon, _ = make_daemon(root, follow_symlinks=True)
+    daemon.run()
+    assert daemon.runs
+
+
+def test_bad_lines_are_counted_not_fatal(tmp_path):
+    log = tmp_path / "run" / "m.jsonl"
+    log.parent.mkdir()
+    log.write_bytes(b'{"step": 0, "loss": 1}\n\x00\xff garbage\n[1,2]\n{"step": 1, "loss": "nan"}\n{"step": 2, "loss": 1}\n')
+    daemon, _ = make_daemon(tmp_path)
+    daemon.run()
+    summary = daemon.runs[tmp_path / "run"].summary()
+    assert summary["rows"] == 3 and sum(summary["skipped"].values()) == 2
+
+
+def test_inotify_limit_falls_back_to_polling(tmp_path, monkeypatch, caplog):
+    import watchdog.observers
+
+    class Exhausted(watchdog.observers.Observer):
+        def schedule(self, *a, **k):
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr(watchdog.observers, "Observer", Exhausted)
+    daemon, _ = make_daemon(tmp_path)
+    daemon.options.once = False
+    daemon.start_observer()
+    try:
+        assert "poll" in daemon.mode
+        assert "falling back to polling" in caplog.text
+    finally:
+        daemon.observer.stop()
+        daemon.observer.join()
