@@ -13,6 +13,7 @@ from typing import Any
 
 from ..hookspecs import hookimpl
 from ..records import Record, split_counters
+from . import base
 from .base import Reader, TextTailer
 
 MISSING = frozenset({"", "NA", "N/A", "None", "null"})
@@ -115,10 +116,12 @@ class CsvReader(Reader):
         try:
             with open(self.path, "rb") as f:
                 for _ in range(HEADER_SCAN):
-                    line = f.readline(1 << 16)
+                    line = f.readline(base.MAX_LINE + 2)
                     if not line.endswith(b"\n"):
-                        return False  # being rewritten right now: look again next time
+                        return False  # being rewritten right now (or absurd): look again next time
                     line = line[:-1]
+                    if len(line) > base.MAX_LINE:
+                        continue  # the tailer skipped it too
                     row = self._row(line[:-1] if line.endswith(b"\r") else line)
                     if row is not None and row is not BAD_ROW:
                         return [c.strip() for c in row] != self.header
