@@ -40,6 +40,11 @@ def choose_metric(names: Iterable[str]) -> str | None:
     return next((n for n in names if "loss" in n.lower()), None)
 
 
+def metric_rank(name: str | None) -> int:
+    """0 for val_loss, 1 for loss, 2 for another *loss* name, 3 for none."""
+    return {"val_loss": 0, "loss": 1}.get(name, 3 if name is None else 2)
+
+
 @dataclass(frozen=True)
 class Chain:
     """Composes policies. ``base_lr`` None means only scales are known (lr is then null)."""
@@ -106,8 +111,8 @@ class Chain:
     ) -> tuple[State, Decision | None]:
         """Feed one log row; return the new state and the decision it caused, if any."""
         state = dict(state)
-        if state["monitor"] is None:
-            state["monitor"] = choose_metric([*columns, *record.metrics])
+        if self.metric is None and state["monitor"] != "val_loss":
+            self._upgrade_monitor(state, choose_metric([*columns, *record.metrics]))
         if state["unit"] is None:
             state["unit"] = (
                 "step" if record.step is not None else "epoch" if record.epoch is not None else "row"
@@ -135,6 +140,17 @@ class Chain:
         state["policies"] = new_states
         state["rows"] += 1
         return self._decide(state, obs, old_values, notes)
+
+    def _upgrade_monitor(self, state: State, candidate: str | None) -> None:
+        """Adopt the automatic metric; a better one seen later (val_loss after loss) replaces it.
+
+        Policies then restart their statistics on the new metric and keep their factors.
+        """
+        if candidate is None or metric_rank(candidate) >= metric_rank(state["monitor"]):
+            return
+        if state["monitor"] is not None:
+            state["policies"] = [p.monitor_changed(s) for p, s in zip(self.policies, state["policies"])]
+        state["monitor"] = candidate
 
     def _decide(self, state, obs, old_values, notes) -> tuple[State, Decision | None]:
         old_scale = state["scale"]

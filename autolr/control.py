@@ -195,19 +195,41 @@ class ControlWriter:
                     return validate_control(_control_fields(last))
         return record
 
-    def publish(
-        self,
-        *,
-        scale: float,
-        lr: float | None,
-        step: int | None,
-        policy: str,
-        reason: str,
-        evidence: dict[str, Any] | None = None,
-        kind: str = "decision",
-        **extra: Any,
-    ) -> dict[str, Any]:
-        """Append a decision to the journal and replace the control file; return its record."""
+    def publish(self, **decision: Any) -> dict[str, Any]:
+        """Append one decision to the journal and replace the control file; return its record.
+
+        Keywords: ``scale``, ``lr``, ``step``, ``policy``, ``reason``, optional ``evidence``,
+        ``kind`` (default "decision") and extra control fields such as ``apply_at_step``.
+        """
+        return self.publish_many([decision])[-1]
+
+    def publish_many(self, decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Journal several decisions (one write, one fsync) then write the last as the control file.
+
+        Each decision gets its own seq; nothing unusable is written: a non-finite or
+        non-positive LR raises before any byte hits the disk.
+        """
+        records = [self._record(**d) for d in decisions]
+        if not records:
+            return []
+        # Not world-writable even under umask 0: whoever can write the folder can replace the file.
+        self.run_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        with self.locked():
+            current = self.current()
+            seq = current["seq"] if current else 0
+            entries = []
+            for record, d in zip(records, decisions):
+                seq += 1
+                record["seq"] = seq
+                entries.append(dict(record, kind=d.get("kind", "decision"),
+                                    evidence=_plain(d.get("evidence") or {})))
+            self._append_journal(entries)
+            atomic_write_json(self.path, records[-1], fsync=self.fsync)
+        return records
+
+    @staticmethod
+    def _record(*, scale: float, lr: float | None, step: int | None, policy: str, reason: str,
+                evidence: dict[str, Any] | None = None, kind: str = "decision", **extra: Any) -> dict[str, Any]:
         record = {
             "schema": SCHEMA,
             "seq": 0,
@@ -220,14 +242,6 @@ class ControlWriter:
             **_plain(extra),
         }
         validate_control(dict(record, seq=1))  # never write an unusable LR
-        # Not world-writable even under umask 0: whoever can write the folder can replace the file.
-        self.run_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        with self.locked():
-            current = self.current()
-            record["seq"] = (current["seq"] if current else 0) + 1
-            entry = dict(record, kind=kind, evidence=_plain(evidence or {}))
-            self._append_journal(entry)
-            atomic_write_json(self.path, record, fsync=self.fsync)
         return record
 
     def repair(self) -> dict[str, Any] | None:
@@ -241,8 +255,8 @@ class ControlWriter:
                 atomic_write_json(self.path, current, fsync=self.fsync)
             return current
 
-    def _append_journal(self, entry: dict[str, Any]) -> None:
-        line = (json.dumps(entry, allow_nan=False, default=_json_default) + "\n").encode()
+    def _append_journal(self, entries: list[dict[str, Any]]) -> None:
+        line = b"".join((json.dumps(e, allow_nan=False, default=_json_default) + "\n").encode() for e in entries)
         fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
         try:
             # A crash may have left a torn last line: start on a fresh line.

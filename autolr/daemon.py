@@ -228,6 +228,7 @@ class Daemon:
 
     def flush(self) -> None:
         for run in list(self.runs.values()):
+            run.retry()
             if run.dirty:
                 run.save()
         if self.multi_state:

@@ -79,6 +79,10 @@ class Policy:
         """The factor on the base learning rate for what follows."""
         raise NotImplementedError
 
+    def monitor_changed(self, state: State) -> State:
+        """The run's automatic metric changed (val_loss appeared): restart metric statistics."""
+        return state
+
     def holds(self, obs: Observation) -> bool:
         """True while this policy owns the LR at ``obs`` (a warmup in progress)."""
         return False

@@ -43,6 +43,7 @@ class Run:
         self.sources: dict[Path, Reader] = {}
         self.seq = 0
         self.pending: list[dict[str, Any]] = []  # journal entries beyond the saved state
+        self.unpublished: list[Decision] = []  # decisions a failing disk refused; retried
         self.last_step: int | float | None = None
         self.last_metric: float | None = None
         self.last_decision: dict[str, Any] | None = None
@@ -68,10 +69,16 @@ class Run:
 
     # ---- processing ----------------------------------------------------------------------
     def feed(self, reader: Reader, records) -> None:
-        """Feed records read from ``reader`` through the engine and publish the decisions."""
+        """Feed records read from ``reader`` through the engine and publish the decisions.
+
+        The decisions of one batch are published together: one journal write and fsync, then
+        one control-file replace holding the last. The state is saved only once the whole
+        batch is fed, so the stored read positions never run ahead of the engine; a crash
+        between the publish and the save is covered by the journal match at restart.
+        """
         self.adopt_manual()
         columns = reader.columns()
-        seq_before = self.seq
+        batch: list[Decision] = []
         for record in records:
             try:
                 decisions = self.engine.feed(record, columns)
@@ -86,39 +93,46 @@ class Run:
             monitor = self.engine.state.get("monitor")
             if monitor in record.metrics:
                 self.last_metric = record.metrics[monitor]
-            for decision in decisions:
-                self.publish(decision)
-        if self.seq != seq_before:
-            # Saved only once the whole batch is fed, so the stored read positions never run
-            # ahead of the engine; a crash before this line is covered by the journal match.
+            batch.extend(decisions)
+        if batch and self.publish(batch):
             self.save()
 
-    def publish(self, decision: Decision) -> None:
-        if self.pending:
-            expected = self.pending[0]
-            if _same_decision(expected, decision):
-                self.pending.pop(0)
-                self.seq = expected["seq"]
+    def publish(self, decisions: list[Decision]) -> bool:
+        """Publish decisions not already in the journal; True when something was written."""
+        fresh = []
+        for decision in decisions:
+            if self.pending and _same_decision(self.pending[0], decision):
+                self.seq = self.pending.pop(0)["seq"]
                 self._adopt_pending_manuals()
-                return
-            log.warning("%s: journal after the saved state disagrees with the replay; "
-                        "publishing anew", self.folder)
-            self.pending.clear()
+                continue
+            if self.pending:
+                log.warning("%s: journal after the saved state disagrees with the replay; "
+                            "publishing anew", self.folder)
+                self.pending.clear()
+            fresh.append(decision)
+        fresh = self.unpublished + fresh
+        if not fresh:
+            return len(decisions) > 0
         try:
-            record = self.writer.publish(
-                scale=decision.scale, lr=decision.lr, step=decision.step, policy=decision.policy,
-                reason=decision.reason, evidence=decision.evidence, kind=decision.kind,
-            )
-        except (OSError, ControlError) as exc:
-            # A failing disk: the last good control file stays; retried at the next decision.
+            records = self.writer.publish_many([
+                {"scale": d.scale, "lr": d.lr, "step": d.step, "policy": d.policy,
+                 "reason": d.reason, "evidence": d.evidence, "kind": d.kind} for d in fresh])
+        except (OSError, ValueError) as exc:
+            # A failing disk: the last good control file stays; the decisions wait, in order,
+            # and go out with the next batch or flush. State is not saved past them.
+            self.unpublished = fresh
             self.errors["control write failed"] += 1
-            log.error("%s: could not write the control file: %s", self.folder, exc)
-            return
-        self.seq = record["seq"]
-        self.last_decision = record
+            log.error("%s: could not write the control file (%d decisions queued): %s",
+                      self.folder, len(fresh), exc)
+            return False
+        self.unpublished = []
+        self.seq = records[-1]["seq"]
+        self.last_decision = records[-1]
         self.dirty = True
         if self.on_decision:
-            self.on_decision(self, record)
+            for record in records:
+                self.on_decision(self, record)
+        return True
 
     def adopt_manual(self) -> None:
         """Continue from an ``autolr set`` made since our last publish."""
@@ -148,7 +162,14 @@ class Run:
     def state_path(self) -> Path:
         return self.folder / STATE_NAME
 
+    def retry(self) -> None:
+        """Publish decisions a failing disk refused earlier."""
+        if self.unpublished and self.publish([]):
+            self.save()
+
     def save(self) -> None:
+        if self.unpublished:
+            return  # saving now would lose the queued decisions after a crash
         data = {
             "version": STATE_VERSION,
             "seq": self.seq,
@@ -215,9 +236,9 @@ class Run:
             self.adopt_manual()
             return
         engine = self.engine
-        self.publish(Decision(scale=engine.scale, lr=engine.lr, step=None, policy=engine.chain.names,
-                              reason="initial value of the chain", kind="initial"))
-        self.save()
+        if self.publish([Decision(scale=engine.scale, lr=engine.lr, step=None, policy=engine.chain.names,
+                                  reason="initial value of the chain", kind="initial")]):
+            self.save()
 
     # ---- reporting -----------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

@@ -41,6 +41,11 @@ class Plateau(Policy):
     def value(self, state: State) -> float:
         return state["factor"]
 
+    def monitor_changed(self, state: State) -> State:
+        if self.metric is not None:
+            return state  # this policy watches a metric of its own
+        return dict(state, best=None, num_bad=0)
+
     def update(self, state: State, obs: Observation) -> tuple[State, Note | None]:
         metric = self.metric or obs.monitor
         if metric is None or metric not in obs.metrics:
