@@ -1,0 +1,74 @@
+"""autolr.toml: chain, run-level options, per-run glob sections; clear errors."""
+from __future__ import annotations
+
+import pytest
+
+from autolr.config import ConfigError, Settings, load_config
+from autolr.plugins import policy_classes
+
+from .conftest import run_cli
+
+
+def write(tmp_path, text):
+    path = tmp_path / "autolr.toml"
+    path.write_text(text)
+    return path
+
+
+def test_specs_and_tables_build_the_same_chain(tmp_path):
+    a = load_config(write(tmp_path, 'policy = ["warmup:steps=10", "plateau:patience=3"]\n')).defaults
+    b = load_config(write(tmp_path, '[[policies]]\nname = "warmup"\nsteps = 10\n[[policies]]\nname = "plateau"\npatience = 3\n')).defaults
+    assert a.policies == b.policies
+    registry = policy_classes()
+    assert a.chain(registry) == b.chain(registry)
+
+
+def test_run_sections_by_glob_later_wins(tmp_path):
+    cfg = load_config(write(tmp_path, 'base_lr = 1.0\nmetric = "loss"\n[runs."sweep/*"]\nbase_lr = 0.5\n'
+                                      '[runs."sweep/lr-*"]\nbase_lr = 0.25\n[runs."*-big"]\nbase_lr = 2.0\n'))
+    assert cfg.for_run("other").base_lr == 1.0
+    assert cfg.for_run("sweep/a").base_lr == 0.5
+    assert cfg.for_run("sweep/lr-3").base_lr == 0.25
+    assert cfg.for_run("sweep/lr-3").metric == "loss"
+    assert cfg.for_run("deep/path/model-big").base_lr == 2.0  # matched on the folder name too
+
+
+def test_cli_values_override_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, 'base_lr = 1.0\nmode = "max"\n'))
+    merged = cfg.defaults.merged({"base_lr": 0.1, "mode": None})
+    assert merged.base_lr == 0.1 and merged.mode == "max"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base_lr = -1\n", "base_lr must be a number > 0"),
+    ("bse_lr = 1\n", "unknown key 'bse_lr'"),
+    ("mode = 'up'\n", "mode must be"),
+    ("policy = [1]\n", "spec string"),
+    ("policy = ['step:step_size=[1']\n", "unbalanced"),
+    ("[[policies]]\nsteps = 1\n", "need a name"),
+    ("runs = 3\n", "table"),
+    ("base_lr = \n", "invalid TOML"),
+    ("unit = 'hour'\n", "unit must be"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_replay_uses_the_config_file(tmp_path):
+    log = tmp_path / "m.csv"
+    log.write_text("step,loss\n" + "".join(f"{s},1\n" for s in range(6)))
+    cfg = write(tmp_path, 'base_lr = 2.0\npolicy = ["step:step_size=3,gamma=0.5"]\n')
+    out = run_cli("replay", str(log), "--config", str(cfg)).stdout.splitlines()
+    assert len(out) == 3 and '"lr": 1.0' in out[1] and '"step": 2' in out[1]
+    bad = run_cli("replay", str(log), "--config", str(write(tmp_path, "oops = 1\n")), check=False)
+    assert bad.returncode != 0 and "unknown key 'oops'" in bad.stderr
+
+
+def test_default_chain_is_used_without_policies():
+    assert Settings().chain(policy_classes()).names == "plateau"

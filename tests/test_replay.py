@@ -1,0 +1,87 @@
+"""autolr replay: output format, several logs, --every-row, metric and mode defaults."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import run_cli
+
+
+def lines(*args):
+    return [json.loads(x) for x in run_cli("replay", *args).stdout.splitlines()]
+
+
+def test_first_line_is_the_initial_value_then_one_per_change(tmp_path):
+    log = tmp_path / "m.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(10)))
+    out = lines(str(log), "--policy", "step:step_size=4,gamma=0.5", "--base-lr", "0.8")
+    assert out[0] == {"log": str(log), "step": None, "lr": 0.8, "scale": 1.0, "policy": "step", "reason": "initial"}
+    assert [(x["step"], x["lr"]) for x in out[1:]] == [(3, 0.4), (7, 0.2)]
+    assert set(out[1]) == {"log", "step", "lr", "scale", "policy", "reason"}
+
+
+def test_without_base_lr_only_the_scale_is_known(tmp_path):
+    log = tmp_path / "m.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(5)))
+    out = lines(str(log), "--policy", "step:step_size=2")
+    assert all(x["lr"] is None for x in out) and out[-1]["scale"] == pytest.approx(0.01)
+
+
+def test_every_row_and_several_logs(tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.jsonl"
+    a.write_text("epoch,loss\n0,1\n1,1\n2,1\n")
+    b.write_text("".join(json.dumps({"iter": s, "loss": 1.0}) + "\n" for s in range(4)))
+    out = lines(str(a), str(b), "--policy", "step:step_size=2,gamma=0.1", "--every-row")
+    by_log = {str(a): [], str(b): []}
+    for x in out:
+        by_log[x["log"]].append(x)
+    assert [x["step"] for x in by_log[str(a)]] == [None, 0, 1, 2]
+    assert [x["step"] for x in by_log[str(b)]] == [None, 0, 1, 2, 3]
+    assert [x["policy"] for x in by_log[str(b)][1:]] == [None, "step", None, "step"]
+
+
+def test_metric_defaults_and_max_mode_for_accuracy(tmp_path):
+    log = tmp_path / "m.csv"
+    rows = "".join(f"{e},{0.5},{0.9}\n" for e in range(20))
+    log.write_text("epoch,loss,val_acc\n" + rows)
+    out = lines(str(log), "--policy", "plateau:patience=2", "--metric", "val_acc")
+    assert "val_acc" in out[1]["reason"] and "mode max" in out[1]["reason"]
+    out = lines(str(log), "--policy", "plateau:patience=2")
+    assert "plateau: loss" in out[1]["reason"]
+
+
+def test_sparse_rows_wait_for_the_metric(tmp_path):
+    log = tmp_path / "metrics.csv"
+    body = "".join(f"0,{s},{1.0},\n" if s % 5 else f"0,{s},,{1.0}\n" for s in range(60))
+    log.write_text("epoch,step,train_loss,val_loss\n" + body)
+    out = lines(str(log), "--policy", "plateau:patience=2")
+    # val_loss arrives every 5th row: 3 bad observations after the first need rows 5, 10, 15
+    assert out[1]["step"] == 15 and "val_loss" in out[1]["reason"]
+
+
+def test_warmup_then_plateau_waits_for_warmup(tmp_path):
+    log = tmp_path / "m.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(40)))
+    out = lines(str(log), "--policy", "warmup:steps=20", "--policy", "plateau:patience=3", "--base-lr", "1")
+    plateau = [x for x in out if x["policy"] == "plateau"]
+    # counts start at row 20: best at 20, bad 21..24 -> fires after step 24
+    assert plateau[0]["step"] == 24
+
+
+def test_replay_errors(tmp_path):
+    proc = run_cli("replay", str(tmp_path / "none.csv"), check=False)
+    assert proc.returncode != 0 and "no such file" in proc.stderr
+    (tmp_path / "x.bin").write_bytes(b"\x00")
+    proc = run_cli("replay", str(tmp_path / "x.bin"), check=False)
+    assert proc.returncode != 0 and "no reader recognises" in proc.stderr
+
+
+def test_replaying_twice_gives_identical_output(tmp_path):
+    log = tmp_path / "m.jsonl"
+    import random
+    rng = random.Random(3)
+    log.write_text("".join(json.dumps({"step": s, "loss": 1 / (1 + s) + rng.random() * 0.1}) + "\n" for s in range(500)))
+    args = (str(log), "--policy", "warmup:steps=50", "--policy", "plateau:patience=5", "--base-lr", "0.1")
+    first = [{k: v for k, v in x.items()} for x in lines(*args)]
+    assert first == lines(*args)
