@@ -100,11 +100,12 @@ def _reader(run: str, stop: str, ready: str, mode: str) -> None:
                       "distinct": len(seen), "last": last, "warnings": [str(w.message) for w in caught]}))
 
 
-def _racer(run: str, writer_id: str, n: str, go: str, nolock: str) -> None:
+def _racer(run: str, writer_id: str, n: str, ready: str, go: str, nolock: str) -> None:
     writer = ControlWriter(run, fsync=False)
     if nolock == "1":  # the negative control: what the lock prevents
         import contextlib
         writer.locked = contextlib.nullcontext
+    Path(ready).touch()
     while not os.path.exists(go):
         time.sleep(0.0005)
     seqs = []
@@ -222,8 +223,14 @@ def test_readers_never_see_a_partial_file_while_thousands_of_writes_happen(run, 
 
 def _race(run: Path, tmp_path: Path, n: int, nolock: bool) -> tuple[list[int], list[int]]:
     go = tmp_path / "go"
-    procs = [_spawn("racer", run, wid, n, go, int(nolock)) for wid in (1, 2)]
-    time.sleep(0.3)  # both started and spinning on the go file
+    ready = [tmp_path / f"racer{wid}" for wid in (1, 2)]
+    for path in [go, *ready]:
+        path.unlink(missing_ok=True)
+    procs = [_spawn("racer", run, wid, n, ready[wid - 1], go, int(nolock)) for wid in (1, 2)]
+    deadline = time.monotonic() + 60
+    while not all(path.exists() for path in ready):  # both started, spinning on the go file
+        assert time.monotonic() < deadline, "racers did not start"
+        time.sleep(0.005)
     go.touch()
     seqs = [json.loads(_finish(p)) for p in procs]
     return seqs[0], seqs[1]
@@ -247,7 +254,6 @@ def test_the_race_test_detects_duplicates_without_the_lock(run, tmp_path):
         a, b = _race(run, tmp_path, 300, nolock=True)
         if len(set(a + b)) < len(a + b):
             return
-        (tmp_path / "go").unlink()
     pytest.fail("no duplicate seq without the lock: the race test would not catch a missing lock")
 
 
@@ -582,8 +588,14 @@ def test_killed_writer_leaves_a_consistent_journal_and_control_file(run):
     rng = __import__("random").Random(7)
     total = 0
     for _ in range(4):
+        journal = run / JOURNAL_NAME
+        size = journal.stat().st_size if journal.exists() else 0
         proc = _spawn("forever", run)
-        time.sleep(0.25 + rng.random() * 0.2)
+        deadline = time.monotonic() + 60
+        while not (journal.exists() and journal.stat().st_size > size):  # it is publishing
+            assert time.monotonic() < deadline and proc.poll() is None, "the writer never published"
+            time.sleep(0.005)
+        time.sleep(rng.random() * 0.1)  # then kill it at some point mid-stream
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         seqs = [e["seq"] for e in read_journal(run)]
