@@ -9,7 +9,7 @@ entries ``{eval_loss, eval_runtime, ..., epoch, step}`` and a final summary (``t
 metrics. ``save_total_limit`` deletes old checkpoint folders: a vanished file reads as empty.
 
 All snapshots of one run (the ``output_dir``, the parent of ``checkpoint-*``) share one
-*mark*: the last delivered position ``(step, n-th entry at that step)`` plus fingerprints of
+in-process *mark* (also saved in each reader's state; the newest saved one is restored): the last delivered position ``(step, n-th entry at that step)`` plus fingerprints of
 the last ``FP_WINDOW`` delivered entries. Each reader delivers only the entries of its snapshot
 past the mark, so successive checkpoints and rewrites never repeat a record, whichever reader
 sees them first. A snapshot whose delivered part disagrees with the fingerprints belongs to
@@ -36,13 +36,11 @@ import logging
 import os
 import re
 import time
-import weakref
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
-from ..control import RACY_NS
 from ..hookspecs import hookimpl
 from ..records import Record, split_counters
 from .base import Reader
@@ -53,11 +51,16 @@ log = logging.getLogger("autolr.readers")
 STATE_NAME = "trainer_state.json"
 CHECKPOINT_DIR = re.compile(r"(tmp-)?checkpoint-\d+")
 #: Delivered entries whose fingerprints are kept to recognise a resumed branch.
-FP_WINDOW = 2048
+FP_WINDOW = 1024
+#: Runs whose marks are kept in memory (least recently opened dropped first).
+MAX_MARKS = 256
 #: Records returned per ``read()`` at most; ``more`` says when there are further ones.
 MAX_BATCH = 20_000
 #: Larger snapshots are skipped (and counted), never loaded.
 MAX_BYTES = 256 << 20
+#: A file modified this recently may change again within one mtime tick at the same size: its
+#: signature cannot prove it unchanged, so it is parsed again.
+RACY_NS = 2 * 10**9
 #: An unparseable snapshot this much older than now is bad input, not a write in progress.
 GRACE_NS = 10 * 10**9
 
@@ -94,8 +97,20 @@ class RunMark:
         self.prints.append((pos[0], pos[1], crc))
 
 
-#: One mark per run folder, alive while any reader of that run is.
-MARKS: weakref.WeakValueDictionary[str, RunMark] = weakref.WeakValueDictionary()
+#: One mark per run folder. Kept after its readers are gone: a daemon drops the reader of a
+#: deleted checkpoint before it meets the next one, which must continue from the same mark.
+MARKS: OrderedDict[str, RunMark] = OrderedDict()
+
+
+def mark_for(folder: Path, registry: dict[str, RunMark] | None = None) -> RunMark:
+    """The shared mark of the run in ``folder`` (from ``registry``, default :data:`MARKS`)."""
+    marks = MARKS if registry is None else registry
+    key = os.path.abspath(folder)
+    mark = marks.pop(key, None) or RunMark()
+    marks[key] = mark  # most recent last
+    while len(marks) > MAX_MARKS:
+        marks.pop(next(iter(marks)))
+    return mark
 
 
 def fingerprint(entry: Any) -> int:
@@ -130,14 +145,9 @@ class HfTrainerStateReader(Reader):
 
     name = "hf-trainer-state"
 
-    def __init__(self, path: str | Path, *, marks: weakref.WeakValueDictionary | dict | None = None):
+    def __init__(self, path: str | Path, *, marks: dict[str, RunMark] | None = None):
         super().__init__(path)
-        registry = MARKS if marks is None else marks
-        key = os.path.abspath(self.run_dir(self.path))
-        mark = registry.get(key)
-        if mark is None:
-            mark = registry[key] = RunMark()
-        self.mark: RunMark = mark
+        self.mark = mark_for(self.run_dir(self.path), marks)
         self.done: tuple | None = None  # signature of the snapshot fully taken
         self.bad: tuple | None = None  # signature of the snapshot counted as bad input
 

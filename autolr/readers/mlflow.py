@@ -108,6 +108,7 @@ class MlflowDbReader(Reader):
     """Reads the ``metrics`` table of an MLflow SQLite store; records carry their run id."""
 
     name = "mlflow"
+    multi_run = True  # records carry Record.run; the daemon keeps this reader's state itself
 
     def __init__(self, path: str | Path):
         super().__init__(path)

@@ -1,0 +1,280 @@
+"""MLflow readers against stores written by the real mlflow client (SQLite and file store)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+np = pytest.importorskip("numpy")
+
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
+
+from autolr.readers import reader_for  # noqa: E402
+from autolr.readers.mlflow import (  # noqa: E402
+    MlflowDbReader,
+    MlflowFileReader,
+    locate_metric_file,
+    sqlite_run_folder,
+)
+
+
+def key(v: float):
+    """NaN-safe sort/compare key for a value."""
+    return ("nan",) if v != v else ("num", v)
+
+
+def flatten(records) -> list[tuple]:
+    """(run, step, key, value) rows of records, epoch included as a key."""
+    rows = []
+    for r in records:
+        rows += [(r.run, r.step, k, key(v)) for k, v in r.metrics.items()]
+        if r.epoch is not None:
+            rows.append((r.run, r.step, "epoch", key(r.epoch)))
+    return sorted(rows)
+
+
+@pytest.fixture(scope="module")
+def tracking():
+    """Restores the tracking URI the rest of the process had."""
+    before = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        yield mp
+    mlflow.set_tracking_uri(before)
+
+
+@pytest.fixture(scope="module")
+def db(tracking, tmp_path_factory):
+    """One SQLite store (creating it is slow), its client and what the tests logged so far."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("autolr")
+    return {"path": path, "client": client, "exp": exp, "logged": []}
+
+
+def log(db, run_id: str, step: int, **values: float) -> None:
+    """Log one batch (several keys at one step) and remember it."""
+    metrics = [Metric(k.replace("__", "/"), v, 1_700_000_000_000 + step, step) for k, v in values.items()]
+    db["client"].log_batch(run_id, metrics=metrics)
+    db["logged"] += [(run_id, step, m.key, key(v)) for m, v in zip(metrics, values.values())]
+
+
+def new_run(db) -> str:
+    return db["client"].create_run(db["exp"]).info.run_id
+
+
+# ---- SQLite -----------------------------------------------------------------------------
+def test_sqlite_records_equal_what_was_logged(db):
+    a, b = new_run(db), new_run(db)
+    for step in range(5):
+        log(db, a, step, loss=1.0 / (step + 1), val__loss=2.0 / (step + 1), epoch=step // 2)
+        log(db, b, step * 10, loss=0.5 + step)
+    log(db, a, 5, loss=float("nan"), grad=float("inf"), low=float("-inf"))
+    with mlflow.start_run(run_id=a):  # the fluent API too, step defaulting to 0
+        mlflow.log_metric("no_step", 3.25)
+    db["logged"].append((a, 0, "no_step", key(3.25)))
+
+    reader = MlflowDbReader(db["path"])
+    records = reader.read()
+    assert flatten(records) == sorted(db["logged"])
+    assert not reader.skipped and not reader.more
+    by_run = {r.run for r in records}
+    assert by_run == {a, b}
+    first = next(r for r in records if r.run == a)
+    assert first.metrics == {"loss": 1.0, "val/loss": 2.0} and first.step == 0 and first.epoch == 0.0
+    last = [r for r in records if r.run == a and r.step == 5][0]
+    assert math.isnan(last.metrics["loss"]) and last.metrics["grad"] == math.inf and last.metrics["low"] == -math.inf
+    assert [r.step for r in records if r.run == b] == [0, 10, 20, 30, 40]
+    assert reader.read() == []
+
+
+def test_sqlite_incremental_and_resume(db):
+    reader = MlflowDbReader(db["path"])
+    reader.read()  # whatever earlier tests logged
+    run = new_run(db)
+    before = len(db["logged"])
+    seen = []
+    for step in range(6):
+        log(db, run, step, loss=10.0 - step)
+        if step % 2:
+            log(db, run, step, val__loss=9.0 - step)
+        got = reader.read()
+        assert got and all(r.run == run and r.step == step for r in got)
+        seen += got
+    assert flatten(seen) == sorted(db["logged"][before:])
+    # Resume: a reader restored from the saved state returns only rows logged since.
+    state = json.loads(json.dumps(reader.get_state()))
+    log(db, run, 6, loss=3.0)
+    again = MlflowDbReader(db["path"])
+    again.set_state(state)
+    got = again.read()
+    assert [(r.run, r.step, r.metrics) for r in got] == [(run, 6, {"loss": 3.0})]
+
+
+def test_sqlite_locked_database_is_retried(db):
+    reader = MlflowDbReader(db["path"])
+    reader.read()
+    run = new_run(db)
+    log(db, run, 1, loss=1.5)
+    holder = sqlite3.connect(db["path"], timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        assert reader.read() == []  # locked: no exception, no skip, try again later
+        assert not reader.skipped
+    finally:
+        holder.rollback()
+        holder.close()
+    assert [(r.run, r.metrics) for r in reader.read()] == [(run, {"loss": 1.5})]
+
+
+def test_sqlite_run_folders_and_matching(db, tmp_path):
+    path = db["path"]
+    reader = MlflowDbReader(path)
+    assert MlflowDbReader.multi_run
+    assert reader.folder_for("abc123") == path.parent / "autolr-runs" / "abc123" == sqlite_run_folder(path, "abc123")
+    assert MlflowDbReader.matches(path)
+    other = tmp_path / "tracking.db"
+    shutil.copy(path, other)
+    assert MlflowDbReader.matches(other)  # an MLflow schema under another name
+    plain = tmp_path / "plain.db"
+    with sqlite3.connect(plain) as conn:
+        conn.execute("CREATE TABLE metrics (name TEXT, v REAL)")
+    conn.close()
+    (tmp_path / "text.db").write_text("hello")
+    assert not MlflowDbReader.matches(plain) and not MlflowDbReader.matches(tmp_path / "text.db")
+    assert not MlflowDbReader.matches(tmp_path / "mlflow.db-journal")
+
+
+def test_sqlite_replaced_database_is_read_again(db, tmp_path):
+    path = tmp_path / "mlflow.db"
+    shutil.copy(db["path"], path)
+    reader = MlflowDbReader(path)
+    first = reader.read()
+    assert first and not reader.restarted
+    copy = tmp_path / "new.db"
+    shutil.copy(db["path"], copy)
+    os.replace(copy, path)  # a new file (new inode) at the same path
+    assert flatten(reader.read()) == flatten(first) and reader.restarted
+
+
+@pytest.mark.parametrize("content", [b"", b"not a database at all" * 100, b"SQLite format 3\x00" + b"\xff" * 4000])
+def test_sqlite_garbage_never_raises(tmp_path, content):
+    path = tmp_path / "mlflow.db"
+    path.write_bytes(content)
+    reader = MlflowDbReader(path)
+    assert reader.read() == [] and reader.read() == []
+    assert sum(reader.skipped.values()) <= 1
+    with sqlite3.connect(tmp_path / "other.db") as conn:
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    assert MlflowDbReader(tmp_path / "other.db").read() == []
+    assert MlflowDbReader(tmp_path / "missing.db").read() == []
+
+
+# ---- file store -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def store(tracking, tmp_path_factory):
+    """A run in a real file store: keys with and without '/', NaN/inf, a dataset-tagged metric."""
+    root = tmp_path_factory.mktemp("files") / "mlruns"
+    mlflow.set_tracking_uri(root.as_uri())
+    rng = random.Random(0)
+    logged: dict[str, list[tuple[int, float]]] = {"loss": [], "val/loss": [], "epoch": [], "acc": []}
+    dataset = mlflow.data.from_numpy(np.zeros((3, 2)), name="train")
+    with mlflow.start_run() as run:
+        for step in range(40):
+            loss = rng.random() * 3
+            mlflow.log_metric("loss", loss, step=step)
+            logged["loss"].append((step, loss))
+            if step % 5 == 4:
+                mlflow.log_metrics({"val/loss": loss + 0.1, "epoch": step // 10}, step=step)
+                logged["val/loss"].append((step, loss + 0.1))
+                logged["epoch"].append((step, float(step // 10)))
+        mlflow.log_metric("loss", float("nan"), step=40)
+        mlflow.log_metric("loss", float("inf"), step=41)
+        logged["loss"] += [(40, float("nan")), (41, float("inf"))]
+        mlflow.log_metric("acc", 0.75, step=7, dataset=dataset)  # a 5-field line
+        logged["acc"].append((7, 0.75))
+    run_dir = root / run.info.experiment_id / run.info.run_id
+    return {"root": root, "run": run.info.run_id, "run_dir": run_dir, "logged": logged}
+
+
+def pairs(records, name: str) -> list[tuple]:
+    return [(r.step, key(r.epoch if name == "epoch" else r.metrics[name])) for r in records]
+
+
+def test_file_store_records_equal_what_was_logged(store):
+    run_dir = store["run_dir"]
+    assert len((run_dir / "metrics" / "acc").read_text().split()) == 5
+    for name, logged in store["logged"].items():
+        path = run_dir / "metrics" / name
+        assert MlflowFileReader.matches(path) and MlflowFileReader.run_dir(path) == run_dir
+        assert reader_for(path, {"mlflow-file": MlflowFileReader, "mlflow": MlflowDbReader}) is MlflowFileReader
+        reader = MlflowFileReader(path)
+        assert reader.key == name and reader.folder_for(None) == run_dir
+        records = reader.read()
+        assert pairs(records, name) == [(s, key(v)) for s, v in logged]
+        assert all(r.run is None for r in records) and not reader.skipped
+    assert locate_metric_file(run_dir / "meta.yaml") is None
+    assert not MlflowFileReader.matches(run_dir / "artifacts" / "metrics" / "x")
+
+
+def test_file_store_grows_while_logging(store, tracking):
+    mlflow.set_tracking_uri(store["root"].as_uri())
+    path = store["run_dir"] / "metrics" / "late" / "metric"
+    reader = None
+    with mlflow.start_run(run_id=store["run"]):
+        for step in range(5):
+            mlflow.log_metric("late/metric", step * 0.5, step=step)
+            reader = reader or MlflowFileReader(path)
+            assert [(r.step, r.metrics) for r in reader.read()] == [(step, {"late/metric": step * 0.5})]
+    assert MlflowFileReader.run_dir(path) == store["run_dir"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_file_store_chunked_reads_equal_a_whole_read(store, tmp_path, seed):
+    data = (store["run_dir"] / "metrics" / "loss").read_bytes()
+    target = tmp_path / "mlruns" / "0" / "abc" / "metrics" / "loss"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"")
+    rng = random.Random(seed)
+    reader = MlflowFileReader(target)
+    got, pos = [], 0
+    while pos < len(data):
+        n = rng.randint(1, 40)
+        with open(target, "ab") as f:
+            f.write(data[pos : pos + n])
+        pos += n
+        got += reader.read()
+        if rng.random() < 0.3:  # a daemon restart in between
+            state = json.loads(json.dumps(reader.get_state()))
+            reader = MlflowFileReader(target)
+            reader.set_state(state)
+    assert pairs(got, "loss") == pairs(MlflowFileReader(target).read(), "loss")
+    assert pairs(got, "loss") == [(s, key(v)) for s, v in store["logged"]["loss"]]
+
+
+def test_file_store_garbage_lines_are_skipped(tmp_path):
+    path = tmp_path / "mlruns" / "1" / "r1" / "metrics" / "loss"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"1 2\nabc\n\xff\xfe\x00\n1 x 3\n\n1700 0.5 3\n1700 0.25 4 ds dig\n1700 0.125\n5 6 7.5\n")
+    reader = MlflowFileReader(path)
+    got = reader.read()
+    assert [(r.step, r.metrics["loss"]) for r in got] == [(0, 2.0), (3, 0.5), (4, 0.25), (0, 0.125)]
+    assert sum(reader.skipped.values()) == 4
+
+
+def test_file_store_keeps_working_with_autolr_files(store):
+    (store["run_dir"] / "autolr.json").write_text("{}")  # the control file lands in the run folder
+    client = MlflowClient(store["root"].as_uri())
+    assert client.get_run(store["run"]).data.metrics["acc"] == 0.75
+    assert len(client.get_metric_history(store["run"], "val/loss")) == len(store["logged"]["val/loss"])
