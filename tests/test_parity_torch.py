@@ -317,12 +317,11 @@ def test_plateau_ignores_rows_without_its_metric():
         base = log_uniform(rng, 1e-4, 1.0)
         kw = draw_plateau_params(rng, base)
         values = metric_sequence(rng, nrng, 200, kw["mode"])
-        rows, seen = [], []
+        rows = []
         step = 0
         for v in values:  # a few train-only rows between evaluations
             for _ in range(rng.randint(0, 3)):
                 rows.append(Record(metrics={"loss": rng.random()}, step=step))
-                seen.append(len(rows) - 1)
                 step += 1
             rows.append(Record(metrics={"loss": rng.random(), "val_loss": v}, step=step))
             step += 1
