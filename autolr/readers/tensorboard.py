@@ -668,7 +668,10 @@ class TensorBoardReader(Reader):
                 self.scanning = False
             found.append(s[: len(walked) if bad is None else min(bad, len(walked))])
             if bad is None:
-                return np.concatenate(found), self._stop_at(buf, end, size)
+                pos = self._stop_at(buf, end, size)
+                if pos == end or pos + 12 > len(buf):
+                    return np.concatenate(found), pos
+                continue  # skipped an over-long record that lies inside buf
             pos = self._resync(arr, int(s[bad]))
             if pos is None:
                 return np.concatenate(found), max(int(s[bad]) + 1, len(buf) - 11)
@@ -718,3 +721,8 @@ def _next_header(arr: np.ndarray, lo: int, window: int = 1 << 20) -> int | None:
             return lo + int(hit[0])
         lo = hi
     return None
+
+
+@hookimpl
+def register_readers(register) -> None:
+    register(TensorBoardReader)
