@@ -423,25 +423,29 @@ class _Grouper:
     """Joins consecutive scalars of one step into one Record (the rules: module docstring)."""
 
     def __init__(self) -> None:
-        self.key: tuple[int, bool] = (0, False)  # (step, step is an epoch)
+        self.step = 0
+        self.epoch_kind = False  # the step counts epochs (Keras epoch_* tags)
         self.first = ""
         self.metrics: dict[str, float] = {}
-        self.hits = 0  # metrics of the open group that are in its learned shape
+        self.shape: set[str] | None = None  # what groups starting with ``first`` held before
+        self.hits = 0  # metrics of the open group that are in its shape
         self.shapes: dict[str, set[str]] = {}
         self.restart = False
         self.out: list[Record] = []
 
     def add(self, step: int, epoch_kind: bool, name: str, value: float) -> None:
-        key = (step, epoch_kind)
-        if self.metrics and (key != self.key or name in self.metrics or len(self.metrics) >= MAX_GROUP):
+        metrics = self.metrics
+        if metrics and (step != self.step or epoch_kind != self.epoch_kind or name in metrics
+                        or len(metrics) >= MAX_GROUP):
             self.close(learn=True)
-        if not self.metrics:
-            self.key, self.first, self.hits = key, name, 0
-        self.metrics[name] = value
-        shape = self.shapes.get(self.first)
-        if shape is not None and name in shape:
+            metrics = self.metrics
+        if not metrics:
+            self.step, self.epoch_kind, self.first, self.hits = step, epoch_kind, name, 0
+            self.shape = self.shapes.get(name)
+        metrics[name] = value
+        if self.shape is not None and name in self.shape:
             self.hits += 1
-            if self.hits == len(shape):
+            if self.hits == len(self.shape):
                 self.close(learn=False)
 
     def session_start(self) -> None:
@@ -454,20 +458,19 @@ class _Grouper:
         metrics, self.metrics = self.metrics, {}
         if learn and (self.first in self.shapes or len(self.shapes) < MAX_TAGS):
             self.shapes.setdefault(self.first, set()).update(metrics)
-        step, epoch_kind = self.key
-        epoch = None
+        step, epoch = self.step, None
         for key in EPOCH_KEYS:
             v = metrics.pop(key, None)
             if epoch is None and v is not None and v == v:
                 epoch = v
-        if epoch_kind:
+        if self.epoch_kind:
             step, epoch = None, float(step)
         self.out.append(Record(metrics, step, epoch, restart=self.restart))
         self.restart = False
 
     def get_state(self) -> dict[str, Any]:
         return {
-            "key": list(self.key),
+            "key": [self.step, self.epoch_kind],
             "first": self.first,
             "metrics": {k: v.hex() for k, v in self.metrics.items()},  # JSON has no nan/inf
             "shapes": {k: sorted(v) for k, v in self.shapes.items()},
@@ -476,12 +479,12 @@ class _Grouper:
 
     def set_state(self, state: dict[str, Any]) -> None:
         step, epoch_kind = state.get("key", (0, False))
-        self.key = (int(step), bool(epoch_kind))
+        self.step, self.epoch_kind = int(step), bool(epoch_kind)
         self.first = str(state.get("first", ""))
         self.metrics = {k: float.fromhex(v) for k, v in state.get("metrics", {}).items()}
         self.shapes = {k: set(v) for k, v in state.get("shapes", {}).items()}
-        shape = self.shapes.get(self.first, ())
-        self.hits = sum(1 for k in self.metrics if k in shape)
+        self.shape = self.shapes.get(self.first)
+        self.hits = sum(1 for k in self.metrics if k in (self.shape or ()))
         self.restart = bool(state.get("restart", False))
 
 
