@@ -1,0 +1,232 @@
+"""Shared helpers for the daemon benchmarks: a daemon subprocess, /proc sampling, inotify, tables.
+
+Not a benchmark itself. Linux only (``/proc``, inotify through ctypes).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import math
+import os
+import platform
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---- statistics ------------------------------------------------------------------------------
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100) of ``xs``; NaN when empty."""
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    if len(s) == 1:
+        return s[0]
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def median(xs: Sequence[float]) -> float:
+    return percentile(xs, 50)
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> str:
+    """A markdown table; ``align`` is one char per column, 'l' or 'r' (default: first l, rest r)."""
+    align = align or ("l" + "r" * (len(headers) - 1))
+    sep = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(sep) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def machine_line() -> str:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (f"Python {platform.python_version()}, {platform.system()} {platform.release()}, "
+            f"{os.cpu_count()} CPUs ({cpu})")
+
+
+def inotify_limits() -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for name in ("max_user_watches", "max_user_instances", "max_queued_events"):
+        try:
+            out[name] = int(Path(f"/proc/sys/fs/inotify/{name}").read_text())
+        except (OSError, ValueError):
+            out[name] = None
+    return out
+
+
+# ---- /proc sampling --------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2:].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """cutime + cstime: CPU of waited-for children (not used for live processes)."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2:].split()
+    return (int(fields[13]) + int(fields[14])) / CLK_TCK
+
+
+def mem_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) in kB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0])
+    return out
+
+
+# ---- the daemon ------------------------------------------------------------------------------
+
+def daemon_cmd(text: str | None) -> list[str] | None:
+    """``--daemon-cmd`` (a shell-like string such as "python other/cli.py") to an argv prefix."""
+    import shlex
+
+    return shlex.split(text) if text else None
+
+
+class Daemon:
+    """``python -m autolr.cli watch ROOT ...`` as a subprocess; output goes to a log file.
+
+    ``cmd`` replaces the ``python -m autolr.cli`` prefix (to compare another build).
+    """
+
+    def __init__(self, root: Path, args: Sequence[str], log_path: Path, cmd: Sequence[str] | None = None):
+        self.cmd = list(cmd) if cmd else [sys.executable, "-m", "autolr.cli"]
+        self.root = root
+        self.args = list(args)
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Daemon":
+        self._log = open(self.log_path, "wb")
+        cmd = [*self.cmd, "watch", str(self.root), *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def output(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+    def wait_for(self, text: str, timeout: float) -> float:
+        """Block until ``text`` appears in the daemon's output; return the seconds waited."""
+        t0 = time.monotonic()
+        while True:
+            if text in self.output():
+                return time.monotonic() - t0
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited ({self.proc.returncode}) before {text!r}:\n{self.output()[-3000:]}")
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"daemon did not print {text!r} within {timeout} s:\n{self.output()[-3000:]}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (state flush), then SIGKILL of the whole session if it hangs."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        with contextlib.suppress(Exception):
+            self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "Daemon":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def read_control(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+# ---- inotify (for the benchmark's own side) ---------------------------------------------------
+
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+_EVENT = struct.Struct("iIII")
+
+
+class Inotify:
+    """A minimal inotify watch on one folder: ``wait(timeout)`` returns the names of the events."""
+
+    def __init__(self, folder: Path, mask: int = IN_MOVED_TO):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        wd = libc.inotify_add_watch(self.fd, os.fsencode(folder), mask)
+        if wd < 0:
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, f"inotify_add_watch {folder}")
+        self.poller = select.poll()
+        self.poller.register(self.fd, select.POLLIN)
+
+    def wait(self, timeout: float) -> list[bytes]:
+        if not self.poller.poll(max(0, int(timeout * 1000))):
+            return []
+        return self.drain()
+
+    def drain(self) -> list[bytes]:
+        names = []
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return names
+            i = 0
+            while i < len(buf):
+                _, _, _, n = _EVENT.unpack_from(buf, i)
+                names.append(buf[i + 16:i + 16 + n].rstrip(b"\0"))
+                i += 16 + n
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
