@@ -17,7 +17,7 @@ pytest.importorskip("accelerate")  # the Trainer requires it
 from autolr.chain import Chain  # noqa: E402
 from autolr.engine import RunEngine  # noqa: E402
 from autolr.policies.plateau import Plateau  # noqa: E402
-from autolr.readers.hf import STATE_NAME, HfTrainerStateReader  # noqa: E402
+from autolr.readers.hf import MARKS, STATE_NAME, HfTrainerStateReader  # noqa: E402
 
 OLD = 10**9  # an mtime far in the past: an unparseable file that old is bad input
 
@@ -268,3 +268,30 @@ def test_resumed_from_an_earlier_checkpoint(tmp_path):
         late = Daemon(out)
         late.poll(reverse)
         assert effective(late.records) == expected(final)
+
+
+def run_daemon(root: Path):
+    """``autolr watch --once`` in process, with this reader installed."""
+    from autolr.config import load_config, parse_policy_options
+    from autolr.daemon import Daemon, Options
+    from autolr.plugins import get_plugin_manager, policy_classes, reader_classes
+
+    pm = get_plugin_manager(entry_points=False)
+    readers = {**reader_classes(pm), HfTrainerStateReader.name: HfTrainerStateReader}
+    overrides = {"policies": parse_policy_options(["plateau:patience=2"]), "base_lr": 5e-5}
+    daemon = Daemon(root, load_config(None), overrides, policy_classes(pm), readers, Options(once=True, fsync=False))
+    daemon.run()
+    return daemon
+
+
+def test_daemon_reads_all_checkpoints_as_one_run(run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(run["out"], out)
+    daemon = run_daemon(tmp_path)
+    assert set(daemon.runs) == {out}
+    engine = daemon.runs[out].engine
+    assert engine.state["rows"] == len(run["final"]) and engine.rewinds == 0
+    assert (out / "autolr.json").is_file()
+    MARKS.clear()  # a new daemon process: what was delivered comes from the saved state
+    again = run_daemon(tmp_path)
+    assert again.runs[out].engine.state["rows"] == len(run["final"])

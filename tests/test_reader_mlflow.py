@@ -80,16 +80,17 @@ def test_sqlite_records_equal_what_was_logged(db):
         log(db, a, step, loss=1.0 / (step + 1), val__loss=2.0 / (step + 1), epoch=step // 2)
         log(db, b, step * 10, loss=0.5 + step)
     log(db, a, 5, loss=float("nan"), grad=float("inf"), low=float("-inf"))
-    with mlflow.start_run(run_id=a):  # the fluent API too, step defaulting to 0
+    c = new_run(db)
+    with mlflow.start_run(run_id=c):  # the fluent API too, step defaulting to 0
         mlflow.log_metric("no_step", 3.25)
-    db["logged"].append((a, 0, "no_step", key(3.25)))
+        mlflow.log_metrics({"system/cpu_utilization_percentage": 12.0, "system/gpu_0_memory_usage_megabytes": 3.0}, step=0)
+    db["logged"].append((c, 0, "no_step", key(3.25)))
 
     reader = MlflowDbReader(db["path"])
     records = reader.read()
     assert flatten(records) == sorted(db["logged"])
     assert not reader.skipped and not reader.more
-    by_run = {r.run for r in records}
-    assert by_run == {a, b}
+    assert {r.run for r in records} == {a, b, c}  # system metrics (own step counter) left out
     first = next(r for r in records if r.run == a)
     assert first.metrics == {"loss": 1.0, "val/loss": 2.0} and first.step == 0 and first.epoch == 0.0
     last = [r for r in records if r.run == a and r.step == 5][0]
@@ -202,8 +203,8 @@ def store(tracking, tmp_path_factory):
         mlflow.log_metric("loss", float("nan"), step=40)
         mlflow.log_metric("loss", float("inf"), step=41)
         logged["loss"] += [(40, float("nan")), (41, float("inf"))]
-        mlflow.log_metric("acc", 0.75, step=7, dataset=dataset)  # a 5-field line
-        logged["acc"].append((7, 0.75))
+        mlflow.log_metric("acc", 0.75, step=41, dataset=dataset)  # a 5-field line
+        logged["acc"].append((41, 0.75))
     run_dir = root / run.info.experiment_id / run.info.run_id
     return {"root": root, "run": run.info.run_id, "run_dir": run_dir, "logged": logged}
 
@@ -233,7 +234,7 @@ def test_file_store_grows_while_logging(store, tracking):
     path = store["run_dir"] / "metrics" / "late" / "metric"
     reader = None
     with mlflow.start_run(run_id=store["run"]):
-        for step in range(5):
+        for step in range(42, 47):  # later than everything logged before: no step goes back
             mlflow.log_metric("late/metric", step * 0.5, step=step)
             reader = reader or MlflowFileReader(path)
             assert [(r.step, r.metrics) for r in reader.read()] == [(step, {"late/metric": step * 0.5})]
@@ -263,6 +264,57 @@ def test_file_store_chunked_reads_equal_a_whole_read(store, tmp_path, seed):
     assert pairs(got, "loss") == [(s, key(v)) for s, v in store["logged"]["loss"]]
 
 
+def test_file_store_key_files_of_a_run_merge_by_step(store):
+    """All key files read together: steps never go back from one file to the next."""
+    run_dir = store["run_dir"]
+    paths = [run_dir / "metrics" / name for name in store["logged"]]
+    readers = [MlflowFileReader(p) for p in paths]
+    records = readers[2].read()  # any one of them delivers the whole run
+    assert all(r.read() == [] for r in readers)
+    steps = [r.step for r in records]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # one record per step
+    for name, logged in store["logged"].items():
+        have = [r for r in records if (r.epoch if name == "epoch" else r.metrics.get(name)) is not None]
+        assert pairs(have, name) == [(s, key(v)) for s, v in logged]
+    at4 = next(r for r in records if r.step == 4)
+    assert set(at4.metrics) == {"loss", "val/loss"} and at4.epoch == 0.0
+
+
+def test_file_store_live_run_and_resume_with_lower_steps(tracking, tmp_path):
+    root = tmp_path / "mlruns"
+    mlflow.set_tracking_uri(root.as_uri())
+    readers: dict[str, MlflowFileReader] = {}
+    got = []
+
+    def poll(run_dir: Path) -> None:
+        for path in sorted((run_dir / "metrics").rglob("*")):
+            if path.is_file() and path not in readers:
+                readers[path] = MlflowFileReader(path)
+        for reader in readers.values():
+            got.extend(reader.read())
+
+    with mlflow.start_run() as run:
+        run_dir = root / run.info.experiment_id / run.info.run_id
+        for step in range(6):
+            mlflow.log_metric("train/loss", 1.0 / (step + 1), step=step)
+            if step % 2:
+                mlflow.log_metrics({"val_loss": 2.0 / (step + 1), "epoch": step}, step=step)
+            poll(run_dir)
+    assert [r.step for r in got] == list(range(6))
+    assert got[3].metrics == {"train/loss": 0.25, "val_loss": 0.5} and got[3].epoch == 3
+    # The job resumes from its step-2 checkpoint and logs to the same MLflow run again.
+    with mlflow.start_run(run_id=run.info.run_id):
+        for step in range(3, 5):
+            mlflow.log_metrics({"train/loss": 5.0 + step, "val_loss": 6.0 + step}, step=step)
+    poll(run_dir)
+    assert [(r.step, r.metrics) for r in got[6:]] == [
+        (3, {"train/loss": 8.0, "val_loss": 9.0}), (4, {"train/loss": 9.0, "val_loss": 10.0})]
+    # A daemon started now reads it all at once: the step goes back exactly where it resumed.
+    fresh = [MlflowFileReader(p) for p in readers]
+    steps = [r.step for r in fresh[0].read()]
+    assert steps == [0, 1, 2, 3, 4, 5, 3, 4]
+
+
 def test_file_store_garbage_lines_are_skipped(tmp_path):
     path = tmp_path / "mlruns" / "1" / "r1" / "metrics" / "loss"
     path.parent.mkdir(parents=True)
@@ -278,3 +330,44 @@ def test_file_store_keeps_working_with_autolr_files(store):
     client = MlflowClient(store["root"].as_uri())
     assert client.get_run(store["run"]).data.metrics["acc"] == 0.75
     assert len(client.get_metric_history(store["run"], "val/loss")) == len(store["logged"]["val/loss"])
+
+
+# ---- through the watch daemon -----------------------------------------------------------
+def run_daemon(root: Path):
+    """``autolr watch --once`` in process, with these readers installed."""
+    from autolr.config import load_config, parse_policy_options
+    from autolr.daemon import Daemon, Options
+    from autolr.plugins import get_plugin_manager, policy_classes, reader_classes
+
+    pm = get_plugin_manager(entry_points=False)
+    readers = {**reader_classes(pm), "mlflow": MlflowDbReader, "mlflow-file": MlflowFileReader}
+    overrides = {"policies": parse_policy_options(["plateau:patience=2"]), "base_lr": 0.1}
+    daemon = Daemon(root, load_config(None), overrides, policy_classes(pm), readers, Options(once=True, fsync=False))
+    daemon.run()
+    return daemon
+
+
+def test_daemon_feeds_each_sqlite_run_to_its_folder(db, tmp_path):
+    shutil.copy(db["path"], tmp_path / "mlflow.db")
+    records = MlflowDbReader(tmp_path / "mlflow.db").read()
+    daemon = run_daemon(tmp_path)
+    runs = {r.run for r in records}
+    assert set(daemon.runs) == {sqlite_run_folder(tmp_path / "mlflow.db", run) for run in runs}
+    for run in runs:
+        engine = daemon.runs[sqlite_run_folder(tmp_path / "mlflow.db", run)].engine
+        assert engine.state["rows"] == sum(r.run == run for r in records) and engine.rewinds == 0
+        assert (tmp_path / "autolr-runs" / run / "autolr.json").is_file()
+    assert run_daemon(tmp_path).runs == {}  # resumed: nothing new, no run touched
+
+
+def test_daemon_reads_a_file_store_run_as_one_run(store, tmp_path):
+    root = tmp_path / "mlruns"
+    shutil.copytree(store["root"], root)
+    run_dir = root / store["run_dir"].relative_to(store["root"])
+    (run_dir / "autolr.json").unlink(missing_ok=True)
+    daemon = run_daemon(tmp_path)
+    assert set(daemon.runs) == {run_dir}
+    engine = daemon.runs[run_dir].engine
+    steps = {s for logged in store["logged"].values() for s, _ in logged}
+    assert engine.rewinds == 0 and engine.state["rows"] >= len(steps)
+    assert run_daemon(tmp_path).runs[run_dir].engine.state["rows"] == engine.state["rows"]

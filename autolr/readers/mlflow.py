@@ -6,7 +6,9 @@ The table is polled by ``rowid`` (rows are only ever inserted, so rowids grow), 
 and a locked or busy database is simply tried again on the next read. MLflow stores NaN as
 ``value=0, is_nan=1`` and ±inf as ±1.7976931348623157e308; both are turned back into the
 IEEE values. Consecutive rows of one run at one step become one Record, ``Record.run`` is the
-run id, and a metric named ``epoch`` becomes ``Record.epoch``.
+run id, and a metric named ``epoch`` becomes ``Record.epoch``. MLflow's system metrics
+(``system/...``) are left out in both stores: their steps count samples, not training steps.
+A metric logged without a step has step 0, as MLflow stores it.
 
 Control folder of a SQLite run: ``<folder of mlflow.db>/autolr-runs/<run_id>/``. The run's
 artifact folder is not used: it depends on the working directory the job started in and may
@@ -21,14 +23,18 @@ File store (``MLFLOW_ALLOW_FILE_STORE=true`` with a ``file:`` URI in MLflow 3.17
 one line per value: ``timestamp_ms value step``, or ``timestamp_ms value step dataset digest``
 (a 2-field ``timestamp value`` line from old MLflow has step 0). Every key file is its own
 source, tailed by byte offset, and belongs to the run folder ``<root>/<experiment>/<run>``,
-which is also its control folder: all key files of one MLflow run are one autolr run.
+which is also its control folder: all key files of one MLflow run are one autolr run. Their
+new lines are read together and merged by timestamp (see :class:`RunFiles`), so the run's
+steps never go back from one key file to the next.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
 import sqlite3
+import weakref
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.request import pathname2url
@@ -49,6 +55,8 @@ BATCH_ROWS = 50_000
 BUSY_TIMEOUT = 0.05
 SQLITE_MAGIC = b"SQLite format 3\x00"
 DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+#: MLflow's system metrics (CPU, GPU, memory): their steps count samples, not training steps.
+SYSTEM_PREFIX = "system/"
 
 QUERY = (
     "SELECT rowid, key, value, step, run_uuid, is_nan FROM metrics "
@@ -203,6 +211,8 @@ class MlflowDbReader(Reader):
             if v is None or not isinstance(key, str) or not isinstance(run, str):
                 self.skip("malformed metrics row", f"key={key!r} value={value!r}")
                 continue
+            if key.startswith(SYSTEM_PREFIX):
+                continue
             step = step if isinstance(step, int) else None
             if metrics and ((step, run) != current or key in metrics):
                 yield _record(metrics, *current)
@@ -221,7 +231,7 @@ def locate_metric_file(path: Path) -> tuple[Path, str] | None:
     """
     parts = path.parts
     for i in range(3, len(parts) - 1):
-        if parts[i] != "metrics" or parts[i - 2] == ".trash":
+        if parts[i] != "metrics" or parts[i - 2] == ".trash" or parts[i + 1] == "system":
             continue
         run = Path(*parts[:i])
         if parts[i - 3] == "mlruns" or (
@@ -231,8 +241,47 @@ def locate_metric_file(path: Path) -> tuple[Path, str] | None:
     return None
 
 
+class RunFiles:
+    """The live readers of one file-store run's key files, read together, merged in time.
+
+    Fed to one engine one file after another, a run's key files would step backwards at
+    every file (``loss`` up to step 1000, then ``val_loss`` from 0): the engine would take
+    that for a resumed job and rewind. So whichever reader of the run is asked reads every
+    key file of the run that has a reader, and returns their new lines merged by timestamp
+    (then step), the order they were logged in. Each file's offset stays in its own reader's state.
+    """
+
+    def __init__(self) -> None:
+        self.members: weakref.WeakValueDictionary[Path, MlflowFileReader] = weakref.WeakValueDictionary()
+
+    def read(self) -> tuple[list[tuple[int, int, str, float]], bool]:
+        """New (timestamp, step, key, value) rows of every member in logging order; any more?
+
+        The files are merged by their timestamps, so a job resumed from a checkpoint, which
+        logs lower steps to the same run, shows its step going back once, where it resumed.
+        """
+        streams: list[list[tuple[int, int, str, float]]] = []
+        more = False
+        for path in sorted(self.members):
+            reader = self.members.get(path)
+            if reader is None:
+                continue
+            rows = [(ts, step, reader.key, v) for ts, step, v in filter(None, map(reader.parse, reader.tailer.read_lines()))]
+            streams.append(rows)
+            more = more or reader.more
+        return list(heapq.merge(*streams, key=lambda row: (row[0], row[1]))), more
+
+
+#: One RunFiles per run folder of a file store, alive while any of its readers is.
+RUN_FILES: weakref.WeakValueDictionary[str, RunFiles] = weakref.WeakValueDictionary()
+
+
 class MlflowFileReader(Reader):
-    """Tails one metric file of an MLflow file store (``<run>/metrics/<key>``)."""
+    """One metric file of an MLflow file store (``<run>/metrics/<key>``), tailed by offset.
+
+    ``read()`` returns the new values of all key files of the run (see :class:`RunFiles`);
+    the values of several keys at one step form one Record.
+    """
 
     name = "mlflow-file"
     priority = 10  # a key named like ``acc.csv`` is still an MLflow metric file
@@ -242,6 +291,12 @@ class MlflowFileReader(Reader):
         self.tailer = TextTailer(self.path, self)
         found = locate_metric_file(self.path)
         self.key = found[1] if found else self.path.name
+        folder = os.path.abspath(found[0] if found else self.path.parent)
+        group = RUN_FILES.get(folder)
+        if group is None:
+            group = RUN_FILES[folder] = RunFiles()
+        self.group = group  # the readers hold their group; it holds them weakly
+        group.members[self.path] = self  # a newer reader of the same file replaces the old one
 
     @classmethod
     def matches(cls, path: Path) -> bool:
@@ -260,28 +315,39 @@ class MlflowFileReader(Reader):
 
     def read(self) -> list[Record]:
         self.restarted = False
-        out: list[Record] = []
-        for line in self.tailer.read_lines():
-            record = self.parse(line)
-            if record is not None:
-                out.append(record)
-        return out
+        rows, self.more = self.group.read()
+        return list(group_steps(rows))
 
-    def parse(self, line: bytes) -> Record | None:
-        """``timestamp value [step [dataset digest]]`` as a Record of this file's key."""
+    def parse(self, line: bytes) -> tuple[int, int, float] | None:
+        """``timestamp value [step [dataset digest]]`` as ``(timestamp, step, value)``."""
         fields = line.split()
         if not fields:
             return None
         try:
             if len(fields) < 2:
                 raise ValueError("fewer than 2 fields")
-            int(fields[0])
+            timestamp = int(fields[0])
             value = float(fields[1])
             step = int(fields[2]) if len(fields) >= 3 else 0
         except ValueError as exc:
             self.skip("malformed MLflow metric line", str(exc)[:80])
             return None
-        return _record({self.key: value}, step, None)
+        return timestamp, step, value
+
+
+def group_steps(rows: Iterable[tuple[int, int, str, float]]) -> Iterable[Record]:
+    """(timestamp, step, key, value) rows as Records: consecutive rows of one step form one,
+    unless a key repeats."""
+    metrics: dict[str, float] = {}
+    current: int | None = None
+    for _ts, step, key, value in rows:
+        if metrics and (step != current or key in metrics):
+            yield _record(metrics, current, None)
+            metrics = {}
+        current = step
+        metrics[key] = value
+    if metrics:
+        yield _record(metrics, current, None)
 
 
 @hookimpl
