@@ -569,3 +569,26 @@ def test_fast_path_agrees_with_the_parser(tmp_path):
     records = read_all(event_file(tmp_path))
     assert [r.step for r in records] == steps
     assert all(r.metrics == {t: float(np.float32(r.step / 7)) for t in tags} for r in records)
+
+
+def test_parse_event_fuzz(rich_file):
+    """Arbitrary and mutated payloads: only the decode errors the reader catches."""
+    hyp = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+    payloads = [rich_file[s + 12 : e - 4] for s, e in record_spans(rich_file)]
+
+    @hyp.settings(max_examples=300, deadline=None)
+    @hyp.given(st.one_of(st.binary(max_size=200),
+                         st.tuples(st.sampled_from(payloads), st.integers(0, 10_000), st.integers(0, 255))))
+    def check(case):
+        if isinstance(case, tuple):
+            data, at, byte = case
+            data = bytearray(data)
+            data[at % len(data)] = byte
+            case = bytes(data)
+        try:
+            parse_event(case)
+        except tbmod._DECODE_ERRORS:
+            pass
+
+    check()

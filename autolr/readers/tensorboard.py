@@ -19,18 +19,20 @@ start next time. Damage is skipped and counted, never raised:
 * declared length above ``MAX_RECORD``: skipped unread once the file holds it all.
 
 Data CRCs are checked only for records that yield something (scalars, plugin metadata, a
-session START); the rest is parsed shallowly and dropped. CRC32C runs in numpy, one lane per
-record, so a block of records costs about as many numpy steps as its longest record has bytes.
+session START); the rest is parsed shallowly and dropped. CRC32C runs in numpy with one lane
+per record (records padded to a common width, 2 bytes per step through a 64K-entry table);
+records over 4 KiB that need a check use a pure-Python table loop. The commonest record
+(torch/tensorboardX ``simple_value``) is recognised and decoded in numpy for a whole block.
 
-Rows. Consecutive scalar events with the same step form one Record. The group closes when the
-step changes, a tag repeats, a session START arrives, or it holds every tag that groups
-starting with the same first tag held before (learned from groups closed by a step change:
-after the first step, a step is emitted as soon as it is complete). A group still open at the
-end of the data waits for its closing event, except once the file has been idle for
-``idle_seconds`` (a finished file). Everything but that idle rule depends only on the bytes,
-so any chunking of a growing file gives the same records as one whole read. A tag ``epoch``
-becomes ``Record.epoch``. After a session START at step T (torch ``purge_step=T``) the next
-Record has ``restart=True``: the run's history from step T on is to be dropped.
+Rows. Consecutive scalar events with the same step form one Record. The group closes at a
+boundary (the step changes, a tag repeats, a session START) or as soon as it holds every tag
+that earlier boundary-closed groups starting with the same tag held: after the first step, a
+complete step is emitted at once. A group still open at the end of the data waits for what
+closes it, except once the file has been idle for ``idle_seconds`` (a finished file).
+Everything but that idle rule depends only on the bytes, so any chunking of a growing file
+gives the same records as one whole read (live and replay agree). A tag ``epoch`` becomes
+``Record.epoch``. After a session START at step T (torch ``purge_step=T``) the next Record has
+``restart=True``: the run's history from step T on is to be dropped.
 
 Layout. Keras writes ``log_dir/train/`` and ``log_dir/validation/``: the run is ``log_dir``,
 and metric names from ``validation/`` get the prefix ``val_``. In Keras's own files (TF2
@@ -69,7 +71,6 @@ MAX_TAGS = 10_000
 NUMPY_CRC_MAX = 4096
 KERAS_FOLDERS = ("train", "validation")
 _HEADER = struct.Struct("<QI")
-_U32 = struct.Struct("<I")
 _F32 = struct.Struct("<f")
 _F64 = struct.Struct("<d")
 _F16 = struct.Struct("<e")
@@ -268,6 +269,7 @@ def parse_event(d: bytes) -> tuple[int, list[Value], bool]:
     step, values, start = 0, [], False
     for f, wt, a, b in _fields(d, 0, len(d)):
         if f == 2 and wt == 0:
+            a &= (1 << 64) - 1  # int64: two's complement in 64 bits
             step = a - (1 << 64) if a >= 1 << 63 else a
         elif f == 5 and wt == 2:
             for vf, vwt, va, vb in _fields(d, a, b):
@@ -301,55 +303,58 @@ def _plugin_name(d: bytes, pos: int, end: int) -> bytes | None:
     return None
 
 
-_FLOAT_DTYPES = {1: 4, 2: 8, 14: 2, 19: 2}  # dtype -> item size in tensor_content
+#: dtype -> (item size in tensor_content, the repeated field holding its values)
+_FLOAT_DTYPES = {1: (4, 5), 2: (8, 6), 14: (2, 13), 19: (2, 13)}
+#: repeated value field -> (wire type when unpacked, item size when packed or 0 for varints)
+_VALUE_FIELDS = {5: (5, 4), 6: (1, 8), 13: (0, 0)}
 
 
 def _tensor_scalar(d: bytes, pos: int, end: int) -> float | None:
     """The value of a one-element float tensor, else None (histograms, strings, ints...)."""
-    dtype, content, count, first = 0, b"", 0, None
+    dtype, content, count, first = 0, b"", {}, {}
     for f, wt, a, b in _fields(d, pos, end):
         if f == 1 and wt == 0:
             dtype = a
         elif f == 4 and wt == 2:
             content = d[a:b]
-        elif f in (5, 6, 13):  # float_val, double_val, half_val: packed or not
-            n, v = _repeated_first(d, f, wt, a, b)
-            count += n
-            first = v if first is None else first
-        elif f > 4 and f != 9:  # another *_val field: not a float tensor
-            count += 2
-    size = _FLOAT_DTYPES.get(dtype)
-    if size is None:
+        elif f >= 5:  # float_val=5, double_val=6, half_val=13; other *_val fields count too
+            n, v = _repeated_first(d, f, wt, a, b) if f in _VALUE_FIELDS else (2, None)
+            count[f] = count.get(f, 0) + n
+            if v is not None:
+                first.setdefault(f, v)
+    if dtype not in _FLOAT_DTYPES:
         return None
+    size, field = _FLOAT_DTYPES[dtype]
     if content:
-        return _decode_scalar(dtype, content) if len(content) == size else None
-    if count != 1 or first is None:
+        return _decode_scalar(dtype, content) if len(content) == size and not count else None
+    if list(count.items()) != [(field, 1)] or field not in first:
         return None
-    if dtype in (14, 19) and isinstance(first, int):
-        return _decode_scalar(dtype, (first & 0xFFFF).to_bytes(2, "little"))
-    return float(first)
+    if field == 13:
+        return _decode_scalar(dtype, (first[field] & 0xFFFF).to_bytes(2, "little"))
+    return float(first[field])
 
 
 def _repeated_first(d: bytes, f: int, wt: int, a: int, b: int) -> tuple[int, float | int | None]:
-    """(element count, first element) of one float_val/double_val/half_val field occurrence."""
-    if f == 13:  # int32 varints
+    """(element count, first element) of one occurrence of a repeated value field, packed
+    (wire type 2) or not."""
+    plain_wt, size = _VALUE_FIELDS[f]
+    if wt == plain_wt:
         if wt == 0:
             return 1, a
-        n, pos, first = 0, a, None
+        return 1, (_F32 if size == 4 else _F64).unpack_from(d, a)[0]
+    if wt != 2:
+        raise ValueError(f"field {f} with wire type {wt}")
+    if size == 0:  # packed varints
+        n, pos, value = 0, a, None
         while pos < b:
             v, pos = _varint(d, pos)
-            first = v if first is None else first
+            value = v if value is None else value
             n += 1
-        return n, first
-    size, unpack = (4, _F32.unpack_from) if f == 5 else (8, _F64.unpack_from)
-    if wt == 2:
-        if (b - a) % size:
-            raise ValueError("packed floats of a ragged length")
-        n = (b - a) // size
-        return n, unpack(d, a)[0] if n else None
-    if b - a != size:
-        raise ValueError("float of the wrong wire type")
-    return 1, unpack(d, a)[0]
+        return n, value
+    if (b - a) % size:
+        raise ValueError("packed values of a ragged length")
+    n = (b - a) // size
+    return n, (_F32 if size == 4 else _F64).unpack_from(d, a)[0] if n else None
 
 
 def _decode_scalar(dtype: int, raw: bytes) -> float:
