@@ -171,7 +171,17 @@ class WandbReader(Reader):
 
     def read(self) -> list[Record]:
         self.restarted = self.more = False
-        data = self._load()
+        size = READ_BLOCK
+        while True:
+            start = self.offset
+            out = self._read(size)
+            # A record longer than the read window: read more at once (bounded by MAX_RECORD).
+            if self.offset != start or not self.more or size > 2 * (MAX_RECORD + BLOCK):
+                return out
+            size *= 2
+
+    def _read(self, size: int) -> list[Record]:
+        data = self._load(size)
         if not data:
             return []
         base = self.offset
@@ -187,8 +197,8 @@ class WandbReader(Reader):
                 out.append(record)
         return out
 
-    def _load(self) -> bytes:
-        """Up to READ_BLOCK bytes from the offset; handles a replaced or truncated file."""
+    def _load(self, size: int) -> bytes:
+        """Up to ``size`` bytes from the offset; handles a replaced or truncated file."""
         try:
             with open(self.path, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -200,10 +210,10 @@ class WandbReader(Reader):
                 if self.bad_header or st.st_size <= self.offset:
                     return b""
                 f.seek(self.offset)
-                data = f.read(READ_BLOCK)
+                data = f.read(size)
         except FileNotFoundError:
             return b""
-        self.more = len(data) >= READ_BLOCK
+        self.more = len(data) >= size
         return data
 
     def _check_header(self, data: bytes) -> bool:
@@ -228,13 +238,13 @@ class WandbReader(Reader):
         end = len(data)
         while True:
             block_left = BLOCK - (base + pos) % BLOCK
-            if self.resync:
-                if pos + block_left % BLOCK > end:
+            if self.resync:  # to the next block boundary at or after pos
+                jump = block_left % BLOCK
+                if pos + jump > end:
                     commit = end
                     break
-                pos += block_left % BLOCK
+                pos = commit = pos + jump
                 self.resync = False
-                commit = pos
                 continue
             if block_left < PHYS.size:  # zero padding at a block's end
                 if pos + block_left > end:
@@ -250,6 +260,8 @@ class WandbReader(Reader):
                 if not self.suspect:  # else counted with the bad record before it
                     self._corrupt(f"impossible record header at byte {base + pos}")
                 frags, self.resync, self.suspect = None, True, False
+                pos += 1  # the boundary to resync at is after this header
+                commit = pos
                 continue
             stop = pos + PHYS.size + length
             if stop > end:
@@ -259,6 +271,7 @@ class WandbReader(Reader):
                 frags = None
                 if self.suspect:  # two bad records in a row: the length is not to be trusted
                     self.resync, self.suspect = True, False
+                    pos = commit = pos + 1
                     continue
                 self._corrupt(f"CRC mismatch at byte {base + pos}")
                 self.suspect = True
