@@ -58,8 +58,21 @@ def machine_line() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return (f"Python {platform.python_version()}, {platform.system()} {platform.release()}, "
-            f"{os.cpu_count()} CPUs ({cpu})")
+    return (f"autolr {git_revision()}, Python {platform.python_version()}, {platform.system()} "
+            f"{platform.release()}, {os.cpu_count()} CPUs ({cpu})")
+
+
+def git_revision() -> str:
+    """The autolr checkout's short commit, with "+dirty" when autolr/ has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "autolr"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (rev or "?") + ("+dirty" if dirty else "")
 
 
 def inotify_limits() -> dict[str, int | None]:
