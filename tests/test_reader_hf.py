@@ -250,7 +250,7 @@ def test_resumed_from_an_earlier_checkpoint(tmp_path):
     assert effective(daemon.records) == expected(final)
 
     def chain_state(records):
-        chain = Chain((Plateau(patience=0, factor=0.5, metric="loss", threshold=0.0),), base_lr=5e-5)
+        chain = Chain((Plateau(metric="loss"),), base_lr=5e-5)
         engine = RunEngine(chain)
         for record in records:
             engine.feed(record)
@@ -278,7 +278,7 @@ def run_daemon(root: Path):
 
     pm = get_plugin_manager(entry_points=False)
     readers = {**reader_classes(pm), HfTrainerStateReader.name: HfTrainerStateReader}
-    overrides = {"policies": parse_policy_options(["plateau:patience=2"]), "base_lr": 5e-5}
+    overrides = {"policies": parse_policy_options(["plateau"]), "base_lr": 5e-5}
     daemon = Daemon(root, load_config(None), overrides, policy_classes(pm), readers, Options(once=True, fsync=False))
     daemon.run()
     return daemon

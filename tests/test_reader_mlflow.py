@@ -341,7 +341,7 @@ def run_daemon(root: Path):
 
     pm = get_plugin_manager(entry_points=False)
     readers = {**reader_classes(pm), "mlflow": MlflowDbReader, "mlflow-file": MlflowFileReader}
-    overrides = {"policies": parse_policy_options(["plateau:patience=2"]), "base_lr": 0.1}
+    overrides = {"policies": parse_policy_options(["plateau"]), "base_lr": 0.1}
     daemon = Daemon(root, load_config(None), overrides, policy_classes(pm), readers, Options(once=True, fsync=False))
     daemon.run()
     return daemon

@@ -9,8 +9,9 @@ entries ``{eval_loss, eval_runtime, ..., epoch, step}`` and a final summary (``t
 metrics. ``save_total_limit`` deletes old checkpoint folders: a vanished file reads as empty.
 
 All snapshots of one run (the ``output_dir``, the parent of ``checkpoint-*``) share one
-in-process *mark* (also saved in each reader's state; the newest saved one is restored): the last delivered position ``(step, n-th entry at that step)`` plus fingerprints of
-the last ``FP_WINDOW`` delivered entries. Each reader delivers only the entries of its snapshot
+in-process *mark*, also saved in each reader's state (the newest saved one is restored): the
+last delivered position ``(step, n-th entry at that step)`` plus fingerprints of the last
+``FP_WINDOW`` delivered entries. Each reader delivers only the entries of its snapshot
 past the mark, so successive checkpoints and rewrites never repeat a record, whichever reader
 sees them first. A snapshot whose delivered part disagrees with the fingerprints belongs to
 another history:
@@ -84,7 +85,8 @@ class RunMark:
         self.pos = (int(pos[0]), int(pos[1])) if pos else None
         self.mtime_ns = int(data.get("mtime_ns", 0))
         self.seq = int(data.get("seq", 0))
-        self.prints = deque(((int(s), int(i), int(c)) for s, i, c in data.get("prints", [])), maxlen=FP_WINDOW)
+        prints = data.get("prints", [])
+        self.prints = deque(((int(s), int(i), int(c)) for s, i, c in prints), maxlen=FP_WINDOW)
 
     def cut(self, pos: Pos, before: Pos | None) -> None:
         """Forget everything delivered at or after ``pos``."""

@@ -254,22 +254,24 @@ class RunFiles:
     def __init__(self) -> None:
         self.members: weakref.WeakValueDictionary[Path, MlflowFileReader] = weakref.WeakValueDictionary()
 
-    def read(self) -> tuple[list[tuple[int, int, str, float]], bool]:
-        """New (timestamp, step, key, value) rows of every member in logging order; any more?
+    def read(self) -> tuple[list[tuple[int, int, str, float]], bool, bool]:
+        """New (timestamp, step, key, value) rows of every member in logging order, and
+        whether any member has more to read, and whether any file started over.
 
         The files are merged by their timestamps, so a job resumed from a checkpoint, which
         logs lower steps to the same run, shows its step going back once, where it resumed.
         """
         streams: list[list[tuple[int, int, str, float]]] = []
-        more = False
+        more = restarted = False
         for path in sorted(self.members):
             reader = self.members.get(path)
             if reader is None:
                 continue
-            rows = [(ts, step, reader.key, v) for ts, step, v in filter(None, map(reader.parse, reader.tailer.read_lines()))]
-            streams.append(rows)
-            more = more or reader.more
-        return list(heapq.merge(*streams, key=lambda row: (row[0], row[1]))), more
+            reader.restarted = False
+            parsed = filter(None, map(reader.parse, reader.tailer.read_lines()))
+            streams.append([(ts, step, reader.key, v) for ts, step, v in parsed])
+            more, restarted = more or reader.more, restarted or reader.restarted
+        return list(heapq.merge(*streams, key=lambda row: (row[0], row[1]))), more, restarted
 
 
 #: One RunFiles per run folder of a file store, alive while any of its readers is.
@@ -314,8 +316,8 @@ class MlflowFileReader(Reader):
         self.tailer.set_state(state.get("tail", {}))
 
     def read(self) -> list[Record]:
-        self.restarted = False
-        rows, self.more = self.group.read()
+        rows, more, restarted = self.group.read()
+        self.more, self.restarted = more, restarted
         return list(group_steps(rows))
 
     def parse(self, line: bytes) -> tuple[int, int, float] | None:
@@ -336,8 +338,10 @@ class MlflowFileReader(Reader):
 
 
 def group_steps(rows: Iterable[tuple[int, int, str, float]]) -> Iterable[Record]:
-    """(timestamp, step, key, value) rows as Records: consecutive rows of one step form one,
-    unless a key repeats."""
+    """Rows ``(timestamp, step, key, value)`` as Records, one per run of rows at one step.
+
+    A key repeated at the same step starts a new Record.
+    """
     metrics: dict[str, float] = {}
     current: int | None = None
     for _ts, step, key, value in rows:
