@@ -16,8 +16,8 @@ def write(tmp_path, text):
 
 
 def test_specs_and_tables_build_the_same_chain(tmp_path):
-    a = load_config(write(tmp_path, 'policy = ["warmup:steps=10", "plateau:patience=3"]\n')).defaults
-    b = load_config(write(tmp_path, '[[policies]]\nname = "warmup"\nsteps = 10\n[[policies]]\nname = "plateau"\npatience = 3\n')).defaults
+    a = load_config(write(tmp_path, 'policy = ["warmup:steps=10", "plateau:method=threshold,patience=3"]\n')).defaults
+    b = load_config(write(tmp_path, '[[policies]]\nname = "warmup"\nsteps = 10\n[[policies]]\nname = "plateau"\nmethod = "threshold"\npatience = 3\n')).defaults
     assert a.policies == b.policies
     registry = policy_classes()
     assert a.chain(registry) == b.chain(registry)

@@ -19,7 +19,7 @@ PM = get_plugin_manager(entry_points=False)
 POLICIES, READERS = policy_classes(PM), reader_classes(PM)
 
 
-def make_daemon(root: Path, *, policy=("plateau:patience=3",), base_lr=0.1, config=None, **opts) -> tuple[Daemon, list]:
+def make_daemon(root: Path, *, policy=("plateau:method=threshold,patience=3",), base_lr=0.1, config=None, **opts) -> tuple[Daemon, list]:
     events: list = []
     overrides = {"policies": parse_policy_options(policy), "base_lr": base_lr}
     daemon = Daemon(root, load_config(config), overrides, POLICIES, READERS,
@@ -43,7 +43,7 @@ def decisions(run: Path) -> list[tuple]:
             if e["kind"] in ("decision", "initial")]
 
 
-def replay_changes(log: Path, policy=("plateau:patience=3",), base_lr=0.1) -> list[tuple]:
+def replay_changes(log: Path, policy=("plateau:method=threshold,patience=3",), base_lr=0.1) -> list[tuple]:
     settings = Settings(policies=parse_policy_options(policy), base_lr=base_lr)
     lines = list(replay_log(log, settings, POLICIES, READERS))
     return [(x["step"], round(x["scale"], 12), x["policy"]) for x in lines]

@@ -81,7 +81,7 @@ def test_live_training_loop_follows_the_daemon(tmp_path):
     run = root / "exp1"
     run.mkdir(parents=True)
     (root / "autolr.toml").write_text(
-        'base_lr = 0.1\npolicy = ["warmup:steps=50,start_factor=0.1", "plateau:patience=2,factor=0.5,threshold=0.01"]\n')
+        'base_lr = 0.1\npolicy = ["warmup:steps=50,start_factor=0.1", "plateau:method=threshold,patience=2,factor=0.5,threshold=0.01"]\n')
     (run / "metrics.jsonl").touch()
     daemon = start_daemon(root)
     try:
@@ -151,7 +151,7 @@ def synthetic_rows(seed: int, n: int) -> list[dict]:
     return [{"step": s, "loss": float(loss[s])} for s in range(n)]
 
 
-POLICY = ["--policy", "step:step_size=60,gamma=0.9", "--policy", "plateau:patience=8,factor=0.5",
+POLICY = ["--policy", "step:step_size=60,gamma=0.9", "--policy", "plateau:method=threshold,patience=8,factor=0.5",
           "--base-lr", "0.1"]
 
 

@@ -283,7 +283,7 @@ def test_plateau_matches_torch_on_noisy_metrics():
         n = rng.randint(200, 400)
         values = metric_sequence(rng, nrng, n, kw["mode"])
         expected = torch_plateau_lrs(base, values, **kw)
-        actual = chain_lrs([("plateau", dict(kw, metric="val_loss"))], base,
+        actual = chain_lrs([("plateau", dict(kw, metric="val_loss", method="threshold"))], base,
                            step_rows(n, "val_loss", values))
         assert_lrs_close(actual, expected, f"plateau {kw} base_lr={base} values={values}")
         reductions += sum(b < a for a, b in zip(expected, expected[1:]))
@@ -302,7 +302,7 @@ def test_plateau_cooldown_min_lr_and_eps(mode, threshold_mode):
                   min_lr=base * rng.choice([1e-2, 0.2]), eps=rng.choice([1e-8, base * 0.05]))
         values = [0.5] * 400
         expected = torch_plateau_lrs(base, values, **kw)
-        actual = chain_lrs([("plateau", dict(kw, metric="val_loss"))], base,
+        actual = chain_lrs([("plateau", dict(kw, metric="val_loss", method="threshold"))], base,
                            step_rows(400, "val_loss", values))
         assert_lrs_close(actual, expected, f"plateau {kw} base_lr={base}")
         # the draw reaches the end state: pinned at min_lr, or where a further cut is <= eps
@@ -326,7 +326,7 @@ def test_plateau_ignores_rows_without_its_metric():
             rows.append(Record(metrics={"loss": rng.random(), "val_loss": v}, step=step))
             step += 1
         expected = torch_plateau_lrs(base, values, **kw)
-        actual = chain_lrs([("plateau", dict(kw, metric="val_loss"))], base, rows)
+        actual = chain_lrs([("plateau", dict(kw, metric="val_loss", method="threshold"))], base, rows)
         eval_positions = [0] + [i + 1 for i, r in enumerate(rows) if "val_loss" in r.metrics]
         assert_lrs_close([actual[i] for i in eval_positions], expected, f"plateau {kw}")
 
@@ -346,7 +346,7 @@ def test_warmup_then_plateau():
         plateau = torch_plateau_lrs(base, values[W:], **kw)  # starts after the warmup
         expected = [warm[k] * plateau[max(0, k - W)] / base for k in range(n + 1)]
 
-        specs = [("warmup", {"steps": W, "start_factor": s}), ("plateau", kw)]
+        specs = [("warmup", {"steps": W, "start_factor": s}), ("plateau", dict(kw, method="threshold"))]
         engine = RunEngine(build_chain(specs, REGISTRY, base_lr=base))
         actual = [engine.lr]
         for rec in step_rows(n, "val_loss", values):
@@ -397,7 +397,7 @@ def test_warmup_times_cosine_within_t_max():
 def mixed_chain(rng: random.Random, base: float):
     specs = [("warmup", {"steps": rng.randint(1, 30), "start_factor": 0.1}),
              ("multistep", {"milestones": [100, 200], "gamma": 0.5}),
-             ("plateau", draw_plateau_params(rng, base) | {"mode": "min"})]
+             ("plateau", draw_plateau_params(rng, base) | {"mode": "min", "method": "threshold"})]
     return build_chain(specs, REGISTRY, base_lr=base)
 
 
@@ -428,7 +428,7 @@ def test_torch_parity_survives_save_and_restore_mid_run():
         kw = draw_plateau_params(rng, base)
         values = metric_sequence(rng, nrng, 300, kw["mode"])
         expected = torch_plateau_lrs(base, values, **kw)
-        chain = build_chain([("plateau", kw)], REGISTRY, base_lr=base)
+        chain = build_chain([("plateau", dict(kw, method="threshold"))], REGISTRY, base_lr=base)
         state, actual = chain.init(), []
         actual.append(chain.lr(state))
         for rec in step_rows(300, "val_loss", values):

@@ -158,7 +158,7 @@ def test_epoch_unit():
 # ---- plateau --------------------------------------------------------------------------------
 def plateau(values, base=1.0, metric="val_loss", **params):
     params.setdefault("metric", metric)
-    return lrs([("plateau", params)], len(values), base=base, values=values, metric=metric)
+    return lrs([("plateau", {"method": "threshold", **params})], len(values), base=base, values=values, metric=metric)
 
 
 def test_plateau_trace_with_cooldown():
@@ -201,7 +201,7 @@ def test_plateau_min_lr_and_eps():
 
 
 def test_plateau_decision_explains_itself():
-    chain = build_chain([("plateau", {"patience": 1, "factor": 0.5})], REGISTRY, base_lr=0.2)
+    chain = build_chain([("plateau", {"method": "threshold", "patience": 1, "factor": 0.5})], REGISTRY, base_lr=0.2)
     engine = RunEngine(chain)
     decisions = [d for t, v in enumerate([1.0, 1.0, 1.0]) for d in engine.feed(Record({"val_loss": v}, step=t))]
     assert len(decisions) == 1
@@ -212,7 +212,7 @@ def test_plateau_decision_explains_itself():
 
 
 def test_plateau_does_not_count_during_warmup():
-    specs = [("warmup", {"steps": 5, "start_factor": 0.1}), ("plateau", {"patience": 0, "factor": 0.5})]
+    specs = [("warmup", {"steps": 5, "start_factor": 0.1}), ("plateau", {"method": "threshold", "patience": 0, "factor": 0.5})]
     values = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 6.0]  # rising all through the warmup
     out = lrs(specs, 7, values=values, metric="val_loss")
     # row 5 is the plateau's first observation (an improvement on +inf), row 6 its first bad one

@@ -45,9 +45,9 @@ def test_metric_defaults_and_max_mode_for_accuracy(tmp_path):
     log = tmp_path / "m.csv"
     rows = "".join(f"{e},{0.5},{0.9}\n" for e in range(20))
     log.write_text("epoch,loss,val_acc\n" + rows)
-    out = lines(str(log), "--policy", "plateau:patience=2", "--metric", "val_acc")
+    out = lines(str(log), "--policy", "plateau:method=threshold,patience=2", "--metric", "val_acc")
     assert "val_acc" in out[1]["reason"] and "mode max" in out[1]["reason"]
-    out = lines(str(log), "--policy", "plateau:patience=2")
+    out = lines(str(log), "--policy", "plateau:method=threshold,patience=2")
     assert "plateau: loss" in out[1]["reason"]
 
 
@@ -55,7 +55,7 @@ def test_sparse_rows_wait_for_the_metric(tmp_path):
     log = tmp_path / "metrics.csv"
     body = "".join(f"0,{s},{1.0},\n" if s % 5 else f"0,{s},,{1.0}\n" for s in range(60))
     log.write_text("epoch,step,train_loss,val_loss\n" + body)
-    out = lines(str(log), "--policy", "plateau:patience=2")
+    out = lines(str(log), "--policy", "plateau:method=threshold,patience=2")
     # val_loss arrives every 5th row: 3 bad observations after the first need rows 5, 10, 15
     assert out[1]["step"] == 15 and "val_loss" in out[1]["reason"]
 
@@ -63,7 +63,7 @@ def test_sparse_rows_wait_for_the_metric(tmp_path):
 def test_warmup_then_plateau_waits_for_warmup(tmp_path):
     log = tmp_path / "m.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(40)))
-    out = lines(str(log), "--policy", "warmup:steps=20", "--policy", "plateau:patience=3", "--base-lr", "1")
+    out = lines(str(log), "--policy", "warmup:steps=20", "--policy", "plateau:method=threshold,patience=3", "--base-lr", "1")
     plateau = [x for x in out if x["policy"] == "plateau"]
     # counts start at row 20: best at 20, bad 21..24 -> fires after step 24
     assert plateau[0]["step"] == 24
@@ -82,6 +82,6 @@ def test_replaying_twice_gives_identical_output(tmp_path):
     import random
     rng = random.Random(3)
     log.write_text("".join(json.dumps({"step": s, "loss": 1 / (1 + s) + rng.random() * 0.1}) + "\n" for s in range(500)))
-    args = (str(log), "--policy", "warmup:steps=50", "--policy", "plateau:patience=5", "--base-lr", "0.1")
+    args = (str(log), "--policy", "warmup:steps=50", "--policy", "plateau:method=threshold,patience=5", "--base-lr", "0.1")
     first = [{k: v for k, v in x.items()} for x in lines(*args)]
     assert first == lines(*args)

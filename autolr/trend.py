@@ -1,0 +1,250 @@
+"""Trend statistics over a window of a metric: pure functions over numpy arrays.
+
+The question every decision asks is "is the metric still improving?". Per-step losses are
+noisy, heavy-tailed and autocorrelated, so the answer comes from a test that keeps its
+false-positive rate under AR(1) noise:
+
+1. Winsorise: residuals from the least-squares line beyond ``clip`` robust standard
+   deviations (1.4826 · MAD) are pulled in, so spikes and heavy tails do not steer the fit.
+2. Prewhiten (Cochrane–Orcutt): phi is the lag-1 autocorrelation of the residuals of a
+   quadratic fit (so a curved but clean loss is not mistaken for autocorrelated noise),
+   bias-corrected (phi + (1 + 3·phi)/n + 3/n) plus one standard error sqrt((1 - phi²)/n), a
+   conservative margin; then y_t - phi·y_{t-1} is regressed on x_t - phi·x_{t-1}.
+3. One-sided t test (n - 3 degrees of freedom) of H0 "improvement rate <= min_rate".
+4. A decline over the window larger than ``DECLINE_SIGMAS`` times the first-difference noise
+   sigma_d counts as improving whatever the t test says: AR(1) noise with phi <= 0.95 never
+   wanders that far (at most 18 sigma_d in 400 simulations per case, n = 50..400), while a
+   nearly noiseless decaying curve, where step 2 sees its curvature as autocorrelation, does.
+
+Simulated under the null (AR(1) with phi up to 0.9, Gaussian or Student-t noise) the
+rejection rate stays at or below the nominal level: see tests/test_trend.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import optimize, stats
+
+MAD_SCALE = 1.4826
+DECLINE_SIGMAS = 25.0
+
+
+@dataclass(frozen=True)
+class Slope:
+    """A robust slope with its confidence interval (Theil–Sen)."""
+
+    slope: float
+    lo: float
+    hi: float
+    intercept: float
+
+
+@dataclass(frozen=True)
+class TrendTest:
+    """Result of :func:`improvement_test`. ``p`` small means "significantly improving"."""
+
+    p: float
+    slope: float
+    lo: float
+    hi: float
+    phi: float
+    n: int
+    noise: float
+    decline_sigmas: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+def _xy(y, x=None) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y, dtype=float)
+    x = np.arange(len(y), dtype=float) if x is None else np.asarray(x, dtype=float)
+    if y.shape != x.shape or y.ndim != 1:
+        raise ValueError("x and y must be 1-D arrays of the same length")
+    return x, y
+
+
+def robust_slope(y, x=None, confidence: float = 0.95) -> Slope:
+    """Theil–Sen slope (median of pairwise slopes) with its ``confidence`` interval."""
+    x, y = _xy(y, x)
+    if len(y) < 2:
+        return Slope(0.0, -math.inf, math.inf, float(y[0]) if len(y) else 0.0)
+    res = stats.theilslopes(y, x, alpha=confidence)
+    return Slope(float(res.slope), float(res.low_slope), float(res.high_slope), float(res.intercept))
+
+
+def noise_level(y) -> float:
+    """Robust noise sigma: 1.4826 · MAD of first differences / sqrt(2) (insensitive to trends)."""
+    y = np.asarray(y, dtype=float)
+    if len(y) < 3:
+        return 0.0
+    d = np.diff(y)
+    return float(MAD_SCALE * np.median(np.abs(d - np.median(d))) / math.sqrt(2))
+
+
+def winsorise(x: np.ndarray, y: np.ndarray, clip: float = 3.0) -> np.ndarray:
+    """``y`` with residuals from the least-squares line clipped to ``clip`` robust sigmas."""
+    line = np.polyval(np.polyfit(x, y, 1), x)
+    r = y - line
+    s = MAD_SCALE * float(np.median(np.abs(r - np.median(r))))
+    if s <= 0:
+        return y
+    return line + np.clip(r, -clip * s, clip * s)
+
+
+def ar1(residuals: np.ndarray, conservative: bool = True, fitted: int = 3) -> float:
+    """Lag-1 autocorrelation of regression residuals, bias-corrected, clipped to [0, 0.98].
+
+    Kendall's correction (1 + 3·phi)/n plus ``fitted``/n for the fitted trend's parameters;
+    ``conservative`` adds one standard error sqrt((1 - phi²)/n).
+    """
+    r = residuals - residuals.mean()
+    den = float(r @ r)
+    n = len(r)
+    if den <= 0 or n < 4:
+        return 0.0
+    phi = float(r[1:] @ r[:-1]) / den
+    phi += (1 + 3 * phi) / n + fitted / n
+    if conservative:
+        phi += math.sqrt(max(1 - phi * phi, 0.0) / n)
+    return float(np.clip(phi, 0.0, 0.98))
+
+
+def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, clip: float = 3.0,
+                     confidence: float = 0.95) -> TrendTest:
+    """One-sided test that the metric improves faster than ``min_rate`` per unit of x.
+
+    Improving means decreasing for ``mode="min"``, increasing for ``"max"``. Returns the
+    p-value of H0 "improvement rate <= min_rate" (small p: significantly improving), the
+    prewhitened slope with its two-sided ``confidence`` interval, phi and the noise level.
+    """
+    x, y = _xy(y, x)
+    n = len(y)
+    if n < 6 or not np.all(np.isfinite(y)):
+        return TrendTest(1.0, 0.0, -math.inf, math.inf, 0.0, n, math.nan)
+    sign = 1.0 if mode == "min" else -1.0
+    yw = winsorise(x, y, clip) if clip else y
+    xs = (x - x[0]) / max(float(x[-1] - x[0]), 1e-300)  # conditioning for the quadratic
+    phi = ar1(yw - np.polyval(np.polyfit(xs, yw, 2), xs))
+    yp = yw[1:] - phi * yw[:-1]
+    xp = x[1:] - phi * x[:-1]
+    design = np.column_stack([np.full(n - 1, 1.0 - phi), xp])
+    beta, *_ = np.linalg.lstsq(design, yp, rcond=None)
+    resid = yp - design @ beta
+    dof = n - 3
+    s2 = float(resid @ resid) / dof
+    try:
+        var = s2 * np.linalg.inv(design.T @ design)[1, 1]
+    except np.linalg.LinAlgError:
+        return TrendTest(1.0, 0.0, -math.inf, math.inf, phi, n, noise_level(y))
+    se = math.sqrt(max(var, 0.0))
+    # The plain least-squares slope is what is reported: with phi near 1 the prewhitened
+    # estimate of a curved series can even flip sign. Improvement needs both to agree.
+    slope = float(np.polyfit(x, yw, 1)[0])
+    rate = -sign * slope - min_rate
+    if se == 0 or rate <= 0 or -sign * float(beta[1]) - min_rate <= 0:
+        p = 0.0 if (se == 0 and rate > 0) else 1.0
+    else:
+        p = float(stats.t.sf((-sign * float(beta[1]) - min_rate) / se, dof))
+    half = stats.t.ppf(0.5 + confidence / 2, dof) * se
+    noise = noise_level(y)
+    span = float(x[-1] - x[0])
+    sigmas = rate * span / noise if noise > 0 else (math.inf if rate > 0 else 0.0)
+    if sigmas > DECLINE_SIGMAS:
+        p = 0.0
+    return TrendTest(p, slope, slope - half, slope + half, phi, n, noise, float(min(sigmas, 1e9)))
+
+
+@dataclass(frozen=True)
+class CurveFit:
+    """A saturating fit y ≈ asymptote + scale · g(x) and what it forecasts."""
+
+    kind: str  # "exponential" or "power"
+    asymptote: float
+    params: tuple[float, ...]
+    rmse: float
+
+    def predict(self, x) -> np.ndarray:
+        a, b, c = self.params
+        x = np.asarray(x, dtype=float)
+        if self.kind == "exponential":
+            return a + b * np.exp(-c * x)
+        return a + b * np.power(x + 1.0, -c)
+
+
+def fit_curve(y, x=None) -> CurveFit | None:
+    """Fit exponential (a + b·e^(-c·x)) and power law (a + b·(x+1)^(-c)); keep the better one.
+
+    x is shifted to start at 0. Returns None when neither converges.
+    """
+    x, y = _xy(y, x)
+    if len(y) < 8 or not np.all(np.isfinite(y)):
+        return None
+    x = x - x[0]
+    span = max(float(x[-1]), 1.0)
+    lo, hi = float(np.min(y)), float(np.max(y))
+    best: CurveFit | None = None
+    guesses = {
+        "exponential": (lambda t, a, b, c: a + b * np.exp(-c * t), (lo, hi - lo, 3.0 / span)),
+        "power": (lambda t, a, b, c: a + b * np.power(t + 1.0, -c), (lo, hi - lo, 0.5)),
+    }
+    for kind, (func, p0) in guesses.items():
+        try:
+            params, _ = optimize.curve_fit(func, x, y, p0=p0, maxfev=400)
+        except (RuntimeError, ValueError, optimize.OptimizeWarning):
+            continue
+        if not np.all(np.isfinite(params)):
+            continue
+        rmse = float(np.sqrt(np.mean((func(x, *params) - y) ** 2)))
+        if best is None or rmse < best.rmse:
+            best = CurveFit(kind, float(params[0]), tuple(float(p) for p in params), rmse)
+    return best
+
+
+def forecast_gain(y, x=None, horizon: float | None = None, mode: str = "min") -> float | None:
+    """Improvement the fitted curve still expects over ``horizon`` (default: the window's span).
+
+    Positive means better to come; None when no curve fits.
+    """
+    x, y = _xy(y, x)
+    fit = fit_curve(y, x)
+    if fit is None:
+        return None
+    x0 = x - x[0]
+    h = float(x0[-1]) if horizon is None else horizon
+    now, later = fit.predict([x0[-1], x0[-1] + h])
+    gain = float(now - later)
+    return gain if mode == "min" else -gain
+
+
+def is_spike(window, value: float, k: float = 8.0) -> bool:
+    """True when ``value`` lies more than ``k`` robust sigmas above the window's median."""
+    w = np.asarray(window, dtype=float)
+    w = w[np.isfinite(w)]
+    if len(w) < 8:
+        return False
+    med = float(np.median(w))
+    s = MAD_SCALE * float(np.median(np.abs(w - med)))
+    s = max(s, noise_level(w), 1e-12 * max(abs(med), 1.0))
+    return value > med + k * s
+
+
+def divergence(window, value: float, *, mode: str = "min", k: float = 8.0, ratio: float = 2.0) -> str | None:
+    """Why ``value`` looks like divergence, or None.
+
+    Non-finite values, or (for a loss, mode min) a jump above the window's median by more than
+    ``k`` robust sigmas that is also ``ratio`` times the window's median magnitude.
+    """
+    if not math.isfinite(value):
+        return f"non-finite value {value}"
+    w = np.asarray(window, dtype=float)
+    w = w[np.isfinite(w)]
+    if len(w) < 8:
+        return None
+    v, w = (value, w) if mode == "min" else (-value, -w)
+    med = float(np.median(w))
+    if is_spike(w, v, k) and v - med > (ratio - 1.0) * abs(med):
+        return f"jump to {value:.6g}, {k:g}+ robust sigmas above the window median {abs(med):.6g}"
+    return None
