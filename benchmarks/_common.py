@@ -207,37 +207,49 @@ _EVENT = struct.Struct("iIII")
 
 
 class Inotify:
-    """A minimal inotify watch on one folder: ``wait(timeout)`` returns the names of the events."""
+    """A minimal inotify instance: ``add(folder)`` returns a watch descriptor; ``wait(timeout)``
+    returns the names of the events, ``wait_events(timeout)`` (wd, name) pairs."""
 
-    def __init__(self, folder: Path, mask: int = IN_MOVED_TO):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        self.fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+    def __init__(self, folder: Path | None = None, mask: int = IN_MOVED_TO):
+        self.libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        self.mask = mask
+        self.fd = self.libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
-        wd = libc.inotify_add_watch(self.fd, os.fsencode(folder), mask)
-        if wd < 0:
-            err = ctypes.get_errno()
-            os.close(self.fd)
-            raise OSError(err, f"inotify_add_watch {folder}")
         self.poller = select.poll()
         self.poller.register(self.fd, select.POLLIN)
+        if folder is not None:
+            self.add(folder)
+
+    def add(self, folder: Path) -> int:
+        wd = self.libc.inotify_add_watch(self.fd, os.fsencode(folder), self.mask)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_add_watch {folder}: {os.strerror(err)}")
+        return wd
 
     def wait(self, timeout: float) -> list[bytes]:
+        return [name for _, name in self.wait_events(timeout)]
+
+    def wait_events(self, timeout: float) -> list[tuple[int, bytes]]:
         if not self.poller.poll(max(0, int(timeout * 1000))):
             return []
-        return self.drain()
+        return self.drain_events()
 
     def drain(self) -> list[bytes]:
-        names = []
+        return [name for _, name in self.drain_events()]
+
+    def drain_events(self) -> list[tuple[int, bytes]]:
+        out = []
         while True:
             try:
-                buf = os.read(self.fd, 65536)
+                buf = os.read(self.fd, 1 << 16)
             except BlockingIOError:
-                return names
+                return out
             i = 0
             while i < len(buf):
-                _, _, _, n = _EVENT.unpack_from(buf, i)
-                names.append(buf[i + 16:i + 16 + n].rstrip(b"\0"))
+                wd, _, _, n = _EVENT.unpack_from(buf, i)
+                out.append((wd, buf[i + 16:i + 16 + n].rstrip(b"\0")))
                 i += 16 + n
 
     def close(self) -> None:
