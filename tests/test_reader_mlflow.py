@@ -227,6 +227,8 @@ def test_file_store_records_equal_what_was_logged(store):
         assert all(r.run is None for r in records) and not reader.skipped
     assert locate_metric_file(run_dir / "meta.yaml") is None
     assert not MlflowFileReader.matches(run_dir / "artifacts" / "metrics" / "x")
+    assert not MlflowFileReader.matches(run_dir / "metrics" / "system" / "cpu_utilization_percentage")
+    assert not MlflowFileReader.matches(store["root"] / ".trash" / store["run"] / "metrics" / "loss")
 
 
 def test_file_store_grows_while_logging(store, tracking):

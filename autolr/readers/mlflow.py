@@ -227,17 +227,19 @@ def locate_metric_file(path: Path) -> tuple[Path, str] | None:
     """``(run folder, metric key)`` for a key file of an MLflow file store, else None.
 
     The layout is ``<root>/<experiment>/<run>/metrics/<key parts...>``; the root is named
-    ``mlruns`` or the run and experiment folders hold MLflow's ``meta.yaml``.
+    ``mlruns`` or the run and experiment folders hold MLflow's ``meta.yaml``. Deleted runs
+    (``.trash``) and system metrics are not training metrics: None.
     """
     parts = path.parts
     for i in range(3, len(parts) - 1):
-        if parts[i] != "metrics" or parts[i - 2] == ".trash" or parts[i + 1] == "system":
+        if parts[i] != "metrics" or parts[i - 2] == ".trash":
             continue
         run = Path(*parts[:i])
         if parts[i - 3] == "mlruns" or (
             (run / "meta.yaml").is_file() and (run.parent / "meta.yaml").is_file()
         ):
-            return run, "/".join(parts[i + 1 :])
+            key = "/".join(parts[i + 1 :])
+            return None if key.startswith(SYSTEM_PREFIX) else (run, key)
     return None
 
 
