@@ -310,6 +310,10 @@ def test_matching_run_dir_and_registration(run_file: Path):
     for name in ("logs/debug.log", "logs/debug-internal.log", "files/requirements.txt"):
         assert not TextReader.matches(run / name)
     assert not TextReader.matches(run.parent / "debug.log")
+    latest = run.parent / "latest-run"
+    assert latest.is_symlink()  # the same run again: read it once, by its real name
+    assert not WandbReader.matches(latest / run_file.name)
+    assert not TextReader.matches(latest / "files" / "output.log")
     got = []
     wbmod.register_readers(register=got.append)
     assert got == [WandbReader]

@@ -169,12 +169,16 @@ class RedrawTailer:
         return out
 
     def _final(self, line: bytes) -> str:
-        if len(line) > MAX_LINE:
-            line = line[line.rfind(b"\r") + 1:] if b"\r" in line else line
-            if len(line) > MAX_LINE:
-                self._over_long(f"{len(line)} bytes")
+        if len(line) <= MAX_LINE:
+            return final_state(line)
+        for piece in reversed(REDRAW.split(line)):  # a long line of short redraws is fine
+            if len(piece) > MAX_LINE:
+                self._over_long(f"{len(piece)} bytes")
                 return ""
-        return final_state(line)
+            text = clean(piece)
+            if text:
+                return text
+        return ""
 
     def _over_long(self, detail: str) -> None:
         if not self.skipping:
@@ -265,8 +269,8 @@ class TextReader(Reader):
         if path.suffix.lower() not in SUFFIXES or path.name.lower() in NOT_LOGS:
             return False
         parent = path.parent
-        if parent.name == "wandb" or WANDB_RUN.fullmatch(parent.name):
-            return False  # wandb/debug.log, a run folder's own logs
+        if parent.name == "wandb" or WANDB_RUN.fullmatch(parent.name) or "latest-run" in path.parts[-4:-1]:
+            return False  # wandb/debug.log, a run folder's own logs, the wandb/latest-run symlink
         if WANDB_RUN.fullmatch(parent.parent.name) or WANDB_RUN.fullmatch(parent.parent.parent.name):
             return path.name == "output.log" and parent.name == "files"
         return True

@@ -151,7 +151,8 @@ class WandbReader(Reader):
 
     @classmethod
     def matches(cls, path: Path) -> bool:
-        return path.suffix == ".wandb"
+        """Any ``*.wandb`` file, except through W&B's ``wandb/latest-run`` symlink (a duplicate)."""
+        return path.suffix == ".wandb" and path.parent.name != "latest-run"
 
     @classmethod
     def run_dir(cls, path: Path) -> Path:
