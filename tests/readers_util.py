@@ -6,7 +6,7 @@ import math
 import random
 from pathlib import Path
 
-MAX_READS = 100_000  # a read loop that never ends is a bug, not a hang
+MAX_READS = 10_000  # a read loop that never ends is a bug, not a hang
 
 
 def _num(v):

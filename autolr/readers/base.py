@@ -136,7 +136,7 @@ class TextTailer:
         if n >= MARK:
             self.mark = data[n - MARK : n]
         elif n > 0:
-            self.mark = (self.mark + data[:n])[-MARK:]
+            self.mark = ((self.mark if start else b"") + data[:n])[-MARK:]
         return lines
 
     def _split(self, data: bytes) -> list[bytes]:
@@ -162,4 +162,9 @@ class TextTailer:
                 self.reader.skip("over-long line", f"{len(line)} bytes")
                 continue
             out.append(line[:-1] if line.endswith(b"\r") else line)
+        tail = len(data) - (end + 1)
+        if tail > MAX_LINE:  # the unfinished last line is already over-long: discard it now
+            self.offset += tail
+            self.skipping = True
+            self.reader.skip("over-long line", f"> {MAX_LINE} bytes")
         return out
