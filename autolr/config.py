@@ -29,7 +29,7 @@ from .chain import Chain, build_chain
 from .policy import PolicyError
 from .spec import parse_spec
 
-DEFAULT_POLICIES: tuple[str, ...] = ("plateau",)
+DEFAULT_POLICIES: tuple[str, ...] = ("auto",)
 RUN_KEYS = ("base_lr", "min_lr", "max_lr", "metric", "mode", "unit", "history")
 
 

@@ -50,7 +50,8 @@ class RunEngine:
         out: list[Decision] = []
         self.columns = tuple(columns)
         key = self._key(record)
-        if key is not None and self.last_key is not None and key < self.last_key:
+        if key is not None and self.last_key is not None and (
+                key < self.last_key or (record.restart and key <= self.last_key)):
             out.append(self._rewind(key))
         self.state, decision = self.chain.update(self.state, record, columns)
         self._remember(record)

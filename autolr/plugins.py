@@ -13,8 +13,11 @@ from . import hookspecs
 BUILTIN_PLUGINS = (
     "autolr.policies.schedules",
     "autolr.policies.plateau",
+    "autolr.policies.auto",
     "autolr.readers.csv",
     "autolr.readers.jsonl",
+    "autolr.readers.mlflow",
+    "autolr.readers.hf",
 )
 
 

@@ -25,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import special
 
 MAD_SCALE = 1.4826
 DECLINE_SIGMAS = 25.0
@@ -71,6 +71,8 @@ def robust_slope(y, x=None, confidence: float = 0.95) -> Slope:
     x, y = _xy(y, x)
     if len(y) < 2:
         return Slope(0.0, -math.inf, math.inf, float(y[0]) if len(y) else 0.0)
+    from scipy import stats  # slow to import; only this function needs it
+
     res = stats.theilslopes(y, x, alpha=confidence)
     return Slope(float(res.slope), float(res.low_slope), float(res.high_slope), float(res.intercept))
 
@@ -125,9 +127,17 @@ def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, cli
     if n < 6 or not np.all(np.isfinite(y)):
         return TrendTest(1.0, 0.0, -math.inf, math.inf, 0.0, n, math.nan)
     sign = 1.0 if mode == "min" else -1.0
-    yw = winsorise(x, y, clip) if clip else y
-    xs = (x - x[0]) / max(float(x[-1] - x[0]), 1e-300)  # conditioning for the quadratic
-    phi = ar1(yw - np.polyval(np.polyfit(xs, yw, 2), xs))
+    xs = (x - x[0]) / max(float(x[-1] - x[0]), 1e-300)  # in [0, 1]: well conditioned
+    vander = np.column_stack([np.ones(n), xs, xs * xs])
+    line = vander[:, :2] @ np.linalg.lstsq(vander[:, :2], y, rcond=None)[0]
+    yw = y
+    if clip:  # winsorise around the least-squares line
+        r = y - line
+        s = MAD_SCALE * float(np.median(np.abs(r - np.median(r))))
+        if s > 0:
+            yw = line + np.clip(r, -clip * s, clip * s)
+    quad = vander @ np.linalg.lstsq(vander, yw, rcond=None)[0]
+    phi = ar1(yw - quad)
     yp = yw[1:] - phi * yw[:-1]
     xp = x[1:] - phi * x[:-1]
     design = np.column_stack([np.full(n - 1, 1.0 - phi), xp])
@@ -135,20 +145,21 @@ def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, cli
     resid = yp - design @ beta
     dof = n - 3
     s2 = float(resid @ resid) / dof
-    try:
-        var = s2 * np.linalg.inv(design.T @ design)[1, 1]
-    except np.linalg.LinAlgError:
+    gram = design.T @ design
+    det = float(gram[0, 0] * gram[1, 1] - gram[0, 1] * gram[1, 0])
+    if det <= 0:
         return TrendTest(1.0, 0.0, -math.inf, math.inf, phi, n, noise_level(y))
-    se = math.sqrt(max(var, 0.0))
+    se = math.sqrt(max(s2 * float(gram[0, 0]) / det, 0.0))
     # The plain least-squares slope is what is reported: with phi near 1 the prewhitened
     # estimate of a curved series can even flip sign. Improvement needs both to agree.
-    slope = float(np.polyfit(x, yw, 1)[0])
+    xc = x - x.mean()
+    slope = float(xc @ yw) / float(xc @ xc)
     rate = -sign * slope - min_rate
     if se == 0 or rate <= 0 or -sign * float(beta[1]) - min_rate <= 0:
         p = 0.0 if (se == 0 and rate > 0) else 1.0
     else:
-        p = float(stats.t.sf((-sign * float(beta[1]) - min_rate) / se, dof))
-    half = stats.t.ppf(0.5 + confidence / 2, dof) * se
+        p = float(special.stdtr(dof, -(-sign * float(beta[1]) - min_rate) / se))
+    half = float(special.stdtrit(dof, 0.5 + confidence / 2)) * se
     noise = noise_level(y)
     span = float(x[-1] - x[0])
     sigmas = rate * span / noise if noise > 0 else (math.inf if rate > 0 else 0.0)
@@ -179,6 +190,8 @@ def fit_curve(y, x=None) -> CurveFit | None:
 
     x is shifted to start at 0. Returns None when neither converges.
     """
+    from scipy import optimize
+
     x, y = _xy(y, x)
     if len(y) < 8 or not np.all(np.isfinite(y)):
         return None
@@ -219,32 +232,41 @@ def forecast_gain(y, x=None, horizon: float | None = None, mode: str = "min") ->
     return gain if mode == "min" else -gain
 
 
-def is_spike(window, value: float, k: float = 8.0) -> bool:
-    """True when ``value`` lies more than ``k`` robust sigmas above the window's median."""
-    w = np.asarray(window, dtype=float)
-    w = w[np.isfinite(w)]
-    if len(w) < 8:
-        return False
-    med = float(np.median(w))
-    s = MAD_SCALE * float(np.median(np.abs(w - med)))
-    s = max(s, noise_level(w), 1e-12 * max(abs(med), 1.0))
-    return value > med + k * s
+def robust_reference(window) -> tuple[float, float] | None:
+    """(median, robust sigma) of the finite values of ``window``; None below 8 values.
 
-
-def divergence(window, value: float, *, mode: str = "min", k: float = 8.0, ratio: float = 2.0) -> str | None:
-    """Why ``value`` looks like divergence, or None.
-
-    Non-finite values, or (for a loss, mode min) a jump above the window's median by more than
-    ``k`` robust sigmas that is also ``ratio`` times the window's median magnitude.
+    sigma = max(1.4826 · MAD, first-difference noise, 1e-12 · |median|), so a window that is
+    smooth but trending still has a usable scale.
     """
-    if not math.isfinite(value):
-        return f"non-finite value {value}"
     w = np.asarray(window, dtype=float)
     w = w[np.isfinite(w)]
     if len(w) < 8:
         return None
-    v, w = (value, w) if mode == "min" else (-value, -w)
     med = float(np.median(w))
-    if is_spike(w, v, k) and v - med > (ratio - 1.0) * abs(med):
-        return f"jump to {value:.6g}, {k:g}+ robust sigmas above the window median {abs(med):.6g}"
+    s = MAD_SCALE * float(np.median(np.abs(w - med)))
+    return med, max(s, noise_level(w), 1e-12 * max(abs(med), 1.0))
+
+
+def divergent(value: float, reference: tuple[float, float] | None, *, mode: str = "min",
+              k: float = 8.0, ratio: float = 2.0) -> str | None:
+    """Why ``value`` looks like divergence against a :func:`robust_reference`, or None. O(1).
+
+    Non-finite values always; otherwise a move in the worse direction of ``mode`` by more than
+    ``k`` robust sigmas that also multiplies the median by ``ratio`` (min: a loss doubling) or
+    divides it by ``ratio`` (max: an accuracy halving).
+    """
+    if not math.isfinite(value):
+        return f"non-finite value {value}"
+    if reference is None:
+        return None
+    med, sigma = reference
+    excess = value - med if mode == "min" else med - value
+    relative = (ratio - 1.0) if mode == "min" else (1.0 - 1.0 / ratio)
+    if excess > k * sigma and excess > relative * abs(med):
+        return f"jump to {value:.6g}, {excess / sigma:.0f} robust sigmas from the median {med:.6g}"
     return None
+
+
+def divergence(window, value: float, *, mode: str = "min", k: float = 8.0, ratio: float = 2.0) -> str | None:
+    """:func:`divergent` against the reference of ``window``."""
+    return divergent(value, robust_reference(window), mode=mode, k=k, ratio=ratio)

@@ -71,4 +71,4 @@ def test_replay_uses_the_config_file(tmp_path):
 
 
 def test_default_chain_is_used_without_policies():
-    assert Settings().chain(policy_classes()).names == "plateau"
+    assert Settings().chain(policy_classes()).names == "auto"
