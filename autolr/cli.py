@@ -81,8 +81,11 @@ def main(ctx: click.Context, plugins_dir: str | None, verbose: int) -> None:
 @click.argument("logs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @settings_options
 @click.option("--every-row", is_flag=True, help="One line per observed row, not only per change.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also draw metric, fitted trend and LR to this PNG (needs matplotlib; one log).")
 @click.pass_obj
-def replay(reg: Registry, logs: tuple[str, ...], config_path: str | None, every_row: bool, **kw) -> None:
+def replay(reg: Registry, logs: tuple[str, ...], config_path: str | None, every_row: bool,
+           plot_path: str | None, **kw) -> None:
     """Run a policy chain over finished logs, exactly as the daemon would live.
 
     Prints one JSON object per line: {"log", "step", "lr", "scale", "policy", "reason"}; the
@@ -93,9 +96,18 @@ def replay(reg: Registry, logs: tuple[str, ...], config_path: str | None, every_
     try:
         settings = load_config(config_path).defaults.merged(cli_overrides(kw))
         settings.chain(reg.policies)  # fail on bad specs before any output
+        if plot_path and len(logs) != 1:
+            fail("--plot draws one log; give exactly one")
         for log in logs:
             for line in replay_log(log, settings, reg.policies, reg.readers, every_row=every_row):
                 click.echo(json.dumps(line))
+        if plot_path:
+            from .plot import PlotError, plot_replay
+
+            try:
+                click.echo(f"plot written to {plot_replay(logs[0], plot_path, settings, reg.policies, reg.readers)}", err=True)
+            except PlotError as exc:
+                fail(str(exc))
     except (ConfigError, PolicyError, ReplayError) as exc:
         fail(str(exc))
 

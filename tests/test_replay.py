@@ -85,3 +85,18 @@ def test_replaying_twice_gives_identical_output(tmp_path):
     args = (str(log), "--policy", "warmup:steps=50", "--policy", "plateau:method=threshold,patience=5", "--base-lr", "0.1")
     first = [{k: v for k, v in x.items()} for x in lines(*args)]
     assert first == lines(*args)
+
+
+def test_plot_writes_a_png_with_the_decisions(tmp_path):
+    pytest.importorskip("matplotlib")
+    import random
+    rng = random.Random(0)
+    log = tmp_path / "m.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 0.3 + 2 / (1 + s / 50) + 0.05 * rng.random()}) + "\n"
+                           for s in range(1500)))
+    out = tmp_path / "p.png"
+    proc = run_cli("replay", str(log), "--base-lr", "0.1", "--metric", "loss", "--plot", str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    assert "plot written" in proc.stderr
+    two = run_cli("replay", str(log), str(log), "--plot", str(out), check=False)
+    assert two.returncode != 0 and "exactly one" in two.stderr
