@@ -21,11 +21,12 @@ import numpy as np
 from .control import Control
 
 DEMO_CONFIG = """\
-# autolr demo settings: warmup, then cut the LR by 0.3 when val_loss plateaus.
+# autolr demo settings: warmup, then cut the LR by 0.3 when the noisy per-step training loss
+# shows no significant improvement over its last 100 steps (AR(1)-corrected trend test).
 base_lr = {base_lr}
 min_lr = {min_lr}
-metric = "val_loss"
-policy = ["warmup:steps=100,start_factor=0.1", "plateau:factor=0.3,patience=3,threshold=0.01"]
+metric = "loss"
+policy = ["warmup:steps=100,start_factor=0.1", "plateau:factor=0.3,window=100"]
 """
 
 
@@ -83,7 +84,8 @@ def run_demo(folder: Path, *, steps: int = 1500, seed: int = 0, base_lr: float =
         if daemon.poll() is not None:
             raise SystemExit(f"the daemon exited early:\n{(folder / 'daemon.log').read_text()}")
         echo(f"autolr demo: daemon watching {folder} (pid {daemon.pid}); simulated training in {run_dir}")
-        echo(f"  chain: warmup 100 steps, then plateau on val_loss; base lr {base_lr}, min lr {base_lr / 100}")
+        echo(f"  chain: warmup 100 steps, then plateau (trend test) on the training loss; "
+             f"base lr {base_lr}, min lr {base_lr / 100}")
         applied = simulate(run_dir, Control(run_dir), steps=steps, base_lr=base_lr, seed=seed, echo=echo)
     finally:
         daemon.send_signal(signal.SIGTERM)
