@@ -404,3 +404,19 @@ def test_long_line_of_short_redraws(tmp_path: Path):
     assert len(redraws) > MAX_LINE
     records = read_text(tmp_path, redraws + b"\r100000/100000 - loss: 0.25\r\n")
     assert as_tuples(records) == [(100000, None, (("loss", 0.25),))]
+
+
+def test_truncated_and_rewritten_past_the_offset(tmp_path: Path):
+    """``python train.py > train.log`` run again: same inode, already longer than before."""
+    path = tmp_path / "train.log"
+    path.write_bytes(b"iter 1: loss 2.0\niter 2: loss 1.9\n")
+    reader = TextReader(path)
+    assert [r.step for r in reader.read()] == [1, 2]
+    state = json.loads(json.dumps(reader.get_state()))
+    with open(path, "r+b") as f:  # truncate and rewrite in place
+        f.truncate(0)
+        f.write(b"iter 100: loss 5.0\niter 200: loss 4.0\niter 300: loss 3.0\n")
+    resumed = TextReader(path)
+    resumed.set_state(state)
+    assert [r.step for r in resumed.read()] == [100, 200, 300]
+    assert resumed.restarted

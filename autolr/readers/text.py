@@ -37,7 +37,7 @@ from typing import Any, Callable, ClassVar, Iterable
 
 from ..hookspecs import hookimpl
 from ..records import STEP_KEYS, Record, split_counters
-from .base import MAX_LINE, READ_BLOCK, Reader
+from .base import MARK, MAX_LINE, READ_BLOCK, Reader
 from .jsonl import numeric_items
 
 #: A redraw kept in the state while its line is unfinished is at most this long.
@@ -94,7 +94,8 @@ class RedrawTailer:
 
     Yields the final state of every line finished by ``\\n``; the latest redraw of the
     unfinished line is kept in ``pending``. Like ``TextTailer`` it starts over when the file
-    was replaced or shrank, and skips (counting) pieces longer than ``MAX_LINE``.
+    was replaced, shrank, or no longer holds the bytes read just before the offset (truncated
+    and rewritten past it), and skips (counting) pieces longer than ``MAX_LINE``.
     """
 
     def __init__(self, path: Path, reader: Reader):
@@ -104,10 +105,11 @@ class RedrawTailer:
         self.identity: tuple[int, int] | None = None
         self.skipping = False  # inside an over-long piece, discarding up to its \r or \n
         self.pending = ""
+        self.mark = b""  # the last MARK bytes before the offset, as read
 
     def get_state(self) -> dict[str, Any]:
         return {"offset": self.offset, "identity": self.identity, "skipping": self.skipping,
-                "pending": self.pending}
+                "pending": self.pending, "mark": self.mark.hex()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.offset = int(state.get("offset", 0))
@@ -115,9 +117,15 @@ class RedrawTailer:
         self.identity = tuple(ident) if ident else None
         self.skipping = bool(state.get("skipping", False))
         self.pending = str(state.get("pending", ""))
+        try:
+            self.mark = bytes.fromhex(state.get("mark") or "")[-MARK:]
+        except (TypeError, ValueError):
+            self.mark = b""
+        if len(self.mark) > self.offset:
+            self.mark = b""
 
     def restart(self) -> None:
-        self.offset, self.skipping, self.pending = 0, False, ""
+        self.offset, self.skipping, self.pending, self.mark = 0, False, "", b""
         self.reader.restarted = True
 
     def read_lines(self) -> list[str]:
@@ -129,6 +137,10 @@ class RedrawTailer:
                 identity = (st.st_dev, st.st_ino)
                 if (self.identity is not None and identity != self.identity) or st.st_size < self.offset:
                     self.restart()
+                elif self.mark and len(self.mark) <= self.offset:
+                    f.seek(self.offset - len(self.mark))
+                    if f.read(len(self.mark)) != self.mark:
+                        self.restart()
                 self.identity = identity
                 if st.st_size == self.offset:
                     return []
@@ -137,18 +149,23 @@ class RedrawTailer:
         except FileNotFoundError:
             return []
         self.reader.more = len(data) >= READ_BLOCK
-        return self._take(data)
+        start = self.offset
+        lines = self._take(data)
+        n = self.offset - start  # the bytes of data consumed
+        if n:
+            self.mark = ((self.mark if start else b"") + data[max(0, n - MARK):n])[-MARK:]
+        return lines
 
     def _take(self, data: bytes) -> list[str]:
         end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
         if end == 0:
-            if len(data) >= MAX_LINE:  # no line end in sight: discard, bounded
+            if len(data) > MAX_LINE:  # no line end in sight: discard, bounded
                 self.offset += len(data)
                 self._over_long(f"> {MAX_LINE} bytes")
                 self.skipping = True
             return []
         self.offset += end
-        data = data[:end]
+        tail, data = len(data) - end, data[:end]
         if self.skipping:  # the first piece is the tail of an over-long one
             cut = min(i for i in (data.find(b"\n"), data.find(b"\r")) if i >= 0)
             if data[cut] == 0x0A:
@@ -166,6 +183,10 @@ class RedrawTailer:
             if len(self.pending) > MAX_PENDING:
                 self._over_long(f"{len(self.pending)} characters")
                 self.pending = ""
+        if tail > MAX_LINE:  # the unfinished piece is already over-long: discard it now
+            self.offset += tail
+            self._over_long(f"> {MAX_LINE} bytes")
+            self.skipping = True
         return out
 
     def _final(self, line: bytes) -> str:
