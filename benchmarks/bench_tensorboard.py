@@ -3,10 +3,13 @@
 Writes one event file with torch's ``SummaryWriter`` (``--events`` scalar events, 4 tags per
 step: ``train/loss``, ``train/acc``, ``lr``, ``epoch``), then reads it whole, in one process:
 
-* autolr ``TensorBoardReader`` (``read()`` while ``more``), median of ``--reps`` runs;
+* autolr ``TensorBoardReader`` (``read()`` while ``more``), ``--reps`` runs;
 * tensorboard ``EventFileLoader`` (what TensorBoard's backend uses: pure-Python CRC, protobuf
   parse, simple_value migrated to tensors) and ``LegacyEventFileLoader`` (the same without the
-  migration), median of ``--tb-reps`` runs. Their values are only counted, not decoded.
+  migration), ``--tb-reps`` runs each. Their values are only counted, not decoded.
+
+Runs are interleaved (one of each in turn) so a busy machine slows all alike; the table gives
+the median and the minimum.
 
 Rows are scalar values. Also prints the share of autolr's time spent on CRC32C (headers and
 data, numpy lanes) and what a pure-Python table CRC would cost on the same records.
@@ -73,13 +76,17 @@ def read_tensorboard(path: Path, legacy: bool) -> int:
     return values
 
 
-def timed(fn, reps: int) -> tuple[float, int]:
-    times, rows = [], 0
-    for _ in range(reps):
-        t = time.perf_counter()
-        rows = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), rows
+def timed(loaders: dict, reps: dict) -> dict:
+    """Seconds per run of each loader, the runs interleaved so they share the machine's state."""
+    times: dict = {name: [] for name in loaders}
+    rows: dict = {}
+    for i in range(max(reps.values())):
+        for name, fn in loaders.items():
+            if i < reps[name]:
+                t = time.perf_counter()
+                rows[name] = fn()
+                times[name].append(time.perf_counter() - t)
+    return times, rows
 
 
 def crc_figures(path: Path) -> tuple[float, float, int]:
@@ -119,20 +126,26 @@ def main() -> None:
         path = generate(Path(tmp), args.events)
         gen_s = time.perf_counter() - t
         size = os.path.getsize(path)
-        ours, rows = timed(lambda: read_autolr(path), args.reps)
-        legacy, rows_legacy = timed(lambda: read_tensorboard(path, True), args.tb_reps)
-        full, rows_full = timed(lambda: read_tensorboard(path, False), args.tb_reps)
+        loaders = {
+            "autolr TensorBoardReader": lambda: read_autolr(path),
+            "tensorboard LegacyEventFileLoader": lambda: read_tensorboard(path, True),
+            "tensorboard EventFileLoader": lambda: read_tensorboard(path, False),
+        }
+        reps = dict.fromkeys(loaders, args.tb_reps)
+        reps["autolr TensorBoardReader"] = args.reps
+        times, counts = timed(loaders, reps)
         crc_np, crc_py, records = crc_figures(path)
-    assert rows == rows_legacy == rows_full == args.events // 4 * 4, (rows, rows_legacy, rows_full)
+    rows = args.events // 4 * 4
+    assert set(counts.values()) == {rows}, counts
+    ours = statistics.median(times["autolr TensorBoardReader"])
     print(f"python {platform.python_version()}, numpy {np.__version__}, tensorboard {tensorboard.__version__}, "
           f"torch {torch.__version__}, {platform.machine()} {os.cpu_count()} CPUs; "
           f"{rows} scalar events, {records} records, {size / 1e6:.1f} MB (written in {gen_s:.0f} s)\n")
-    print("| loader | median s | rows/s | autolr speed-up |")
-    print("|---|---:|---:|---:|")
-    for name, sec, reps in (("autolr TensorBoardReader", ours, args.reps),
-                            ("tensorboard LegacyEventFileLoader", legacy, args.tb_reps),
-                            ("tensorboard EventFileLoader", full, args.tb_reps)):
-        print(f"| {name} (median of {reps}) | {sec:.2f} | {rows / sec:,.0f} | {sec / ours:.1f}x |")
+    print("| loader | runs | median s | min s | rows/s (median) | autolr speed-up (median) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, ts in times.items():
+        sec = statistics.median(ts)
+        print(f"| {name} | {len(ts)} | {sec:.2f} | {min(ts):.2f} | {rows / sec:,.0f} | {sec / ours:.1f}x |")
     print(f"\nCRC32C of all {records} headers and payloads: {crc_np:.2f} s with numpy lanes "
           f"({crc_np / ours:.0%} of autolr's read); a pure-Python table loop would take ~{crc_py:.1f} s.")
     sys.stdout.flush()

@@ -544,9 +544,24 @@ def test_small_read_blocks_and_records_longer_than_a_block(tmp_path, rich_file, 
     assert reprs(read_all(path, reader=reader)) == expected and not reader.skipped
 
 
+def fast_agrees(payload: bytes) -> bool:
+    """If the vectorised fast path takes ``payload``, it decodes it as ``parse_event`` does."""
+    arr = np.frombuffer(payload, dtype=np.uint8)
+    ok, step, value, tag_at, tag_end, tensor = tbmod.fast_events(arr, np.array([0]), np.array([len(payload)]))
+    if not ok[0]:
+        return False
+    parsed_step, values, start = parse_event(payload)
+    assert len(values) == 1 and not start
+    tag, parsed, from_tensor, plugin = values[0]
+    assert (step[0], payload[tag_at[0]:tag_end[0]], bool(tensor[0])) == (parsed_step, tag, from_tensor)
+    assert plugin in (None, b"scalars")
+    assert value[0] == parsed or (math.isnan(value[0]) and math.isnan(parsed))
+    return True
+
+
 def test_fast_path_agrees_with_the_parser(tmp_path):
-    """simple_value events with extreme steps: the vectorised path and parse_event agree."""
-    from tensorboard.compat.proto import event_pb2, summary_pb2
+    """Extreme steps, long tags, simple_value and tensor forms: fast path == parse_event."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
     w = tf2_writer(tmp_path, "")
     steps = [0, 1, 127, 128, 300, 2**31, 2**40 + 3, 2**62, -1, -(2**40)]
     tags = ["a", "b" * 100, "c" * 118, "d" * 119, "é/ü"]
@@ -554,21 +569,27 @@ def test_fast_path_agrees_with_the_parser(tmp_path):
         for tag in tags:
             value = summary_pb2.Summary.Value(tag=tag, simple_value=step / 7)
             w.add_event(event_pb2.Event(wall_time=1.0, step=step, summary=summary_pb2.Summary(value=[value])))
+        tensors = [("t32", tf2_tensor("DT_FLOAT", struct.pack("<f", step / 3))),
+                   ("t64", tf2_tensor("DT_DOUBLE", struct.pack("<d", step / 3))),
+                   ("f32", tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[step / 3])),
+                   ("f64", tensor_pb2.TensorProto(dtype=types_pb2.DT_DOUBLE, double_val=[step / 3]))]
+        for tag, tensor in tensors:
+            torch_style = tag.startswith("f")
+            event = tf2_event(step, tag, tensor, "scalars" if torch_style else None)
+            if torch_style:  # torch new_style: plugin name only, no tensor shape
+                event.summary.value[0].metadata.ClearField("data_class")
+            w.add_event(event)
     w.close()
     data = event_file(tmp_path).read_bytes()
-    arr = np.frombuffer(data, dtype=np.uint8)
     spans = record_spans(data)[1:]
-    a = np.array([s + 12 for s, _ in spans])
-    e = np.array([t - 4 for _, t in spans])
-    ok, fast_steps, values, tag_at = tbmod.simple_events(arr, a, e)
-    assert ok.sum() >= len(steps) * 3  # the 119-byte tag needs two-byte lengths: slow path
-    for i, (s, t) in enumerate(spans):
-        step, parsed, _ = parse_event(data[s + 12 : t - 4])
-        if ok[i]:
-            assert (fast_steps[i], data[tag_at[i] : e[i] - 5], values[i]) == (step, parsed[0][0], parsed[0][1])
+    taken = [fast_agrees(data[s + 12 : t - 4]) for s, t in spans]
+    assert sum(taken) == len(steps) * 8  # all but the 119-byte tags (two-byte lengths)
     records = read_all(event_file(tmp_path))
     assert [r.step for r in records] == steps
-    assert all(r.metrics == {t: float(np.float32(r.step / 7)) for t in tags} for r in records)
+    for r in records:
+        third = r.step / 3
+        assert r.metrics == {**{t: float(np.float32(r.step / 7)) for t in tags}, "t32": float(np.float32(third)),
+                             "t64": third, "f32": float(np.float32(third)), "f64": third}
 
 
 def test_parse_event_fuzz(rich_file):
@@ -589,6 +610,7 @@ def test_parse_event_fuzz(rich_file):
         try:
             parse_event(case)
         except tbmod._DECODE_ERRORS:
-            pass
+            return
+        fast_agrees(case)
 
     check()

@@ -229,35 +229,91 @@ def _fields(d: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]
         raise ValueError("varint runs past its message")
 
 
-def simple_events(arr: np.ndarray, a: np.ndarray, e: np.ndarray):
-    """Vectorised fast path for the commonest record, ``Event{wall_time=1, step=2,
-    summary=5{value=1{tag=1, simple_value=2}}}`` with one-byte lengths, in ``arr[a:e]``.
+#: ``SummaryMetadata{plugin_data{plugin_name: "scalars"}}`` as torch writes it on every
+#: ``new_style`` event (field 9 of the Value).
+_SCALARS_METADATA = b"\x4a\x0b\x0a\x09\x0a\x07scalars"
+#: One-element tensors the fast path knows: (leading bytes, item size); the value follows.
+#: dtype=1/2 then float_val=5 / double_val=6 packed (torch), or tensor_shape={} then
+#: tensor_content=4 (TF2).
+_TENSOR_FORMS = (
+    (b"\x08\x01\x2a\x04", 4),
+    (b"\x08\x02\x32\x08", 8),
+    (b"\x08\x01\x12\x00\x22\x04", 4),
+    (b"\x08\x02\x12\x00\x22\x08", 8),
+)
 
-    Returns (matches, steps, values, tag starts); the tag of record i is
-    ``arr[tag_start[i] : e[i] - 5]``. Layout: ``09 f64 [10 varint] 2a S 0a V 0a T tag 15 f32``
-    with ``S = V + 2 = T + 9`` and all three below 0x80. Anything else goes to ``parse_event``.
+
+def fast_events(arr: np.ndarray, a: np.ndarray, e: np.ndarray):
+    """Vectorised fast path for the commonest records, one scalar event each in ``arr[a:e]``:
+    ``09 f64 [10 step-varint] 2a S 0a V 0a T tag VALUE`` with one-byte lengths S = V + 2 and
+    VALUE either ``15 f32`` (simple_value) or ``42 L tensor [scalars metadata]`` with a tensor
+    of ``_TENSOR_FORMS``. Anything else (TF2's metadata on a tag's first event, other
+    summaries) is left to ``parse_event``.
+
+    Returns per record: (matches, step, value, tag start, tag end, value came from a tensor).
     """
+    with np.errstate(invalid="ignore"):  # float32 -> float64 of signalling NaNs in garbage
+        return _fast_events(arr, a, e)
+
+
+def _fast_events(arr: np.ndarray, a: np.ndarray, e: np.ndarray):
+    if len(arr) < 17:  # shorter than any record it takes; keeps the clipped indexing valid
+        arr = np.zeros(17, dtype=np.uint8)
+        e = np.minimum(e, 0)
     last = len(arr) - 1
 
     def at(pos: np.ndarray) -> np.ndarray:
         return arr[np.clip(pos, 0, last)].astype(np.int64)
 
     ok = (e - a >= 17) & (at(a) == 0x09)
+    steps, n_step = _step_varints(arr, a + 10)
     has_step = at(a + 9) == 0x10
-    raw = arr[np.minimum(a[:, None] + 10 + np.arange(10), last)]  # the step varint, 10 bytes max
-    alive = np.cumprod(raw >= 0x80, axis=1)  # alive[:, k]: bytes 0..k all continue
-    n_step = 1 + alive[:, :9].sum(axis=1)
-    ok &= ~(has_step & (alive[:, 9] > 0))
-    shifts = (7 * np.arange(10)).astype(np.uint64)
-    parts = (raw & 0x7F).astype(np.uint64) << shifts
-    parts[np.arange(10) >= n_step[:, None]] = 0
-    steps = np.where(has_step, np.bitwise_or.reduce(parts, axis=1), 0).view(np.int64)
+    ok &= ~has_step | (n_step > 0)
+    steps = np.where(has_step, steps, 0)
     q = a + 9 + np.where(has_step, 1 + n_step, 0)
-    s_len, v_len, t_len = at(q + 1), at(q + 3), at(q + 5)
-    ok &= (at(q) == 0x2A) & (at(q + 2) == 0x0A) & (at(q + 4) == 0x0A) & (at(e - 5) == 0x15)
-    ok &= (s_len == e - q - 2) & (v_len == e - q - 4) & (t_len == e - q - 11) & (s_len < 0x80)
-    values = _stored_u32(arr, np.maximum(e - 4, 0)).view(np.float32)
-    return ok, steps, values, q + 6
+    s_len, v_len = at(q + 1), at(q + 3)
+    ok &= (at(q) == 0x2A) & (at(q + 2) == 0x0A) & (at(q + 4) == 0x0A) & (at(q + 5) < 0x80)
+    ok &= (s_len == e - q - 2) & (v_len == e - q - 4) & (s_len < 0x80)
+    t_end = q + 6 + at(q + 5)
+    simple = (at(t_end) == 0x15) & (e - t_end == 5)
+    values = _stored_u32(arr, np.clip(t_end + 1, 0, max(last - 3, 0))).view(np.float32).astype(np.float64)
+    tensor = (at(t_end) == 0x42) & ~simple
+    x = t_end + 2  # the tensor's first byte
+    y = x + at(t_end + 1)  # its end: then nothing, or the scalars metadata
+    tensor &= (y == e) | ((e - y == len(_SCALARS_METADATA)) & _bytes_equal(arr, y, _SCALARS_METADATA))
+    matched = np.zeros(len(a), dtype=bool)
+    for lead, size in _TENSOR_FORMS:
+        form = tensor & (y - x == len(lead) + size) & _bytes_equal(arr, x, lead)
+        pos = np.clip(x + len(lead), 0, max(last - size + 1, 0))
+        raw = _stored_u32(arr, pos)
+        if size == 8:
+            hi = _stored_u32(arr, pos + 4)
+            form_values = (raw.astype(np.uint64) | (hi.astype(np.uint64) << np.uint64(32))).view(np.float64)
+        else:
+            form_values = raw.view(np.float32).astype(np.float64)
+        values = np.where(form, form_values, values)
+        matched |= form
+    ok &= simple | matched
+    return ok, steps, values, q + 6, t_end, matched
+
+
+def _step_varints(arr: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 value, byte count; 0 when over 10 bytes) of the varint at each offset."""
+    last = len(arr) - 1
+    raw = arr[np.minimum(pos[:, None] + np.arange(10), last)]
+    alive = np.cumprod(raw >= 0x80, axis=1)  # alive[:, k]: bytes 0..k all continue
+    count = np.where(alive[:, 9] > 0, 0, 1 + alive[:, :9].sum(axis=1))
+    parts = (raw & 0x7F).astype(np.uint64) << (7 * np.arange(10)).astype(np.uint64)
+    parts[np.arange(10) >= count[:, None]] = 0
+    return np.bitwise_or.reduce(parts, axis=1).view(np.int64), count
+
+
+def _bytes_equal(arr: np.ndarray, pos: np.ndarray, expect: bytes) -> np.ndarray:
+    """Whether ``arr[p : p + len(expect)] == expect`` at each offset (False past the end)."""
+    ok = pos + len(expect) <= len(arr)
+    for k, byte in enumerate(expect):
+        ok &= arr[np.clip(pos + k, 0, len(arr) - 1)] == byte
+    return ok
 
 
 #: One summary value: (tag bytes, scalar or None, came from a tensor, plugin name or None).
@@ -590,7 +646,7 @@ class TensorBoardReader(Reader):
         lengths = _stored_u64(arr, starts)
         a = starts + 12
         e = a + lengths
-        fast, steps, values, tags = simple_events(arr, a, e)
+        fast, steps, values, tag_at, tag_end, tensor = fast_events(arr, a, e)
         slow: dict[int, Any] = {}
         for i in np.nonzero(~fast)[0].tolist():
             event = self._decode(buf, int(a[i]), int(e[i]))
@@ -600,15 +656,17 @@ class TensorBoardReader(Reader):
         keep[list(slow)] = True
         idx = np.nonzero(keep)[0]
         good = masked_crcs(arr, a[idx], lengths[idx]) == _stored_u32(arr, e[idx])
-        add, names = self.group.add, self._names
-        steps, values, tags, e = steps.tolist(), values.tolist(), tags.tolist(), e.tolist()
+        add, names, non_scalar = self.group.add, self._names, self.non_scalar
+        steps, values, tag_at, tag_end, tensor = (x.tolist() for x in (steps, values, tag_at, tag_end, tensor))
         for i, ok in zip(idx.tolist(), good.tolist()):
             if not ok:
                 self.skip("corrupt record (data CRC mismatch)", f"at byte {self.offset + int(starts[i])}")
             elif i in slow:
                 self._dispatch(slow[i], self.offset + int(starts[i]))
             else:
-                tag = buf[tags[i] : e[i] - 5]
+                tag = buf[tag_at[i] : tag_end[i]]
+                if tensor[i] and tag in non_scalar:
+                    continue
                 name, epoch_kind = names.get(tag) or self._metric_name(tag)
                 add(steps[i], epoch_kind, name, values[i])
         self.offset += resume
