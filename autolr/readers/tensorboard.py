@@ -21,8 +21,9 @@ start next time. Damage is skipped and counted, never raised:
 Data CRCs are checked only for records that yield something (scalars, plugin metadata, a
 session START); the rest is parsed shallowly and dropped. CRC32C runs in numpy with one lane
 per record (records padded to a common width, 2 bytes per step through a 64K-entry table);
-records over 4 KiB that need a check use a pure-Python table loop. The commonest record
-(torch/tensorboardX ``simple_value``) is recognised and decoded in numpy for a whole block.
+records over 4 KiB that need a check use a pure-Python table loop. The commonest records
+(``simple_value``; one-element tensors as torch ``new_style`` and TF2 write them) are
+recognised and decoded in numpy for a whole block; the rest goes through ``parse_event``.
 
 Rows. Consecutive scalar events with the same step form one Record. The group closes at a
 boundary (the step changes, a tag repeats, a session START) or as soon as it holds every tag
@@ -643,33 +644,36 @@ class TensorBoardReader(Reader):
         """Frame, parse, check and group the records in ``buf`` (read at ``self.offset``)."""
         arr = np.frombuffer(buf, dtype=np.uint8)
         starts, resume = self._frame(buf, arr, size)
-        lengths = _stored_u64(arr, starts)
         a = starts + 12
-        e = a + lengths
-        fast, steps, values, tag_at, tag_end, tensor = fast_events(arr, a, e)
+        e = a + _stored_u64(arr, starts)
+        fast = fast_events(arr, a, e)
         slow: dict[int, Any] = {}
-        for i in np.nonzero(~fast)[0].tolist():
+        for i in np.nonzero(~fast[0])[0].tolist():
             event = self._decode(buf, int(a[i]), int(e[i]))
-            if event is not True:
+            if event is not True:  # holds something: to be checked and delivered
                 slow[i] = event
-        keep = fast.copy()
+        keep = fast[0].copy()
         keep[list(slow)] = True
         idx = np.nonzero(keep)[0]
-        good = masked_crcs(arr, a[idx], lengths[idx]) == _stored_u32(arr, e[idx])
+        good = masked_crcs(arr, a[idx], e[idx] - a[idx]) == _stored_u32(arr, e[idx])
+        self._deliver(buf, starts.tolist(), idx.tolist(), good.tolist(), fast, slow)
+        self.offset += resume
+
+    def _deliver(self, buf: bytes, starts: list[int], idx: list[int], good: list[bool], fast, slow) -> None:
+        """Feed the checked records, in file order, to the grouper."""
+        _, steps, values, tag_at, tag_end, tensor = (x.tolist() for x in fast)
         add, names, non_scalar = self.group.add, self._names, self.non_scalar
-        steps, values, tag_at, tag_end, tensor = (x.tolist() for x in (steps, values, tag_at, tag_end, tensor))
-        for i, ok in zip(idx.tolist(), good.tolist()):
+        for i, ok in zip(idx, good):
             if not ok:
-                self.skip("corrupt record (data CRC mismatch)", f"at byte {self.offset + int(starts[i])}")
+                self.skip("corrupt record (data CRC mismatch)", f"at byte {self.offset + starts[i]}")
             elif i in slow:
-                self._dispatch(slow[i], self.offset + int(starts[i]))
+                self._dispatch(slow[i], self.offset + starts[i])
             else:
                 tag = buf[tag_at[i] : tag_end[i]]
                 if tensor[i] and tag in non_scalar:
                     continue
                 name, epoch_kind = names.get(tag) or self._metric_name(tag)
                 add(steps[i], epoch_kind, name, values[i])
-        self.offset += resume
 
     def _decode(self, buf: bytes, start: int, end: int):
         """The parsed event; True when it holds nothing of interest; None when malformed."""
