@@ -614,3 +614,31 @@ def test_parse_event_fuzz(rich_file):
         fast_agrees(case)
 
     check()
+
+
+def test_daemon_reads_and_resumes_through_a_plugin_file(tmp_path, torch_writer, cli):
+    """The real ``autolr watch --once`` with the reader loaded from --plugins-dir: every step
+    is a row, the read position is saved as JSON, and a second pass reads only what is new."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "tb.py").write_text("from autolr.readers.tensorboard import register_readers  # noqa: F401\n")
+    run = tmp_path / "root" / "run1"
+    w = torch_writer(str(run))
+    for step in range(30):
+        w.add_scalar("loss", 1.0, step)
+        w.add_scalar("lr", 0.1, step)
+    w.close()
+    args = ["--plugins-dir", str(plugins), "watch", str(tmp_path / "root"), "--once",
+            "--policy", "plateau:method=threshold,patience=3", "--base-lr", "0.1", "--no-fsync"]
+    cli(*args)
+    state = json.loads((run / "autolr.state.json").read_text())
+    (source,) = state["sources"].values()
+    assert source["reader"] == "tensorboard" and state["rows"] == 30
+    w = torch_writer(str(run))
+    for step in range(30, 40):
+        w.add_scalar("loss", 1.0, step)
+        w.add_scalar("lr", 0.1, step)
+    w.close()
+    cli(*args)
+    state = json.loads((run / "autolr.state.json").read_text())
+    assert state["rows"] == 40 and len(state["sources"]) == 2
