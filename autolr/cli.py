@@ -38,6 +38,8 @@ def settings_options(func):
         click.option("--unit", type=click.Choice(["step", "epoch", "row"]), help="Time unit (default: step, else epoch, else row)."),
         click.option("--min-lr", type=float, help="Clamp the chain's LR from below."),
         click.option("--max-lr", type=float, help="Clamp the chain's LR from above."),
+        click.option("--apply-margin", type=click.IntRange(min=0), metavar="STEPS",
+                     help="Changes apply STEPS after the last logged step (apply_at_step; multi-rank)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -45,7 +47,7 @@ def settings_options(func):
 
 
 def cli_overrides(kw: dict[str, Any]) -> dict[str, Any]:
-    out = {k: kw.pop(k) for k in ("base_lr", "metric", "mode", "unit", "min_lr", "max_lr")}
+    out = {k: kw.pop(k) for k in ("base_lr", "metric", "mode", "unit", "min_lr", "max_lr", "apply_margin")}
     specs = kw.pop("policies")
     if specs:
         out["policies"] = parse_policy_options(specs)

@@ -8,6 +8,7 @@
     unit = "step"              # optional; default step, else epoch, else row
     min_lr = 1e-6              # optional clamp
     max_lr = 1.0               # optional clamp
+    apply_margin = 20          # optional: changes apply 20 steps after the last logged step
     policy = ["warmup:steps=200", "plateau:patience=20"]
 
     [[policies]]               # the same chain as tables, if preferred
@@ -30,7 +31,7 @@ from .policy import PolicyError
 from .spec import parse_spec
 
 DEFAULT_POLICIES: tuple[str, ...] = ("auto",)
-RUN_KEYS = ("base_lr", "min_lr", "max_lr", "metric", "mode", "unit", "history")
+RUN_KEYS = ("base_lr", "min_lr", "max_lr", "metric", "mode", "unit", "history", "apply_margin")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,8 @@ class Settings:
     mode: str | None = None
     unit: str | None = None
     history: int = 1024
+    #: Publish changes to apply this many steps after the last logged step (multi-rank).
+    apply_margin: int | None = None
 
     def chain(self, registry: dict[str, type]) -> Chain:
         specs = self.policies or tuple(parse_spec(s) for s in DEFAULT_POLICIES)
@@ -137,9 +140,9 @@ def _check_value(key: str, value: Any, path: Path, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ConfigError(f"{path} ({where}): {key} must be a number > 0, got {value!r}")
         return float(value)
-    if key == "history":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{path} ({where}): history must be an integer >= 1")
+    if key in ("history", "apply_margin"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "history" else 0):
+            raise ConfigError(f"{path} ({where}): {key} must be an integer >= {1 if key == 'history' else 0}")
         return value
     if key == "mode" and value not in ("min", "max"):
         raise ConfigError(f"{path} ({where}): mode must be 'min' or 'max', got {value!r}")

@@ -35,6 +35,8 @@ LOCK_NAME = "autolr.lock"
 MAX_CONTROL_BYTES = 64 << 10
 FILE_MODE = 0o644
 DIR_MODE = 0o755
+#: Recent changes a control file lists for step-exact application (multi-rank training).
+MAX_SCHEDULE = 32
 
 
 class ControlError(ValueError):
@@ -67,7 +69,23 @@ def validate_control(obj: Any) -> dict[str, Any]:
     lr = obj["lr"]
     if lr is not None and not _positive(lr):
         raise ControlError(f"control file lr {lr!r} is not a finite number > 0")
+    at = obj.get("apply_at_step")
+    if at is not None and not _integer(at):
+        raise ControlError(f"control file apply_at_step {at!r} is not an integer")
+    schedule = obj.get("schedule")
+    if schedule is not None:
+        if not isinstance(schedule, list) or len(schedule) > MAX_SCHEDULE:
+            raise ControlError(f"control file schedule must be a list of at most {MAX_SCHEDULE} entries")
+        for entry in schedule:
+            if not (isinstance(entry, dict) and _positive(entry.get("scale"))
+                    and (entry.get("lr") is None or _positive(entry.get("lr")))
+                    and (entry.get("at") is None or _integer(entry.get("at"))) and _integer(entry.get("seq"))):
+                raise ControlError(f"control file schedule entry {entry!r} is malformed")
     return obj
+
+
+def _integer(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _positive(x: Any) -> bool:
@@ -203,11 +221,14 @@ class ControlWriter:
         """
         return self.publish_many([decision])[-1]
 
-    def publish_many(self, decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def publish_many(self, decisions: list[dict[str, Any]],
+                     schedule: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Journal several decisions (one write, one fsync) then write the last as the control file.
 
         Each decision gets its own seq; nothing unusable is written: a non-finite or
-        non-positive LR raises before any byte hits the disk.
+        non-positive LR raises before any byte hits the disk. Decisions with an
+        ``apply_at_step`` are added to ``schedule`` (recent changes, at most MAX_SCHEDULE),
+        which the control file then carries.
         """
         records = [self._record(**d) for d in decisions]
         if not records:
@@ -218,11 +239,18 @@ class ControlWriter:
             current = self.current()
             seq = current["seq"] if current else 0
             entries = []
+            scheduled = list(schedule or [])
             for record, d in zip(records, decisions):
                 seq += 1
                 record["seq"] = seq
-                entries.append(dict(record, kind=d.get("kind", "decision"),
-                                    evidence=_plain(d.get("evidence") or {})))
+                if "apply_at_step" in record:
+                    scheduled.append({"at": record["apply_at_step"], "seq": seq,
+                                      "scale": record["scale"], "lr": record["lr"]})
+                entry = dict(record, kind=d.get("kind", "decision"), evidence=_plain(d.get("evidence") or {}))
+                entry.pop("schedule", None)  # the journal holds every entry already
+                entries.append(entry)
+            if "apply_at_step" in records[-1]:
+                records[-1]["schedule"] = scheduled[-MAX_SCHEDULE:]
             self._append_journal(entries)
             atomic_write_json(self.path, records[-1], fsync=self.fsync)
         return records
@@ -335,6 +363,9 @@ class Control:
         self._recheck = False  # the file is too recent for its key to prove it unchanged
         self._data: bytes | None = None  # the bytes last parsed, good or bad
         self._next_check = 0.0
+        self._applied: dict[str, Any] | None = None  # the change this process applies (step mode)
+        self._applied_seq = 0
+        self._last_step: int | None = None
 
     def _refresh(self) -> None:
         if self.min_interval:
@@ -380,16 +411,50 @@ class Control:
         self._refresh()
         return self._record
 
-    def scale(self) -> float:
-        """The multiplier for the loop's own base LR (1.0 before any decision)."""
+    def entry(self, step: int | None = None) -> dict[str, Any] | None:
+        """The change in force at optimizer ``step`` (the latest one when ``step`` is None).
+
+        With ``apply_at_step`` in the file, a change applies from that step on: every rank
+        that read the file before it switches at the same step. The ``schedule`` lists recent
+        changes, so a rank that missed a version of the file still picks the right one. A
+        change first seen after its step applies at once, with a warning.
+        """
         self._refresh()
         rec = self._record
+        if rec is None or step is None or rec.get("apply_at_step") is None:
+            return rec
+        chosen = None
+        for item in rec.get("schedule") or [{"at": rec["apply_at_step"], "seq": rec["seq"],
+                                              "scale": rec["scale"], "lr": rec["lr"]}]:
+            if item.get("at") is None or item["at"] <= step:
+                chosen = item
+        if chosen is None:  # nothing listed is due yet: keep what this client applied
+            return self._applied
+        if chosen["seq"] > self._applied_seq:
+            at = chosen.get("at")
+            if at is not None and at < step and self._applied is not None and self._last_step is not None \
+                    and self._last_step >= at:
+                warnings.warn(f"autolr: change #{chosen['seq']} was due at step {at} but reached this "
+                              f"process at step {step}; applied now", RuntimeWarning, stacklevel=3)
+            self._applied_seq = chosen["seq"]
+        self._applied, self._last_step = chosen, step
+        return chosen
+
+    def scale(self, step: int | None = None) -> float:
+        """The multiplier for the loop's own base LR (1.0 before any decision)."""
+        rec = self.entry(step) if step is not None else (self._refresh() or self._record)
         return rec["scale"] if rec is not None else 1.0
 
-    def lr(self, default: float) -> float:
-        """The absolute LR: the file's ``lr``, else ``default · scale``; ``default`` before any."""
-        self._refresh()
-        rec = self._record
+    def lr(self, default: float, step: int | None = None) -> float:
+        """The absolute LR: the file's ``lr``, else ``default · scale``; ``default`` before any.
+
+        Pass the optimizer ``step`` to apply changes exactly at their ``apply_at_step``.
+        """
+        if step is None:
+            self._refresh()
+            rec = self._record
+        else:
+            rec = self.entry(step)
         if rec is None:
             return default
         lr = rec["lr"]

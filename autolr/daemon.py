@@ -55,6 +55,7 @@ class Daemon:
         self.on_event = on_event or (lambda kind, data: None)
         self.runs: dict[Path, Run] = {}
         self.sources: dict[Path, Reader] = {}
+        self.ignored: dict[Path, str] = {}  # second log kinds of a run (the same metrics again)
         self.saved_sources: dict[Path, dict[str, dict]] = {}
         self.multi_state: dict[str, Any] = {}
         self.stop_event = threading.Event()
@@ -95,7 +96,7 @@ class Daemon:
 
     def consider(self, path: Path) -> Reader | None:
         """Add ``path`` as a source if a reader recognises it."""
-        if is_own_file(path) or path.name.startswith(".") or not self.inside_root(path):
+        if is_own_file(path) or path.name.startswith(".") or path in self.ignored or not self.inside_root(path):
             return None
         if path.is_symlink() and not self.options.follow_symlinks:
             if not self.inside_root(path):
@@ -108,7 +109,6 @@ class Daemon:
         except Exception as exc:
             self.count(f"reader {cls.name} failed to open", path, exc)
             return None
-        self.sources[path] = reader
         if getattr(cls, "multi_run", False):
             saved = self.multi_state.get(str(path))
             if saved and saved.get("reader") == cls.name:
@@ -116,7 +116,21 @@ class Daemon:
                     reader.set_state(saved["state"])
         else:
             run = self.open_run(cls.run_dir(path))
+            kind = next((r for r in run.sources.values()), None)
+            if kind is not None and kind.name != reader.name:
+                # Lightning's CSV beside its event files, W&B's output.log beside run-*.wandb:
+                # the same metrics twice would double every observation. One kind per run.
+                if getattr(kind, "priority", 0) >= cls.priority or run.rows:
+                    self.ignored[path] = kind.name
+                    self.on_event("ignored", {"path": str(path), "reader": cls.name, "kept": kind.name})
+                    return None
+                for old in list(run.sources):
+                    self.ignored[old] = reader.name
+                    self.sources.pop(old, None)
+                    run.sources.pop(old)
+                    self.on_event("ignored", {"path": str(old), "reader": kind.name, "kept": reader.name})
             run.add_source(reader, self.saved_sources.get(run.folder, {}).get(str(path)))
+        self.sources[path] = reader
         self.on_event("source", {"path": str(path), "reader": cls.name})
         return reader
 

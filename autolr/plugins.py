@@ -18,6 +18,8 @@ BUILTIN_PLUGINS = (
     "autolr.readers.jsonl",
     "autolr.readers.mlflow",
     "autolr.readers.hf",
+    "autolr.readers.wandb",
+    "autolr.readers.text",
 )
 
 

@@ -44,6 +44,8 @@ class Run:
         self.seq = 0
         self.pending: list[dict[str, Any]] = []  # journal entries beyond the saved state
         self.unpublished: list[Decision] = []  # decisions a failing disk refused; retried
+        self.schedule: list[dict[str, Any]] = []  # recent changes with their apply_at_step
+        self.max_step: int | None = None
         self.last_step: int | float | None = None
         self.last_metric: float | None = None
         self.last_decision: dict[str, Any] | None = None
@@ -90,6 +92,8 @@ class Run:
             self.dirty = True
             if record.step is not None or record.epoch is not None:
                 self.last_step = record.step if record.step is not None else _int_if_whole(record.epoch)
+            if record.step is not None:
+                self.max_step = record.step if self.max_step is None else max(self.max_step, record.step)
             monitor = self.engine.state.get("monitor")
             if monitor in record.metrics:
                 self.last_metric = record.metrics[monitor]
@@ -113,10 +117,16 @@ class Run:
         fresh = self.unpublished + fresh
         if not fresh:
             return len(decisions) > 0
+        batch, last_at = [], (self.schedule[-1]["at"] if self.schedule else None)
+        schedule = self.schedule
+        for d in fresh:
+            fields = self._control_fields(d, last_at)
+            if d.kind == "rewind" and "apply_at_step" in fields:
+                schedule = [e for e in schedule if e["at"] < fields["apply_at_step"]]
+            last_at = fields.get("apply_at_step", last_at)
+            batch.append(fields)
         try:
-            records = self.writer.publish_many([
-                {"scale": d.scale, "lr": d.lr, "step": d.step, "policy": d.policy,
-                 "reason": d.reason, "evidence": d.evidence, "kind": d.kind} for d in fresh])
+            records = self.writer.publish_many(batch, schedule=schedule)
         except (OSError, ValueError) as exc:
             # A failing disk: the last good control file stays; the decisions wait, in order,
             # and go out with the next batch or flush. State is not saved past them.
@@ -126,6 +136,7 @@ class Run:
                       self.folder, len(fresh), exc)
             return False
         self.unpublished = []
+        self.schedule = records[-1].get("schedule", self.schedule)
         self.seq = records[-1]["seq"]
         self.last_decision = records[-1]
         self.dirty = True
@@ -162,6 +173,24 @@ class Run:
     def state_path(self) -> Path:
         return self.folder / STATE_NAME
 
+    def _control_fields(self, d: Decision, last_at: int | None) -> dict[str, Any]:
+        fields = {"scale": d.scale, "lr": d.lr, "step": d.step, "policy": d.policy,
+                  "reason": d.reason, "evidence": d.evidence, "kind": d.kind}
+        margin = self.settings.apply_margin
+        if margin is None:
+            return fields
+        if d.kind == "initial":
+            fields["apply_at_step"] = None  # in force from the start
+            return fields
+        if d.kind == "rewind" and isinstance(d.step, int):
+            last_at = None  # the job resumed at d.step: earlier announcements are void
+            base = d.step
+        else:
+            base = self.max_step if self.max_step is not None else (d.step if isinstance(d.step, int) else 0)
+        at = base + margin
+        fields["apply_at_step"] = at if last_at is None else max(at, last_at)
+        return fields
+
     def retry(self) -> None:
         """Publish decisions a failing disk refused earlier."""
         if self.unpublished and self.publish([]):
@@ -179,6 +208,8 @@ class Run:
                 for path, r in self.sources.items()
             },
             "rows": self.rows,
+            "schedule": self.schedule,
+            "max_step": self.max_step,
             "last_step": self.last_step,
             "last_metric": _finite_or_none(self.last_metric),
             "skipped": dict(self.skipped()),
@@ -211,6 +242,8 @@ class Run:
             return {}
         self.seq = int(data.get("seq", 0))
         self.rows = int(data.get("rows", 0))
+        self.schedule = list(data.get("schedule") or [])
+        self.max_step = data.get("max_step")
         self.last_step = data.get("last_step")
         self.last_metric = data.get("last_metric")
         self.restored = True

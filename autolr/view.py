@@ -51,6 +51,8 @@ class View:
             lr = data.get("lr")
             shown = f"lr {lr:.6g}" if lr is not None else f"scale {data['scale']:.6g}"
             self.print(f"{data['run']}: #{data['seq']} step {data['step']}: {shown} [{data['policy']}] {data['reason']}")
+        elif kind == "ignored":
+            self.print(f"  log {data['path']} ({data['reader']}) ignored: this run is read from its {data['kept']} logs")
         elif kind == "vanished":
             self.print(f"log vanished: {data['path']}")
         elif kind == "dropped":

@@ -255,3 +255,15 @@ def test_inotify_limit_falls_back_to_polling(tmp_path, monkeypatch, caplog):
     finally:
         daemon.observer.stop()
         daemon.observer.join()
+
+
+def test_one_log_kind_per_run(tmp_path):
+    """A CSV and a JSONL with the same metrics in one run folder must not double-count."""
+    run = tmp_path / "run"
+    write_jsonl(run / "metrics.jsonl", flat_then_flat(range(10)))
+    (run / "metrics.csv").write_text("step,loss\n" + "".join(f"{s},1.0\n" for s in range(10)))
+    (run / "console.log").write_text("iter 1: loss 2.0, time 1ms\n")
+    daemon, events = make_daemon(tmp_path)
+    daemon.run()
+    assert len(daemon.runs[run].sources) == 1 and daemon.runs[run].rows == 10
+    assert len([e for e in events if e[0] == "ignored"]) == 2
