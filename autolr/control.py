@@ -12,6 +12,7 @@ its evidence, so the journal is never behind the control file. Writers take ``au
 from __future__ import annotations
 
 import contextlib
+import errno
 import datetime as _dt
 import json
 import math
@@ -41,6 +42,18 @@ MAX_SCHEDULE = 32
 
 class ControlError(ValueError):
     """A control file that is malformed or holds an unusable value."""
+
+
+class ControlWriteError(OSError):
+    """The decisions are in the journal, but the control file could not be replaced.
+
+    ``records`` were journaled with their seq; ``ControlWriter.repair()`` writes the control
+    file from the journal once the disk allows it. Publishing them again would duplicate them.
+    """
+
+    def __init__(self, records: list[dict[str, Any]], cause: OSError):
+        super().__init__(cause.errno, f"control file not written ({cause}); the journal has the decisions")
+        self.records = records
 
 
 def utc_now() -> str:
@@ -252,7 +265,10 @@ class ControlWriter:
             if "apply_at_step" in records[-1]:
                 records[-1]["schedule"] = scheduled[-MAX_SCHEDULE:]
             self._append_journal(entries)
-            atomic_write_json(self.path, records[-1], fsync=self.fsync)
+            try:
+                atomic_write_json(self.path, records[-1], fsync=self.fsync)
+            except OSError as exc:
+                raise ControlWriteError(records, exc) from exc
         return records
 
     @staticmethod
@@ -288,11 +304,19 @@ class ControlWriter:
         fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
         try:
             # A crash may have left a torn last line: start on a fresh line.
-            if os.fstat(fd).st_size and not _ends_with_newline(self.journal):
+            size = os.fstat(fd).st_size
+            if size and not _ends_with_newline(self.journal):
                 line = b"\n" + line
-            os.write(fd, line)
-            if self.fsync:
-                os.fsync(fd)
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(errno.ENOSPC, f"short write to the journal ({written} of {len(line)} bytes)")
+                if self.fsync:
+                    os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)  # all or nothing: a retry must not duplicate entries
+                raise
         finally:
             os.close(fd)
 

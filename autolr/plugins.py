@@ -16,6 +16,7 @@ BUILTIN_PLUGINS = (
     "autolr.policies.auto",
     "autolr.readers.csv",
     "autolr.readers.jsonl",
+    "autolr.readers.tensorboard",
     "autolr.readers.mlflow",
     "autolr.readers.hf",
     "autolr.readers.wandb",

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .chain import Decision
 from .config import Settings
-from .control import ControlError, ControlWriter, atomic_write_json, read_journal, read_json
+from .control import ControlError, ControlWriteError, ControlWriter, atomic_write_json, read_journal, read_json
 from .engine import RunEngine
 from .readers.base import Reader
 
@@ -44,6 +44,7 @@ class Run:
         self.seq = 0
         self.pending: list[dict[str, Any]] = []  # journal entries beyond the saved state
         self.unpublished: list[Decision] = []  # decisions a failing disk refused; retried
+        self.needs_repair = False  # journal ahead of the control file after a failed write
         self.schedule: list[dict[str, Any]] = []  # recent changes with their apply_at_step
         self.max_step: int | None = None
         self.last_step: int | float | None = None
@@ -127,6 +128,12 @@ class Run:
             batch.append(fields)
         try:
             records = self.writer.publish_many(batch, schedule=schedule)
+        except ControlWriteError as exc:
+            # Journaled: they count as published; the control file is repaired from the journal.
+            self.errors["control write failed"] += 1
+            self.needs_repair = True
+            log.error("%s: %s", self.folder, exc)
+            records = exc.records
         except (OSError, ValueError) as exc:
             # A failing disk: the last good control file stays; the decisions wait, in order,
             # and go out with the next batch or flush. State is not saved past them.
@@ -192,9 +199,15 @@ class Run:
         return fields
 
     def retry(self) -> None:
-        """Publish decisions a failing disk refused earlier."""
+        """Publish decisions a failing disk refused earlier; repair a control file left behind."""
         if self.unpublished and self.publish([]):
             self.save()
+        if self.needs_repair:
+            try:
+                self.writer.repair()
+                self.needs_repair = False
+            except OSError as exc:
+                log.error("%s: control file still not written: %s", self.folder, exc)
 
     def save(self) -> None:
         if self.unpublished:

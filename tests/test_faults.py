@@ -1,0 +1,191 @@
+"""Faults: a failing disk, logs that misbehave, bad values. The daemon never crashes on them."""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import threading
+
+import pytest
+
+import autolr.control as control_mod
+from autolr.control import read_journal
+
+from .conftest import run_cli
+from .test_daemon import make_daemon, write_jsonl
+
+
+def rows(steps, loss=1.0):
+    return [{"step": s, "loss": loss} for s in steps]
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
+def test_failing_disk_keeps_the_last_good_control_file_and_retries(tmp_path, monkeypatch, err):
+    run = tmp_path / "run"
+    log = run / "m.jsonl"
+    write_jsonl(log, rows(range(10)))
+    daemon, _ = make_daemon(tmp_path, policy=("step:step_size=5,gamma=0.5",), base_lr=1.0)
+    daemon.run()
+    good = (run / "autolr.json").read_text()
+    seq_before = json.loads(good)["seq"]
+
+    real_replace = os.replace
+
+    def failing_replace(src, dst, *a, **k):
+        if str(dst).endswith("autolr.json"):
+            raise OSError(err, os.strerror(err))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(control_mod.os, "replace", failing_replace)
+    write_jsonl(log, rows(range(10, 30)))
+    daemon.catch_up()
+    daemon.flush()
+    assert (run / "autolr.json").read_text() == good  # untouched, still parses
+    assert daemon.runs[run].errors["control write failed"] >= 1
+    assert daemon.runs[run].needs_repair  # journaled; the control file waits for the disk
+    assert not any(f.name.startswith(".autolr-") for f in run.iterdir())  # no temp files left
+
+    monkeypatch.setattr(control_mod.os, "replace", real_replace)  # the disk recovers
+    daemon.flush()
+    journal = read_journal(run)
+    assert [e["seq"] for e in journal] == list(range(1, len(journal) + 1))
+    control = json.loads((run / "autolr.json").read_text())
+    assert control["seq"] > seq_before and control["lr"] == pytest.approx(0.5 ** 6)
+    # a fresh daemon over the same logs agrees (nothing lost, nothing repeated)
+    steps = [e["step"] for e in journal if e["kind"] == "decision"]
+    assert steps == [4, 9, 14, 19, 24, 29]
+
+
+def test_failing_journal_write_is_not_fatal(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    write_jsonl(run / "m.jsonl", rows(range(10)))
+    real_write = os.write
+
+    def failing_write(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    daemon, _ = make_daemon(tmp_path, policy=("step:step_size=3",))
+    monkeypatch.setattr(control_mod.os, "write", failing_write)
+    daemon.run()  # must not raise
+    assert daemon.runs[run].unpublished  # nothing reached the disk: queued, in order
+    assert not (run / "autolr.decisions.jsonl").exists() or not read_journal(run)
+    monkeypatch.setattr(control_mod.os, "write", real_write)
+    daemon.flush()
+    assert [e["step"] for e in read_journal(run) if e["kind"] == "decision"] == [2, 5, 8]
+
+
+def test_deleted_and_recreated_log(tmp_path):
+    run = tmp_path / "run"
+    log = run / "m.jsonl"
+    write_jsonl(log, rows(range(20)))
+    daemon, events = make_daemon(tmp_path, policy=("step:step_size=8",))
+    daemon.run()
+    log.unlink()
+    daemon.handle(log)
+    assert run not in daemon.runs
+    write_jsonl(log, rows(range(12)))  # a new job in the same folder
+    daemon.handle(log)
+    assert daemon.runs[run].engine.state["rows"] == 12
+    assert json.loads((run / "autolr.json").read_text())["scale"] == pytest.approx(0.1)
+
+
+def test_moved_log_and_moved_run_folder(tmp_path):
+    run = tmp_path / "run"
+    write_jsonl(run / "m.jsonl", rows(range(5)))
+    daemon, _ = make_daemon(tmp_path)
+    daemon.run()
+    (run / "m.jsonl").rename(run / "n.jsonl")
+    daemon.handle(run / "m.jsonl")
+    daemon.handle(run / "n.jsonl")
+    assert list(daemon.runs[run].sources) == [run / "n.jsonl"]
+    run.rename(tmp_path / "moved")
+    daemon.handle(run)
+    daemon.handle(tmp_path / "moved")
+    assert set(daemon.runs) == {tmp_path / "moved"}
+
+
+def test_truncated_to_zero_then_regrown(tmp_path):
+    run = tmp_path / "run"
+    log = run / "m.jsonl"
+    write_jsonl(log, rows(range(30)))
+    daemon, _ = make_daemon(tmp_path, policy=("step:step_size=10",))
+    daemon.run()
+    log.write_text("")
+    daemon.handle(log)
+    write_jsonl(log, rows(range(5)))
+    daemon.handle(log)
+    engine = daemon.runs[run].engine
+    assert engine.rewinds == 1 and engine.state["rows"] == 5
+    assert json.loads((run / "autolr.json").read_text())["scale"] == 1.0
+
+
+def test_log_replaced_by_a_different_run(tmp_path):
+    run = tmp_path / "run"
+    log = run / "m.jsonl"
+    write_jsonl(log, rows(range(40)))
+    daemon, _ = make_daemon(tmp_path, policy=("step:step_size=10",))
+    daemon.run()
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, [{"step": s, "loss": 5.0, "acc": 0.1} for s in range(15)])
+    os.replace(other, log)  # new inode, new content
+    daemon.handle(log)
+    assert daemon.runs[run].engine.state["rows"] == 15
+    assert json.loads((run / "autolr.json").read_text())["scale"] == pytest.approx(0.1)
+
+
+def test_two_writers_appending_at_once(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    log = run / "m.jsonl"
+    log.touch()
+
+    def writer(offset):
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+        for s in range(500):
+            os.write(fd, (json.dumps({"step": s, "loss": 1.0, "w": offset}) + "\n").encode())
+        os.close(fd)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    daemon, _ = make_daemon(tmp_path, policy=("constant",))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    daemon.run()
+    run_state = daemon.runs[run]
+    assert run_state.rows == 1000 and sum(run_state.skipped().values()) == 0
+
+
+def test_log_growing_by_megabytes_at_a_time(tmp_path):
+    run = tmp_path / "run"
+    log = run / "m.jsonl"
+    daemon, _ = make_daemon(tmp_path, policy=("step:step_size=50000",))
+    write_jsonl(log, rows(range(10)))
+    daemon.run()
+    n = 10
+    for _ in range(3):
+        chunk = "".join(json.dumps({"step": s, "loss": 0.5, "pad": "x" * 20}) + "\n" for s in range(n, n + 150_000))
+        with open(log, "a") as f:
+            f.write(chunk)  # ~7 MB at once
+        n += 150_000
+        daemon.handle(log)
+    assert daemon.runs[run].rows == n
+    assert json.loads((run / "autolr.json").read_text())["step"] == 449999
+
+
+def test_bad_values_are_counted_and_reported_by_status(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    big = b'{"step": 5, "loss": "' + b"9" * (3 << 20) + b'"}\n'
+    (run / "m.jsonl").write_bytes(
+        b'{"step": 0, "loss": 1}\n\x00\x01\xfe\xff\n' + big +
+        b'{"step": "x", "loss": [1]}\n{"step": 1, "loss": NaN}\n{"step": 2, "loss": Infinity}\n'
+        b'{"step": 0.5, "loss": -1e308}\n["list"]\n{"step": 3, "loss": 1}\n')
+    daemon, _ = make_daemon(tmp_path)
+    daemon.run()
+    status = json.loads(run_cli("status", str(tmp_path), "--json").stdout)[0]
+    assert status["skipped"].get("over-long line") == 1
+    assert sum(status["skipped"].values()) >= 3
+    control = json.loads((run / "autolr.json").read_text())
+    assert math.isfinite(control["lr"]) and control["lr"] > 0
