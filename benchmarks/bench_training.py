@@ -1,0 +1,560 @@
+"""Real training on the CPU with PyTorch: autolr ``auto`` and ``plateau`` against PyTorch schedules.
+
+Three tasks, all on data that ships inside installed packages (nothing is downloaded):
+
+- ``mlp``: a 64-128-128-10 ReLU MLP on scikit-learn's digits (1797 8x8 images; a fixed split of
+  1437 train / 360 validation), SGD with momentum 0.9, batch 32;
+- ``cnn``: a two-layer CNN (16 and 32 3x3 channels, max-pool, linear) on the same digits as
+  1x8x8 images, SGD with momentum 0.9, batch 32;
+- ``charlm``: a one-layer pre-LN causal transformer (d=48, 4 heads, context 32) predicting the
+  next character of Python's own standard-library source (a fixed list of modules, ASCII;
+  every 10th 2 KiB block is validation), Adam, batch 16.
+
+Optimiser choice: SGD with momentum is the usual baseline for small MLPs/CNNs; Adam is what
+small transformers are trained with (SGD hardly trains them in a few hundred steps). The
+learning-rate grid is the textbook default times {0.1, 1, 10} (SGD: 0.1; Adam: 3e-3), a 100x
+span whose top value is aggressive; it was fixed before any result was seen.
+
+Schedules, each a fresh run from the same initial weights and batch order per seed:
+``constant``; ``StepLR`` (step_size = steps/3, gamma 0.1); ``CosineAnnealingLR``
+(T_max = steps); ``ReduceLROnPlateau`` with PyTorch's defaults, stepped on the validation loss
+at each evaluation; autolr ``plateau`` with its defaults; autolr ``auto`` with its defaults.
+The autolr chains are built exactly as the daemon builds them
+(``Settings(policies=...).chain(policy_classes())`` then ``RunEngine``) and fed one
+``Record(metrics={"loss": ..., "val_loss": ...}, step=step)`` per optimiser step: the rows a
+training log would hold (train loss every step, validation loss every ``--eval-every``
+steps). Before each step the optimiser's LR is base_lr x engine.scale. The daemon runs the same
+decision code and adds only file I/O; ``--check-replay`` also writes one log per autolr
+schedule and checks that ``autolr replay`` (the daemon's code path over a finished log) gives
+the same LR at every row.
+
+Reported per task x LR x schedule: the final validation loss (median over seeds, with the
+range), the steps to reach the task's target validation loss (the 25th percentile of the final
+validation losses of the four PyTorch schedules over all LRs and seeds, so the target does not
+move when autolr changes) and the number of diverged seeds (loss non-finite, or final
+validation loss above the initial one). Verdicts:
+
+1. ``auto`` is at least as good as ReduceLROnPlateau (median final validation loss at most
+   1% above) in at least 80% of task x LR cases;
+2. ``auto`` never diverges where the run could have been saved: where another schedule at the
+   same LR and seed, or the constant LR at a lower grid value, did not diverge.
+
+Results: ``benchmarks/results/training.md`` (tables), ``training.png`` (validation curves and
+LR traces), ``training.json`` (every run, with autolr's decisions and their reasons).
+
+Usage::
+
+    python benchmarks/bench_training.py                 # 3 tasks x 3 LRs x 6 schedules x 3 seeds, 2 workers
+    python benchmarks/bench_training.py --tasks mlp --seeds 1 --check-replay
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_line, md_table  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCHEDULES = ("constant", "step", "cosine", "rlrop", "plateau", "auto")
+LABELS = {"constant": "constant", "step": "StepLR", "cosine": "CosineAnnealingLR",
+          "rlrop": "ReduceLROnPlateau", "plateau": "autolr plateau", "auto": "autolr auto"}
+TORCH_SCHEDULES = ("constant", "step", "cosine", "rlrop")
+TOLERANCE = 0.01  # auto counts as "at least as good" up to 1% above ReduceLROnPlateau
+TARGET_SHARE = 0.80
+
+# Modules whose source text is the language model's corpus (all in CPython 3.11's stdlib).
+LM_MODULES = ("argparse.py", "textwrap.py", "functools.py", "dataclasses.py", "inspect.py", "pathlib.py",
+              "typing.py", "json/decoder.py", "json/encoder.py", "collections/__init__.py", "shutil.py",
+              "subprocess.py")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    steps: int
+    batch: int
+    optimizer: str
+    lrs: tuple[float, ...]
+    what: str
+
+
+TASKS = {
+    "mlp": Task("mlp", 2000, 32, "sgd", (0.01, 0.1, 1.0), "MLP 64-128-128-10 on sklearn digits, SGD m=0.9"),
+    "cnn": Task("cnn", 1500, 32, "sgd", (0.01, 0.1, 1.0), "CNN 16-32 ch on digits as 1x8x8, SGD m=0.9"),
+    "charlm": Task("charlm", 1000, 16, "adam", (3e-4, 3e-3, 3e-2),
+                   "1-layer transformer char LM (d=48, ctx 32) on stdlib source, Adam"),
+}
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+_DATA: dict[str, tuple] = {}
+
+
+def digits():
+    if "digits" not in _DATA:
+        import torch
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        order = np.random.default_rng(0).permutation(len(d.target))
+        x = torch.tensor(d.data[order] / 16.0, dtype=torch.float32)
+        y = torch.tensor(d.target[order], dtype=torch.long)
+        n_val = 360
+        _DATA["digits"] = (x[n_val:], y[n_val:], x[:n_val], y[:n_val])
+    return _DATA["digits"]
+
+
+def stdlib_text() -> str:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts = [(root / m).read_text(encoding="utf-8", errors="replace") for m in LM_MODULES]
+    return "".join(parts)
+
+
+def chars(ctx: int = 32, n_val_windows: int = 128):
+    if "chars" not in _DATA:
+        import torch
+
+        text = stdlib_text()
+        codes = np.frombuffer(text.encode("ascii", errors="replace"), dtype=np.uint8).astype(np.int64)
+        block = 2048
+        blocks = [codes[i:i + block] for i in range(0, len(codes), block)]
+        train = np.concatenate([b for i, b in enumerate(blocks) if i % 10 != 9])
+        val = np.concatenate([b for i, b in enumerate(blocks) if i % 10 == 9])
+        stride = (len(val) - ctx - 1) // n_val_windows
+        vx = np.stack([val[i * stride:i * stride + ctx + 1] for i in range(n_val_windows)])
+        _DATA["chars"] = (torch.from_numpy(train), torch.from_numpy(vx), len(text))
+    return _DATA["chars"]
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+def build_model(task: str):
+    import torch
+    from torch import nn
+
+    if task == "mlp":
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    if task == "cnn":
+        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(32 * 4 * 4, 10))
+
+    class CharTransformer(nn.Module):
+        def __init__(self, vocab=128, d=48, heads=4, ctx=32):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, d)
+            self.pos = nn.Parameter(torch.randn(ctx, d) * 0.02)
+            layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+            self.body = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(d)
+            self.out = nn.Linear(d, vocab)
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(ctx))
+
+        def forward(self, x):
+            t = x.shape[1]
+            h = self.body(self.embed(x) + self.pos[:t], mask=self.mask[:t, :t], is_causal=True)
+            return self.out(self.norm(h))
+
+    return CharTransformer()
+
+
+# ---- one run ---------------------------------------------------------------------------------
+
+def run_one(task_name: str, lr: float, schedule: str, seed: int, steps: int, eval_every: int,
+            log_path: str | None = None) -> dict:
+    import torch
+    from torch.nn import functional as F
+
+    torch.set_num_threads(1)
+    task = TASKS[task_name]
+    torch.manual_seed(seed)
+    model = build_model(task_name)
+    rng = np.random.default_rng(10_000 + seed)  # batch order: same for every schedule of a seed
+    if task_name == "charlm":
+        train, val_windows, _ = chars()
+        ctx = 32
+        offsets = rng.integers(0, len(train) - ctx - 1, size=(steps, task.batch))
+        ar = torch.arange(ctx + 1)
+
+        def batch(i):
+            w = train[torch.from_numpy(offsets[i])[:, None] + ar]
+            return w[:, :-1], w[:, 1:]
+
+        def loss_of(out, y):
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+        vx, vy = val_windows[:, :-1], val_windows[:, 1:]
+    else:
+        xtr, ytr, vx, vy = digits()
+        per_epoch = len(ytr) // task.batch
+        perms = [rng.permutation(len(ytr)) for _ in range(steps // per_epoch + 1)]
+
+        def batch(i):
+            e, k = divmod(i, per_epoch)
+            idx = torch.from_numpy(perms[e][k * task.batch:(k + 1) * task.batch])
+            return xtr[idx], ytr[idx]
+
+        loss_of = F.cross_entropy
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad():
+            v = float(loss_of(model(vx), vy))
+        model.train()
+        return v
+
+    if task.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = engine = None
+    if schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(steps // 3, 1), gamma=0.1)
+    elif schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    elif schedule == "rlrop":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)  # PyTorch's defaults
+    elif schedule in ("plateau", "auto"):
+        from autolr.config import Settings
+        from autolr.engine import RunEngine
+        from autolr.plugins import policy_classes
+        from autolr.records import Record
+
+        engine = RunEngine(Settings(policies=((schedule, {}),)).chain(policy_classes()))
+    log = open(log_path, "w") if log_path else None
+
+    init_val = evaluate()
+    lrs: list[tuple[int, float]] = []  # (step, lr) at every change; the LR used from that step on
+    vals: list[tuple[int, float]] = []
+    train_curve: list[tuple[int, float]] = []
+    decisions: list[dict] = []
+    acc, n_acc = 0.0, 0
+    diverged_at = None
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(steps):
+        step = i + 1  # the log's step: optimizer updates done after this one
+        if engine is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr * engine.scale
+        cur = opt.param_groups[0]["lr"]
+        if not lrs or lrs[-1][1] != cur:
+            lrs.append((i, cur))
+        x, y = batch(i)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of(model(x), y)
+        loss.backward()
+        opt.step()
+        loss_v = float(loss.detach())
+        metrics = {"loss": loss_v}
+        acc += loss_v
+        n_acc += 1
+        if step % eval_every == 0 or step == steps:
+            v = evaluate()
+            metrics["val_loss"] = v
+            vals.append((step, v))
+            train_curve.append((step, acc / n_acc))
+            acc, n_acc = 0.0, 0
+        if log is not None:
+            log.write(json.dumps({"step": step, **metrics}) + "\n")
+        if sched is not None:
+            if schedule == "rlrop":
+                if "val_loss" in metrics:
+                    sched.step(metrics["val_loss"])
+            else:
+                sched.step()
+        elif engine is not None:
+            for d in engine.feed(Record(metrics=metrics, step=step)):
+                decisions.append({"step": d.step, "scale": d.scale, "policy": d.policy, "reason": d.reason})
+        if not math.isfinite(loss_v):
+            diverged_at = step  # the weights are no longer finite: nothing can recover this run
+            break
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if log is not None:
+        log.close()
+    final = vals[-1][1] if vals and diverged_at is None else math.nan
+    if diverged_at is not None:
+        vals.append((diverged_at, math.nan))
+    diverged = not math.isfinite(final) or final > init_val
+    return {"task": task_name, "lr": lr, "schedule": schedule, "seed": seed, "steps": steps,
+            "init_val": init_val, "final_val": final, "diverged": diverged, "diverged_at": diverged_at,
+            "vals": vals, "train": train_curve, "lrs": lrs, "decisions": decisions, "wall": wall, "cpu": cpu}
+
+
+def _job(args):
+    return run_one(*args)
+
+
+def _init_worker():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+# ---- reporting -------------------------------------------------------------------------------
+
+def med(xs):
+    xs = [x for x in xs]
+    if any(not math.isfinite(x) for x in xs):
+        # NaN (diverged) sorts above everything: the median of [1, 2, nan] is 2, of [1, nan, nan] nan
+        xs = sorted(xs, key=lambda x: (not math.isfinite(x), x if math.isfinite(x) else 0))
+        return xs[(len(xs) - 1) // 2] if len(xs) % 2 else (
+            statistics.fmean(xs[len(xs) // 2 - 1:len(xs) // 2 + 1]))
+    return statistics.median(xs)
+
+
+def fmt(x, digits=3):
+    if x is None:
+        return "—"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "diverged" if math.isnan(x) else str(x)
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def steps_to(run, target):
+    for step, v in run["vals"]:
+        if math.isfinite(v) and v <= target:
+            return step
+    return None
+
+
+def analyse(runs: list[dict], tasks: list[str]) -> dict:
+    out = {"targets": {}, "cells": {}, "cases": [], "saveable": []}
+    by = {}
+    for r in runs:
+        by.setdefault((r["task"], r["lr"], r["schedule"]), []).append(r)
+    for t in tasks:
+        finals = [r["final_val"] for r in runs if r["task"] == t and r["schedule"] in TORCH_SCHEDULES
+                  and not r["diverged"]]
+        out["targets"][t] = float(np.percentile(finals, 25)) if finals else math.nan
+    for (t, lr, s), rs in by.items():
+        rs.sort(key=lambda r: r["seed"])
+        target = out["targets"][t]
+        reach = [steps_to(r, target) for r in rs]
+        got = sorted(x for x in reach if x is not None)
+        out["cells"][(t, lr, s)] = {
+            "final": med([r["final_val"] for r in rs]),
+            "lo": min((r["final_val"] for r in rs), key=lambda x: x if math.isfinite(x) else math.inf),
+            "hi": max((r["final_val"] for r in rs), key=lambda x: x if math.isfinite(x) else math.inf),
+            "reach": got[(len(rs) - 1) // 2] if len(got) > (len(rs) - 1) // 2 else None,
+            "reached": len(got), "seeds": len(rs), "diverged": sum(r["diverged"] for r in rs),
+        }
+    for t in tasks:
+        lrs = sorted({lr for (tt, lr, _) in by if tt == t})
+        for lr in lrs:
+            a, b = out["cells"].get((t, lr, "auto")), out["cells"].get((t, lr, "rlrop"))
+            if a is None or b is None:
+                continue
+            fa, fb = a["final"], b["final"]
+            ok = (math.isfinite(fa) and (not math.isfinite(fb) or fa <= fb * (1 + TOLERANCE)))
+            out["cases"].append({"task": t, "lr": lr, "auto": fa, "rlrop": fb, "ok": ok})
+            for r in by[(t, lr, "auto")]:
+                if not r["diverged"]:
+                    continue
+                others = [o["schedule"] for s in SCHEDULES if s != "auto"
+                          for o in by.get((t, lr, s), []) if o["seed"] == r["seed"] and not o["diverged"]]
+                lower = [f"constant@{l:g}" for l in lrs if l < lr
+                         for o in by.get((t, l, "constant"), []) if o["seed"] == r["seed"] and not o["diverged"]]
+                if others or lower:
+                    out["saveable"].append({"task": t, "lr": lr, "seed": r["seed"], "diverged_at": r["diverged_at"],
+                                            "final_val": r["final_val"], "saved_by": others + lower})
+    return out
+
+
+def report(runs, res, args, wall, tasks) -> str:
+    lines = [f"# Real training on the CPU: autolr vs PyTorch schedules", "",
+             f"{machine_line()}, torch {__import__('torch').__version__}, {args.workers} worker processes x 1 thread.",
+             f"Command: `python benchmarks/bench_training.py{(' ' + ' '.join(sys.argv[1:])) if sys.argv[1:] else ''}`"
+             f" — {len(runs)} runs in {wall:.0f} s wall.", "",
+             f"Seeds {', '.join(map(str, range(args.seeds)))}; validation every {args.eval_every} steps; "
+             f"each row: median over seeds of the final validation loss [min–max], median steps to the "
+             f"task's target (seeds that reached it), diverged seeds (non-finite, or final val above initial).", ""]
+    for t in tasks:
+        task = TASKS[t]
+        steps = next(r["steps"] for r in runs if r["task"] == t)
+        init = statistics.median(r["init_val"] for r in runs if r["task"] == t)
+        lines += [f"## {t}: {task.what}, {steps} steps", "",
+                  f"Initial validation loss {init:.3g}; target {res['targets'][t]:.4g} (25th percentile of the "
+                  f"PyTorch schedules' non-diverged final validation losses).", ""]
+        rows = []
+        for lr in task.lrs:
+            for s in SCHEDULES:
+                c = res["cells"].get((t, lr, s))
+                if c is None:
+                    continue
+                rng = f"[{fmt(c['lo'])}–{fmt(c['hi'])}]"
+                reach = f"{c['reach']} ({c['reached']}/{c['seeds']})" if c["reach"] is not None else \
+                    f"— ({c['reached']}/{c['seeds']})"
+                rows.append([f"{lr:g}", LABELS[s], fmt(c["final"], 4), rng, reach, c["diverged"]])
+        lines += [md_table(["LR", "schedule", "final val loss", "range", "steps to target", "diverged"], rows,
+                           "llrrrr"), ""]
+    cases = res["cases"]
+    n_ok = sum(c["ok"] for c in cases)
+    share = n_ok / len(cases) if cases else math.nan
+    lines += ["## Verdicts", "",
+              md_table(["task", "LR", "auto", "ReduceLROnPlateau", "auto/RLRoP", f"auto ≤ RLRoP·{1 + TOLERANCE:g}"],
+                       [[c["task"], f"{c['lr']:g}", fmt(c["auto"], 4), fmt(c["rlrop"], 4),
+                         fmt(c["auto"] / c["rlrop"], 3) if math.isfinite(c["auto"]) and math.isfinite(c["rlrop"])
+                         else "—", "yes" if c["ok"] else "**no**"] for c in cases], "llrrrr"), "",
+              f"1. `auto` at least as good as ReduceLROnPlateau (median final val loss ≤ RLRoP's × "
+              f"{1 + TOLERANCE:g}) in **{n_ok}/{len(cases)} = {share:.0%}** of task × LR cases (target ≥ "
+              f"{TARGET_SHARE:.0%}): **{'met' if share >= TARGET_SHARE else 'missed'}**.",
+              f"2. `auto` diverged where the run could have been saved in **{len(res['saveable'])}** run(s) "
+              f"(target 0): **{'met' if not res['saveable'] else 'missed'}**."]
+    for s in res["saveable"]:
+        lines.append(f"   - {s['task']} lr={s['lr']:g} seed {s['seed']}: diverged at step "
+                     f"{s['diverged_at']}, final {fmt(s['final_val'])}; not diverged: {', '.join(s['saved_by'])}")
+    lines += ["", "## autolr decisions (seed 0)", ""]
+    for t in tasks:
+        for lr in TASKS[t].lrs:
+            for s in ("plateau", "auto"):
+                r = next((r for r in runs if (r["task"], r["lr"], r["schedule"], r["seed"]) == (t, lr, s, 0)), None)
+                if r is None:
+                    continue
+                lines.append(f"- **{t} lr={lr:g} {s}**: {len(r['decisions'])} decision(s)"
+                             + ("" if r["decisions"] else "; the LR stayed at its initial value"
+                                if s == "plateau" else ""))
+                for d in r["decisions"][:8]:
+                    lines.append(f"  - step {d['step']}: scale {d['scale']:.4g} — {d['reason'][:240]}")
+                if len(r["decisions"]) > 8:
+                    lines.append(f"  - … {len(r['decisions']) - 8} more")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs, res, tasks, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"constant": "0.5", "step": "tab:blue", "cosine": "tab:green", "rlrop": "tab:orange",
+              "plateau": "tab:purple", "auto": "tab:red"}
+    ncol = max(len(TASKS[t].lrs) for t in tasks)
+    fig, axes = plt.subplots(2 * len(tasks), ncol, figsize=(4.2 * ncol, 3.0 * 2 * len(tasks)), squeeze=False)
+    for ti, t in enumerate(tasks):
+        for li, lr in enumerate(TASKS[t].lrs):
+            ax, axl = axes[2 * ti][li], axes[2 * ti + 1][li]
+            for s in SCHEDULES:
+                rs = [r for r in runs if (r["task"], r["lr"], r["schedule"]) == (t, lr, s)]
+                if not rs:
+                    continue
+                steps = sorted({st for r in rs for st, _ in r["vals"]})
+                ys = []
+                for st in steps:
+                    vs = [dict(r["vals"]).get(st, math.nan) for r in rs]
+                    vs = [v for v in vs if math.isfinite(v)]
+                    ys.append(statistics.median(vs) if len(vs) > len(rs) // 2 else math.nan)
+                ax.plot(steps, ys, color=colors[s], lw=1.6 if s == "auto" else 1.0, label=LABELS[s])
+                r0 = min(rs, key=lambda r: r["seed"])
+                xs, ls = [], []
+                for (st, l), nxt in zip(r0["lrs"], r0["lrs"][1:] + [(r0["steps"], None)]):
+                    xs += [st, nxt[0]]
+                    ls += [l, l]
+                axl.plot(xs, ls, color=colors[s], lw=1.6 if s == "auto" else 1.0)
+            ax.axhline(res["targets"][t], color="k", ls=":", lw=0.8)
+            ax.set_yscale("log")
+            ax.set_title(f"{t}, lr={lr:g}: val loss (median of seeds)", fontsize=9)
+            axl.set_yscale("log")
+            axl.set_title(f"{t}, lr={lr:g}: LR (seed 0)", fontsize=9)
+            axl.set_xlabel("step", fontsize=8)
+            if ti == 0 and li == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---- replay check ----------------------------------------------------------------------------
+
+def check_replay(task: str, lr: float, steps: int, eval_every: int) -> list[str]:
+    """Run each autolr schedule once with a JSONL log; `autolr replay` must give the same LRs."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in ("plateau", "auto"):
+            log = os.path.join(tmp, f"{s}.jsonl")
+            r = run_one(task, lr, s, 0, steps, eval_every, log_path=log)
+            cmd = [sys.executable, "-m", "autolr.cli", "replay", log, "--policy", s, "--base-lr", repr(lr),
+                   "--every-row"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+            replay = {row["step"]: row["lr"] for row in rows if row.get("step") is not None}
+            # in the run, the LR used at step index i (log step i+1) came from the row of step i
+            trace = dict(r["lrs"])
+            used, mism, cur = {}, 0, lr
+            for i in range(1, r["steps"] if r["diverged_at"] is None else r["diverged_at"]):
+                cur = trace.get(i, cur)
+                want = replay.get(i)
+                if want is None or abs(want - cur) > 1e-12 * cur:
+                    mism += 1
+            out.append(f"{task} lr={lr:g} {s}: {len(replay)} replayed rows, {len(r['decisions'])} decisions, "
+                       f"{mism} LR mismatches between the closed loop and `autolr replay`")
+    return out
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
+    ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every task's step count")
+    ap.add_argument("--eval-every", type=int, default=25, help="validation every N optimiser steps")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default="training", help="basename of the result files")
+    ap.add_argument("--check-replay", action="store_true",
+                    help="also check autolr replay against the closed loop on one mlp configuration")
+    args = ap.parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    schedules = [s for s in args.schedules.split(",") if s]
+    jobs = []
+    for t in tasks:
+        steps = max(int(TASKS[t].steps * args.steps_scale), args.eval_every)
+        for lr in TASKS[t].lrs:
+            for s in schedules:
+                for seed in range(args.seeds):
+                    jobs.append((t, lr, s, seed, steps, args.eval_every))
+    cost = {"charlm": 5.5, "cnn": 1.9, "mlp": 0.6}  # ms per step, for load balancing: longest first
+    jobs.sort(key=lambda j: -cost[j[0]] * j[4])
+    t0 = time.perf_counter()
+    if tasks:
+        if "charlm" in tasks:
+            chars()  # fail early if the stdlib source is missing
+    runs = []
+    with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
+        for k, r in enumerate(pool.map(_job, jobs, chunksize=1), 1):
+            runs.append(r)
+            if k % 20 == 0 or k == len(jobs):
+                print(f"[{time.perf_counter() - t0:6.1f}s] {k}/{len(jobs)} runs", file=sys.stderr, flush=True)
+    wall = time.perf_counter() - t0
+    res = analyse(runs, tasks)
+    text = report(runs, res, args, wall, tasks)
+    if args.check_replay:
+        lines = check_replay("mlp", 1.0, TASKS["mlp"].steps, args.eval_every)
+        text += "\n## Closed loop vs `autolr replay`\n\n" + "\n".join(f"- {x}" for x in lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.md").write_text(text)
+    plot(runs, res, tasks, out / f"{args.name}.png")
+    (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "wall": wall, "runs": runs}))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
