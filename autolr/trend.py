@@ -124,10 +124,35 @@ def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, cli
     """
     x, y = _xy(y, x)
     n = len(y)
-    if n < 6 or not np.all(np.isfinite(y)):
-        return TrendTest(1.0, 0.0, -math.inf, math.inf, 0.0, n, math.nan)
+    none = TrendTest(1.0, 0.0, -math.inf, math.inf, 0.0, n, math.nan)
+    if n < 6 or not (np.all(np.isfinite(y)) and np.all(np.isfinite(x))):
+        return none
+    # The test is shift and scale invariant: work on y in [-1, 1] around its median and x in
+    # [0, 1], so no value (1e300 losses included) can overflow the fits; rescale the results.
+    top = float(np.max(np.abs(y)))
+    y1 = y / top if top > 0 else y
+    center = float(np.median(y1))
+    spread = float(np.max(np.abs(y1 - center)))
+    span = float(x[-1] - x[0])
+    if not (spread > 0 and span > 0):
+        return TrendTest(1.0, 0.0, 0.0, 0.0, 0.0, n, 0.0)  # a flat window: not improving
+    yscale = spread * top if top > 0 else spread
+    try:
+        with np.errstate(all="ignore"):
+            r = _improvement((y1 - center) / spread, (x - x[0]) / span, mode=mode,
+                             min_rate=min_rate * span / yscale, clip=clip, confidence=confidence)
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError, ZeroDivisionError):
+        return none
+    k = yscale / span
+    return TrendTest(r.p, r.slope * k, r.lo * k, r.hi * k, r.phi, n, r.noise * yscale, r.decline_sigmas)
+
+
+def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, clip: float,
+                 confidence: float) -> TrendTest:
+    """:func:`improvement_test` on a normalised window (y in [-1, 1], x in [0, 1])."""
+    n = len(y)
     sign = 1.0 if mode == "min" else -1.0
-    xs = (x - x[0]) / max(float(x[-1] - x[0]), 1e-300)  # in [0, 1]: well conditioned
+    xs = x
     vander = np.column_stack([np.ones(n), xs, xs * xs])
     line = vander[:, :2] @ np.linalg.lstsq(vander[:, :2], y, rcond=None)[0]
     yw = y
