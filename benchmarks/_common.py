@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -101,6 +102,20 @@ def children_cpu_seconds(pid: int) -> float:
         data = f.read()
     fields = data[data.rindex(")") + 2:].split()
     return (int(fields[13]) + int(fields[14])) / CLK_TCK
+
+
+def run_delay_seconds(pid: int) -> float:
+    """Time the process's threads spent runnable but waiting for a CPU (schedstat), seconds.
+
+    On a shared machine this shows when the daemon was starved rather than idle.
+    """
+    total = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+    return total / 1e9
 
 
 def mem_kb(pid: int) -> dict[str, int]:
@@ -255,3 +270,60 @@ class Inotify:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+# ---- py-spy ----------------------------------------------------------------------------------
+
+class PySpy:
+    """``py-spy record`` of a running process until ``stop()``; ``top()`` summarises own and
+    cumulative time per frame (idle frames excluded, as py-spy does by default)."""
+
+    def __init__(self, pid: int, out: Path, rate: int = 200, native: bool = False):
+        self.out = out
+        exe = shutil.which("py-spy")
+        if exe is None:
+            raise RuntimeError("py-spy is not installed (pip install py-spy)")
+        argv = [exe, "record", "-p", str(pid), "-r", str(rate), "-f", "raw", "-o", str(out), "--threads"]
+        if native:
+            argv.append("--native")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def top(self, n: int = 15, strip: str = "") -> str:
+        from collections import Counter
+
+        own: Counter[str] = Counter()
+        cum: Counter[str] = Counter()
+        total = 0
+        try:
+            lines = self.out.read_text().splitlines()
+        except OSError:
+            return "(no py-spy output)"
+        for line in lines:
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            k = int(count)
+            frames = [f for f in stack.split(";") if not f.startswith(("thread (", "process "))]
+            if not frames:
+                continue
+            total += k
+            own[frames[-1]] += k
+            for f in set(frames):
+                cum[f] += k
+        if not total:
+            return "(no samples)"
+        clean = (lambda f: f.replace(strip, "")) if strip else (lambda f: f)
+        rows = [f"{100 * v / total:5.1f}%  {clean(f)}" for f, v in own.most_common(n)]
+        crow = [f"{100 * v / total:5.1f}%  {clean(f)}" for f, v in cum.most_common(n + 12)
+                if "autolr" in f and "cli.py" not in f and "click" not in f][:n]
+        return (f"{total} samples (non-idle)\n\nown time:\n" + "\n".join(rows)
+                + "\n\ncumulative, autolr frames:\n" + "\n".join(crow))

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (IN_MOVED_TO, Daemon, Inotify, cpu_seconds, daemon_cmd, machine_line, md_table,  # noqa: E402
+from _common import (IN_MOVED_TO, Daemon, Inotify, PySpy, cpu_seconds, daemon_cmd, machine_line, md_table,  # noqa: E402
                      median, percentile, read_control)
 
 POLICY = "step:step_size=1,gamma=0.999"
@@ -56,7 +56,7 @@ def prefill(log: Path, n: int) -> None:
 
 def measure_daemon(tmp: Path, name: str, daemon_args: list[str], *, rows: int, prefill_rows: int,
                    pause: tuple[float, float], timeout: float, detect: str, cmd: list[str] | None,
-                   idle: float) -> dict:
+                   idle: float, profile: bool = False) -> dict:
     root = tmp / name
     run = root / "run"
     run.mkdir(parents=True)
@@ -81,6 +81,7 @@ def measure_daemon(tmp: Path, name: str, daemon_args: list[str], *, rows: int, p
         idle_pct = 100 * (cpu_seconds(daemon.pid) - c0) / (time.monotonic() - w0)
         watcher = Inotify(run, IN_MOVED_TO) if detect == "inotify" else None
         fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+        spy = PySpy(daemon.pid, tmp / f"{name}.pyspy") if profile else None
         cpu0 = cpu_seconds(daemon.pid)
         wall0 = time.monotonic()
         try:
@@ -127,11 +128,16 @@ def measure_daemon(tmp: Path, name: str, daemon_args: list[str], *, rows: int, p
                 watcher.close()
         cpu = cpu_seconds(daemon.pid) - cpu0
         wall = time.monotonic() - wall0
+        prof = None
+        if spy:
+            spy.stop()
+            prof = spy.top(15, strip=str(Path(__file__).resolve().parent.parent) + "/")
     finally:
         daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
     return {"name": name, "lat": lat, "missed": missed, "rows": rows,
-            "cpu_ms_per_row": 1e3 * cpu / rows, "cpu_pct": 100 * cpu / wall, "idle_pct": idle_pct}
+            "cpu_ms_per_row": 1e3 * cpu / rows, "cpu_pct": 100 * cpu / wall, "idle_pct": idle_pct,
+            "profile": prof}
 
 
 # ---- in-process baselines --------------------------------------------------------------------
@@ -242,6 +248,8 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=2.0, help="seconds of daemon CPU measured before any write")
     ap.add_argument("--dir", help="where the temporary run folders go (its file system is measured); default $TMPDIR")
     ap.add_argument("--daemon-cmd", help="command prefix instead of 'python -m autolr.cli' (to compare a build)")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the daemon during the rows of the inotify configurations (pip install py-spy)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     random.seed(args.seed)
@@ -277,7 +285,8 @@ def main() -> int:
                 adjacent[kind] = median(xs)
             res = measure_daemon(tmp, f"c{idx}", dargs, rows=rows, prefill_rows=args.prefill, pause=pause,
                                  timeout=max(args.timeout, 3.0 if "poll 1" not in label else 5.0), detect=args.detect,
-                                 cmd=daemon_cmd(args.daemon_cmd), idle=args.idle)
+                                 cmd=daemon_cmd(args.daemon_cmd), idle=args.idle,
+                                 profile=args.profile and label.startswith("inotify"))
             res["label"] = label
             res["adjacent"] = adjacent
             results.append(res)
@@ -323,6 +332,10 @@ def main() -> int:
         p99 = percentile(r["lat"], 99)
         verdict = "met" if p99 < TARGET_P99_MS and not r["missed"] else "MISSED"
         print(f"- Target p99 < {TARGET_P99_MS:.0f} ms with inotify, {r['label']}: p99 {p99:.2f} ms -> {verdict}")
+    for r in results:
+        if r.get("profile"):
+            print(f"\npy-spy of the daemon while rows were written, {r['label']} (Python frames, idle "
+                  f"excluded):\n\n```\n{r['profile']}\n```")
     return 0
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (IN_MOVED_TO, Daemon, Inotify, cpu_seconds, daemon_cmd, inotify_limits,  # noqa: E402
-                     machine_line, md_table, median, mem_kb, percentile, read_control)
+                     machine_line, md_table, median, mem_kb, percentile, read_control, run_delay_seconds)
 
 POLICY = "step:step_size=1,gamma=0.9999"
 TARGET_CPU = 25.0  # % of one core, 1000 runs (issue 6)
@@ -90,21 +90,22 @@ class Sampler:
 
     def __init__(self, pid: int):
         self.pid = pid
-        self.samples: list[tuple[float, float, dict]] = []  # (monotonic, cpu seconds, mem)
+        self.samples: list[tuple[float, float, dict, float]] = []  # (monotonic, cpu s, mem, run delay s)
         self.sample()
 
     def sample(self) -> None:
-        self.samples.append((time.monotonic(), cpu_seconds(self.pid), mem_kb(self.pid)))
+        self.samples.append((time.monotonic(), cpu_seconds(self.pid), mem_kb(self.pid), run_delay_seconds(self.pid)))
 
     def since(self, k: int) -> dict:
         """Averages from sample k to the last."""
         s = self.samples[k:]
-        t0, c0, _ = s[0]
-        t1, c1, m1 = s[-1]
+        t0, c0, _, d0 = s[0]
+        t1, c1, m1, d1 = s[-1]
         per = [100 * (b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(s, s[1:]) if b[0] > a[0]]
         return {"cpu": 100 * (c1 - c0) / max(t1 - t0, 1e-9), "cpu_p90": percentile(per, 90),
                 "rss": max(x[2]["VmRSS"] for x in s) / 1024, "hwm": m1["VmHWM"] / 1024,
-                "rss_end": m1["VmRSS"] / 1024, "secs": t1 - t0}
+                "rss_end": m1["VmRSS"] / 1024, "secs": t1 - t0,
+                "waiting": 100 * (d1 - d0) / max(t1 - t0, 1e-9)}
 
 
 def run_config(tmp: Path, n_runs: int, fsync: bool, args, cmd) -> dict:
@@ -327,7 +328,7 @@ def main() -> int:
         rows.append([
             f"{r['runs']} runs, {'fsync' if r['fsync'] else '--no-fsync'} ({r['mode']})",
             f"{r['rows_per_s']:,.0f}",
-            f"**{w['cpu']:.1f}**", f"{w['cpu_p90']:.0f}",
+            f"**{w['cpu']:.1f}**", f"{w['cpu_p90']:.0f}", f"{w['waiting']:.0f}",
             f"{i['cpu']:.1f}", f"{r['writer_cpu']:.1f}",
             f"**{r['final']['VmHWM'] / 1024:.0f}**", f"{r['final']['VmRSS'] / 1024:.0f}", f"{i['rss']:.0f}",
             f"{median(lags):.1f}", f"**{percentile(lags, 99):.1f}**", f"{max(lags) if lags else float('nan'):.0f}",
@@ -336,6 +337,7 @@ def main() -> int:
             f"{r['startup']:.1f}",
         ])
     print(md_table(["configuration", "rows/s written", "daemon CPU % (writing)", "p90 of 1-s CPU %",
+                    "daemon threads runnable but waiting for a CPU, % (sum)",
                     "daemon CPU % idle (baseline)", "writers' CPU % (baseline)", "peak RSS MB (VmHWM)", "RSS after drain MB",
                     "RSS idle MB", "lag median ms", "lag p99 ms", "lag max ms", "lag samples",
                     "runs behind at stop", "drain s", "startup + catch-up s"], rows))
