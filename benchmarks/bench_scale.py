@@ -119,7 +119,7 @@ def run_config(tmp: Path, n_runs: int, fsync: bool, args, cmd) -> dict:
     logs = [str(r / "metrics.jsonl") for r in runs]
     n_sample = min(args.sample, n_runs)
     sampled = sorted({i * n_runs // n_sample for i in range(n_sample)})
-    daemon = Daemon(root, ["--policy", POLICY, "--base-lr", "0.1", *([] if fsync else ["--no-fsync"])],
+    daemon = Daemon(root, ["--policy", args.policy, "--base-lr", "0.1", *([] if fsync else ["--no-fsync"])],
                     tmp / f"{name}.out", cmd)
     writers: list[subprocess.Popen] = []
     watcher = Inotify(mask=IN_MOVED_TO)
@@ -131,7 +131,7 @@ def run_config(tmp: Path, n_runs: int, fsync: bool, args, cmd) -> dict:
         out["startup"] = time.monotonic() - t0
         out["mode"] = "poll" if "(poll" in daemon.output() else "inotify"
         # every run has its initial decisions out: wait for the prefill's last step everywhere
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + (120 if args.policy == POLICY else 0)
         pending = set(range(n_runs))
         while pending and time.monotonic() < deadline:
             pending = {i for i in pending if (read_control(runs[i] / "autolr.json") or {}).get("step") != args.prefill - 1}
@@ -199,6 +199,8 @@ def run_config(tmp: Path, n_runs: int, fsync: bool, args, cmd) -> dict:
             for p, v in r["times"].items():
                 write_times[logs.index(p)] = v
         behind = [p for p, s in last.items() if (read_control(Path(p).parent / "autolr.json") or {}).get("step") != s]
+        if args.policy != POLICY:
+            behind = []  # the control file's step follows decisions only
         out["behind_at_stop"] = len(behind)
         deadline = t_stop + args.drain_timeout
         while behind and time.monotonic() < deadline:
@@ -293,6 +295,9 @@ def main() -> int:
     ap.add_argument("--drain-timeout", type=float, default=60.0)
     ap.add_argument("--steady-rows", type=int, default=3000,
                     help="rows fed in-process per engine for the steady-state memory projection (0 skips)")
+    ap.add_argument("--policy", default=POLICY,
+                    help="daemon policy; lag needs a decision on every row (the default); with a policy that "
+                         "rarely decides only CPU and memory are meaningful")
     ap.add_argument("--dir", help="where the temporary run folders go; default $TMPDIR")
     ap.add_argument("--daemon-cmd", help="command prefix instead of 'python -m autolr.cli'")
     args = ap.parse_args()
@@ -317,7 +322,7 @@ def main() -> int:
 
     print(f"{machine_line()}; load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end. "
           f"inotify limits: max_user_watches {limits['max_user_watches']}, max_user_instances "
-          f"{limits['max_user_instances']}, max_queued_events {limits['max_queued_events']}. Policy `{POLICY}` "
+          f"{limits['max_user_instances']}, max_queued_events {limits['max_queued_events']}. Policy `{args.policy}` "
           f"(a decision per row), {args.rate:g} rows/s per run for {args.duration:g} s from {args.writers} writer "
           f"processes, idle baseline {args.idle:g} s"
           + (f"; daemon: `{args.daemon_cmd}`" if args.daemon_cmd else "") + ".\n")
@@ -331,7 +336,8 @@ def main() -> int:
             f"**{w['cpu']:.1f}**", f"{w['cpu_p90']:.0f}", f"{w['waiting']:.0f}",
             f"{i['cpu']:.1f}", f"{r['writer_cpu']:.1f}",
             f"**{r['final']['VmHWM'] / 1024:.0f}**", f"{r['final']['VmRSS'] / 1024:.0f}", f"{i['rss']:.0f}",
-            f"{median(lags):.1f}", f"**{percentile(lags, 99):.1f}**", f"{max(lags) if lags else float('nan'):.0f}",
+            *((f"{median(lags):.1f}", f"**{percentile(lags, 99):.1f}**", f"{max(lags):.0f}") if lags
+              else ("n/a", "n/a", "n/a")),
             f"{len(lags)}" + (f" (+{r['unseen']} unseen)" if r["unseen"] else ""),
             f"{r['behind_at_stop']}", f"{r['drain']:.2f}" if r["drain"] is not None else f"> {args.drain_timeout:g} ({r['behind_after_drain']} left)",
             f"{r['startup']:.1f}",
