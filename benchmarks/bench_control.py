@@ -33,8 +33,8 @@ class _Empty:
         return default
 
 
-def time_calls(fn, arg, calls: int, reps: int) -> float:
-    """Median ns per call of ``fn(arg)`` over ``reps`` loops of ``calls`` calls each.
+def time_calls(fn, arg, calls: int, reps: int) -> tuple[float, float]:
+    """(median, min) ns per call of ``fn(arg)`` over ``reps`` loops of ``calls`` calls each.
 
     The loop overhead is included in every row alike (it is part of the baselines too).
     """
@@ -45,10 +45,10 @@ def time_calls(fn, arg, calls: int, reps: int) -> float:
         for _ in rng:
             fn(arg)
         per.append((time.perf_counter_ns() - t0) / calls)
-    return statistics.median(per)
+    return statistics.median(per), min(per)
 
 
-def bench_client(run: Path, calls: int, reps: int) -> list[tuple[str, float]]:
+def bench_client(run: Path, calls: int, reps: int) -> list[tuple[str, tuple[float, float]]]:
     path = str(run / "autolr.json")
     rows = [
         ("empty Python method call (baseline)", time_calls(_Empty().call, 0.1, calls, reps)),
@@ -72,7 +72,6 @@ def bench_torch(run: Path, steps: int, reps: int) -> dict[str, float] | None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
     loss_fn = torch.nn.CrossEntropyLoss()
-    ctl = Control(run)  # min_interval=0: one stat per step, the most expensive setting
     base = 0.1
 
     def plain(n):
@@ -81,25 +80,28 @@ def bench_torch(run: Path, steps: int, reps: int) -> dict[str, float] | None:
             loss_fn(model(x), y).backward()
             opt.step()
 
-    def controlled(n):
-        for _ in range(n):
-            opt.param_groups[0]["lr"] = ctl.lr(base)
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            opt.step()
+    def controlled(ctl):
+        def loop(n):
+            for _ in range(n):
+                opt.param_groups[0]["lr"] = ctl.lr(base)
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x), y).backward()
+                opt.step()
+        return loop
 
-    plain(200)  # warm up
-    controlled(200)
-    t_plain, t_ctl = [], []
-    for _ in range(reps):  # interleaved, so drift hits both alike
-        for fn, out in ((plain, t_plain), (controlled, t_ctl)):
+    variants = {"plain": plain, "0": controlled(Control(run)),  # one stat per step
+                "0.01": controlled(Control(run, min_interval=0.01))}
+    times = {k: [] for k in variants}
+    for fn in variants.values():
+        fn(200)  # warm up
+    for r in range(reps):  # interleaved, order alternating, so drift hits all alike
+        for k in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
             t0 = time.perf_counter_ns()
-            fn(steps)
-            out.append((time.perf_counter_ns() - t0) / steps)
+            variants[k](steps)
+            times[k].append((time.perf_counter_ns() - t0) / steps)
     assert opt.param_groups[0]["lr"] == 0.05
-    p, c = statistics.median(t_plain), statistics.median(t_ctl)
-    return {"plain_us": p / 1e3, "ctl_us": c / 1e3, "overhead_pct": 100 * (c - p) / p,
-            "torch": torch.__version__}
+    med = {k: statistics.median(v) / 1e3 for k, v in times.items()}
+    return {"us": med, "torch": torch.__version__}
 
 
 def bench_publish(folder: Path, n_nofsync: int, n_fsync: int) -> dict[str, float]:
@@ -139,20 +141,23 @@ def main() -> None:
         torch_row = bench_torch(run, args.steps, args.reps)
         publish = bench_publish(Path(tmp), n_nofsync=300, n_fsync=50)
 
-    empty_ns, stat_ns = client[0][1], client[1][1]
+    empty_ns, stat_ns = client[0][1][0], client[1][1][0]
     print(f"Python {platform.python_version()}, {platform.system()} {platform.release()}, "
-          f"{platform.machine()}; {args.reps} repetitions x {args.calls} calls, median.\n")
-    print("| what | cost | vs empty call | vs os.stat |")
-    print("|---|---:|---:|---:|")
-    for name, ns in client:
-        print(f"| {name} | {ns:.0f} ns/call | {ns / empty_ns:.1f}x | {ns / stat_ns:.2f}x |")
+          f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; "
+          f"{args.reps} repetitions x {args.calls} calls, median.\n")
+    print("| what | median cost | vs empty call | vs os.stat | best repetition |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (ns, best) in client:
+        print(f"| {name} | {ns:.0f} ns/call | {ns / empty_ns:.1f}x | {ns / stat_ns:.2f}x | {best:.0f} ns/call |")
     if torch_row:
-        print(f"| tiny torch step (MLP 64-64-10, batch 32, SGD, 1 thread), plain "
-              f"| {torch_row['plain_us']:.1f} us/step | | |")
-        print(f"| same step + `opt.param_groups[0][\"lr\"] = ctl.lr(base)` (min_interval=0) "
-              f"| {torch_row['ctl_us']:.1f} us/step ({torch_row['overhead_pct']:+.2f} %) | | |")
-    print(f"| `ControlWriter.publish`, fsync=False | {publish[False]:.3f} ms | | |")
-    print(f"| `ControlWriter.publish`, fsync=True | {publish[True]:.3f} ms | | |")
+        us = torch_row["us"]
+        print(f"| tiny torch step (MLP 64-64-10, batch 32, SGD, 1 thread), plain | {us['plain']:.1f} us/step | | | |")
+        for interval in ("0", "0.01"):
+            pct = 100 * (us[interval] - us["plain"]) / us["plain"]
+            print(f"| same step + `opt.param_groups[0][\"lr\"] = ctl.lr(base)`, min_interval={interval} "
+                  f"| {us[interval]:.1f} us/step ({pct:+.2f} %) | | | |")
+    print(f"| `ControlWriter.publish`, fsync=False | {publish[False]:.3f} ms | | | |")
+    print(f"| `ControlWriter.publish`, fsync=True | {publish[True]:.3f} ms | | | |")
     if torch_row:
         print(f"\ntorch {torch_row['torch']}, {args.reps} interleaved repetitions x {args.steps} steps, median.")
 
