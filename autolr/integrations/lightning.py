@@ -1,0 +1,114 @@
+"""Lightning: ``AutolrCallback``, a ``lightning.pytorch.Callback``.
+
+Rule (the PyTorch one, :mod:`autolr.integrations.torch`): every optimizer step uses
+``group["lr"] × scale``, where ``group["lr"]`` is what your ``configure_optimizers`` and its
+LR schedulers set and ``scale`` is the control file's multiplier in force at that step. Hooks
+on each optimizer multiply before ``optimizer.step()`` and restore right after, so Lightning's
+schedulers never see the factor and both compose by multiplication.
+
+    trainer = L.Trainer(callbacks=[AutolrCallback()], logger=CSVLogger("logs"))
+    # run beside it:  autolr watch logs/
+
+The run folder defaults to ``trainer.log_dir``: the logger's folder (``CSVLogger`` and
+``TensorBoardLogger``: ``save_dir/name/version_N``, where the metrics file the daemon reads
+is), else ``default_root_dir``. The hooks go on at ``on_train_start``, after a checkpoint has
+been restored, with the step clock at ``trainer.global_step``, so a resumed fit lands
+``apply_at_step`` changes at the right steps; the clock is re-synced to ``global_step`` at
+every batch when there is one optimizer (automatic optimization), so steps skipped by AMP or
+accumulated batches do not shift it. They come off at the end of the fit.
+
+``AutolrCallback`` subclasses ``lightning.pytorch.Callback`` (the ``lightning`` package, else
+``pytorch_lightning``); ``PLAutolrCallback`` is the same for the ``pytorch_lightning`` package.
+Importing this module imports neither until one of the two names is used.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..control import Control
+from . import torch as _torch_integration
+
+__all__ = ["AutolrCallback", "PLAutolrCallback"]
+
+
+class _AutolrCallbackMixin:
+    """The callback's behaviour; mixed with the Callback base of the installed Lightning."""
+
+    def __init__(self, run_dir: str | os.PathLike | Control | None = None, *, min_interval: float = 0.0):
+        super().__init__()
+        self.run_dir = run_dir
+        self.min_interval = min_interval
+        self.handles: list[_torch_integration.AttachedControl] = []
+        self.control: Control | None = None
+
+    @property
+    def run_path(self) -> Path | None:
+        """The control file's folder in use (None before the fit starts)."""
+        return None if self.control is None else self.control.path.parent
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._detach()
+        run = self.run_dir
+        if run is None:
+            run = trainer.log_dir or trainer.default_root_dir
+        control = run if isinstance(run, Control) else Control(run, min_interval=self.min_interval)
+        self.control = control
+        start = int(trainer.global_step)
+        self.handles = [_torch_integration.attach(_unwrap(opt), control, start_step=start)
+                        for opt in trainer.optimizers]
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if len(self.handles) == 1 and getattr(pl_module, "automatic_optimization", True):
+            self.handles[0].step = int(trainer.global_step)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._detach()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._detach()
+
+    def effective_lrs(self) -> list[list[float]]:
+        """For each optimizer, each group's LR as its next step will use it."""
+        return [h.effective_lrs() for h in self.handles]
+
+    def _detach(self) -> None:
+        for handle in self.handles:
+            handle.detach()
+        self.handles = []
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The torch optimizer inside a LightningOptimizer (``trainer.optimizers`` holds plain ones)."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+_DOC = """Scale every optimizer's LR by the control file of ``run_dir`` (default: ``trainer.log_dir``).
+
+``run_dir``: a run folder, its ``autolr.json``, or a ``Control`` (``DistributedControl`` from
+:mod:`autolr.integrations.torch` too). ``min_interval``: stat the file at most every so many
+seconds. ``effective_lrs()`` gives each group's LR as the next step uses it.
+"""
+
+_classes: dict[str, type] = {}
+
+
+def _build(name: str) -> type:
+    if name not in _classes:
+        if name == "AutolrCallback":
+            try:
+                from lightning.pytorch import Callback
+            except ImportError:
+                from pytorch_lightning import Callback
+        else:
+            from pytorch_lightning import Callback
+        _classes[name] = type(name, (_AutolrCallbackMixin, Callback),
+                              {"__module__": __name__, "__qualname__": name, "__doc__": _DOC})
+    return _classes[name]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("AutolrCallback", "PLAutolrCallback"):
+        return _build(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

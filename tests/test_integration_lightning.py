@@ -1,0 +1,126 @@
+"""Lightning: AutolrCallback while the real daemon reads the Lightning CSVLogger's metrics.csv."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+L = pytest.importorskip("lightning.pytorch")
+
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from autolr.control import ControlWriter  # noqa: E402
+from autolr.integrations.lightning import AutolrCallback  # noqa: E402
+
+from .framework_util import MARGIN, check_applied, daemon, daemon_log, journal_summary, late_warnings  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+BASE_LR = 0.05
+
+
+def user_lambda(step: int) -> float:
+    """The user's own in-process schedule (a LambdaLR stepped every optimizer step)."""
+    return 1.0 / (1.0 + 0.01 * step)
+
+
+class Regression(L.LightningModule):
+    def __init__(self, delay: float = 0.0):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 1)
+        self.delay = delay
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.lin(x), y)
+        self.log("loss", loss)
+        if self.delay:
+            time.sleep(self.delay)  # a step that takes some time, as real ones do
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=BASE_LR, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, user_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class Probe(L.Callback):
+    """Records the LR each optimizer step really uses: a step pre-hook after autolr's."""
+
+    def __init__(self):
+        self.applied: dict[int, float] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        opt.register_step_pre_hook(
+            lambda o, args, kwargs: self.applied.__setitem__(trainer.global_step, o.param_groups[0]["lr"]))
+
+
+def data(n: int = 4096) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=g)
+
+
+def trainer(root, callbacks, max_steps: int, **kw) -> L.Trainer:
+    kw = {"enable_checkpointing": False, **kw}
+    return L.Trainer(max_steps=max_steps, callbacks=callbacks,
+                     logger=CSVLogger(root, name="exp", version=0, flush_logs_every_n_steps=1),
+                     log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                     accelerator="cpu", devices=1, **kw)
+
+
+def test_lightning_callback_follows_the_daemon(tmp_path):
+    root = tmp_path / "runs"
+    steps = 160
+    with daemon(root):
+        cb, probe = AutolrCallback(), Probe()
+        t = trainer(root, [cb, probe], steps)
+        with late_warnings() as late:
+            t.fit(Regression(delay=0.008), data())
+        run = root / "exp" / "version_0"
+        assert cb.run_path == run  # the default: the logger's folder, where metrics.csv is
+        assert (run / "metrics.csv").exists()
+    assert cb.handles == []  # detached at the end of the fit
+    user = {s: BASE_LR * user_lambda(s) for s in range(steps)}
+    assert sorted(probe.applied) == list(range(steps))
+    try:
+        journal = check_applied(run, probe.applied, user, late=late)
+    except AssertionError:
+        print(daemon_log(root), journal_summary(run))
+        raise
+    # The daemon decided from Lightning's own CSV rows: step-policy decisions every 25 steps.
+    decisions = [e for e in journal if e["kind"] == "decision"]
+    assert all(e["policy"] == "step" for e in decisions)
+    assert all(e["apply_at_step"] >= e["step"] + MARGIN for e in decisions)
+    # After the fit the optimizer holds the user's LR, without autolr's factor.
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(BASE_LR * user_lambda(steps))
+
+
+def test_resumed_fit_keeps_the_step_clock(tmp_path):
+    """A fit resumed from a checkpoint starts the clock at its global step: changes land on time."""
+    run = tmp_path / "run"
+    writer = ControlWriter(run, fsync=False)
+    writer.publish_many([  # as the daemon publishes them: the file's schedule lists both changes
+        dict(scale=1.0, lr=None, step=None, policy="", reason="initial", kind="initial", apply_at_step=None),
+        dict(scale=0.5, lr=None, step=20, policy="step", reason="test", apply_at_step=25),
+        dict(scale=0.25, lr=None, step=30, policy="step", reason="test", apply_at_step=35)])
+    model = Regression()
+    first = trainer(tmp_path / "logs", [AutolrCallback(run)], 20, enable_checkpointing=True,
+                    default_root_dir=tmp_path)
+    first.fit(model, data())
+    ckpt = tmp_path / "first.ckpt"
+    first.save_checkpoint(ckpt)
+    cb, probe = AutolrCallback(run), Probe()
+    second = trainer(tmp_path / "logs", [cb, probe], 40)
+    second.fit(Regression(), data(), ckpt_path=ckpt)
+    assert sorted(probe.applied) == list(range(20, 40))
+    scale = {s: probe.applied[s] / (BASE_LR * user_lambda(s)) for s in probe.applied}
+    assert all(scale[s] == pytest.approx(1.0) for s in range(20, 25))
+    assert all(scale[s] == pytest.approx(0.5) for s in range(25, 35))
+    assert all(scale[s] == pytest.approx(0.25) for s in range(35, 40))
