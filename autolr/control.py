@@ -159,24 +159,35 @@ def parse_json(data: bytes, path: Path | str, limit: int = MAX_CONTROL_BYTES) ->
 
 
 def last_journal_entry(path: Path) -> dict[str, Any] | None:
-    """The last complete JSON line of a journal, or None."""
+    """The last complete JSON line of a journal, or None.
+
+    Reads a small tail first (8 KiB), doubling up to 1 MiB only while no complete entry is in
+    it, so the cost does not grow with the journal.
+    """
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - (256 << 10)))
-            tail = f.read()
+        f = open(path, "rb")
     except FileNotFoundError:
         return None
-    for line in reversed(tail.split(b"\n")):
-        if line.strip():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue  # a torn last line from a crash: the one before it counts
-            if isinstance(obj, dict):
-                return obj
-    return None
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        want = 8 << 10
+        while True:
+            start = max(0, size - want)
+            f.seek(start)
+            lines = f.read(size - start).split(b"\n")
+            if start > 0:
+                lines = lines[1:]  # the first piece may be the end of a longer line
+            for line in reversed(lines):
+                if line.strip():
+                    try:
+                        obj = json.loads(line)
+                    except ValueError:
+                        continue  # a torn last line from a crash: the one before it counts
+                    if isinstance(obj, dict):
+                        return obj
+            if start == 0 or want >= (1 << 20):
+                return None
+            want *= 2
 
 
 def read_journal(run: str | os.PathLike) -> list[dict[str, Any]]:
@@ -441,23 +452,27 @@ class Control:
         With ``apply_at_step`` in the file, a change applies from that step on: every rank
         that read the file before it switches at the same step. The ``schedule`` lists recent
         changes, so a rank that missed a version of the file still picks the right one. A
-        change first seen after its step applies at once, with a warning.
+        change first seen after its step applies at once, with a warning. A record without
+        ``apply_at_step`` (the initial value, ``autolr set``) applies at once. What a client
+        applies never goes back to an older seq (a manual override is absent from the schedule).
         """
         self._refresh()
         rec = self._record
-        if rec is None or step is None or rec.get("apply_at_step") is None:
+        if rec is None or step is None:
             return rec
         chosen = None
-        for item in rec.get("schedule") or [{"at": rec["apply_at_step"], "seq": rec["seq"],
-                                              "scale": rec["scale"], "lr": rec["lr"]}]:
-            if item.get("at") is None or item["at"] <= step:
-                chosen = item
-        if chosen is None:  # nothing listed is due yet: keep what this client applied
-            return self._applied
-        if chosen["seq"] > self._applied_seq:
+        if rec.get("apply_at_step") is None:
+            chosen = rec
+        else:
+            for item in rec.get("schedule") or [{"at": rec["apply_at_step"], "seq": rec["seq"],
+                                                  "scale": rec["scale"], "lr": rec["lr"]}]:
+                if item.get("at") is None or item["at"] <= step:
+                    chosen = item
+        if chosen is None or chosen["seq"] < self._applied_seq:
+            chosen = self._applied  # nothing newer is due yet: keep what this client applied
+        elif chosen["seq"] > self._applied_seq:
             at = chosen.get("at")
-            if at is not None and at < step and self._applied is not None and self._last_step is not None \
-                    and self._last_step >= at:
+            if at is not None and self._last_step is not None and self._last_step >= at:
                 warnings.warn(f"autolr: change #{chosen['seq']} was due at step {at} but reached this "
                               f"process at step {step}; applied now", RuntimeWarning, stacklevel=3)
             self._applied_seq = chosen["seq"]

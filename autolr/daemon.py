@@ -65,6 +65,9 @@ class Daemon:
         self.observer = None
         self.mode = "once" if self.options.once else ("poll" if self.options.poll else "inotify")
         self.errors: defaultdict[str, int] = defaultdict(int)
+        # New folders are walked again shortly after their creation event: files created in
+        # them before the observer watched them send no event of their own.
+        self.rechecks: list[tuple[float, Path]] = []
 
     # ---- discovery -----------------------------------------------------------------------
     def inside_root(self, path: Path) -> bool:
@@ -214,6 +217,9 @@ class Daemon:
             if self.inside_root(path):
                 for p in self.discover(path):  # files already known have events of their own
                     self.process(p)
+                now = time.monotonic()
+                if not any(p == path for _, p in self.rechecks):
+                    self.rechecks += [(now + 0.5, path), (now + 2.0, path)]
             return
         gone = [p for p in self.sources if p == path or p.is_relative_to(path)]
         for p in gone:  # a folder or file moved away or deleted
@@ -324,10 +330,15 @@ class Daemon:
             next_rescan = time.monotonic() + self.options.rescan
             next_flush = time.monotonic() + self.options.flush
             while not self.stop_event.is_set():
-                timeout = max(0.0, min(next_rescan, next_flush) - time.monotonic())
-                if self.wake.wait(timeout):
+                due = min([next_rescan, next_flush, *(t for t, _ in self.rechecks)])
+                if self.wake.wait(max(0.0, due - time.monotonic())):
                     self.drain()
                 now = time.monotonic()
+                for entry in [e for e in self.rechecks if e[0] <= now]:
+                    self.rechecks.remove(entry)
+                    if entry[1].is_dir():
+                        for p in self.discover(entry[1]):
+                            self.process(p)
                 if now >= next_rescan:
                     self.rescan()
                     next_rescan = now + self.options.rescan
