@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import select
 import shutil
 import signal
@@ -297,7 +298,8 @@ class PySpy:
                 self.proc.kill()
                 self.proc.wait()
 
-    def top(self, n: int = 15, strip: str = "") -> str:
+    def top(self, n: int = 15, strip: str = "", thread: str | None = "MainThread") -> str:
+        """Own and cumulative shares of the frames of ``thread`` (the daemon's worker by default)."""
         from collections import Counter
 
         own: Counter[str] = Counter()
@@ -311,19 +313,25 @@ class PySpy:
             stack, _, count = line.rpartition(" ")
             if not stack or not count.isdigit():
                 continue
-            k = int(count)
-            frames = [f for f in stack.split(";") if not f.startswith(("thread (", "process "))]
+            frames = stack.split(";")
+            names = [f for f in frames if f.startswith("thread (")]
+            if thread and not any(f.endswith(f": {thread}") or f.endswith(f"{thread})") or thread in f for f in names):
+                continue
+            frames = [f.replace(strip, "") if strip else f for f in frames
+                      if not f.startswith(("thread (", "process "))]
             if not frames:
                 continue
+            k = int(count)
             total += k
             own[frames[-1]] += k
-            for f in set(frames):
+            for f in {re.sub(r":\d+\)$", ")", f) for f in frames}:  # per function, not per line
                 cum[f] += k
         if not total:
             return "(no samples)"
-        clean = (lambda f: f.replace(strip, "")) if strip else (lambda f: f)
+        clean = (lambda f: f)
+        skip = ("Daemon.run ", "Daemon.drain ", "<module>", "watch (autolr/cli.py")
         rows = [f"{100 * v / total:5.1f}%  {clean(f)}" for f, v in own.most_common(n)]
-        crow = [f"{100 * v / total:5.1f}%  {clean(f)}" for f, v in cum.most_common(n + 12)
-                if "autolr" in f and "cli.py" not in f and "click" not in f][:n]
-        return (f"{total} samples (non-idle)\n\nown time:\n" + "\n".join(rows)
-                + "\n\ncumulative, autolr frames:\n" + "\n".join(crow))
+        crow = [f"{100 * v / total:5.1f}%  {clean(f)}" for f, v in cum.most_common()
+                if "autolr/" in f and not f.startswith(skip)][:n]
+        return (f"{total} samples of {thread or 'all threads'} (py-spy's idle frames excluded)\n\nown time:\n"
+                + "\n".join(rows) + "\n\ncumulative, autolr frames:\n" + "\n".join(crow))

@@ -81,7 +81,7 @@ def measure_daemon(tmp: Path, name: str, daemon_args: list[str], *, rows: int, p
         idle_pct = 100 * (cpu_seconds(daemon.pid) - c0) / (time.monotonic() - w0)
         watcher = Inotify(run, IN_MOVED_TO) if detect == "inotify" else None
         fd = os.open(log, os.O_WRONLY | os.O_APPEND)
-        spy = PySpy(daemon.pid, tmp / f"{name}.pyspy") if profile else None
+        spy = PySpy(daemon.pid, tmp / f"{name}.pyspy", native=True) if profile else None
         cpu0 = cpu_seconds(daemon.pid)
         wall0 = time.monotonic()
         try:
@@ -334,8 +334,8 @@ def main() -> int:
         print(f"- Target p99 < {TARGET_P99_MS:.0f} ms with inotify, {r['label']}: p99 {p99:.2f} ms -> {verdict}")
     for r in results:
         if r.get("profile"):
-            print(f"\npy-spy of the daemon while rows were written, {r['label']} (Python frames, idle "
-                  f"excluded):\n\n```\n{r['profile']}\n```")
+            print(f"\npy-spy of the daemon while rows were written, {r['label']} (main thread, Python "
+                  f"and native frames, idle excluded):\n\n```\n{r['profile']}\n```")
     return 0
 
 
