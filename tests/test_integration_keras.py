@@ -1,0 +1,109 @@
+"""Keras 3 (torch backend): AutolrCallback while the real daemon reads the callback's per-batch log."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+pytest.importorskip("torch")
+keras = pytest.importorskip("keras")
+if keras.backend.backend() not in ("torch", "tensorflow"):
+    pytest.skip(f"Keras backend {keras.backend.backend()} is not supported by the callback", allow_module_level=True)
+
+from autolr.integrations.keras import AutolrCallback, ScaledSchedule  # noqa: E402
+
+from .framework_util import check_applied, daemon, daemon_log, journal_summary, late_warnings, wait_control  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+BASE_LR = 0.05
+EPOCHS, BATCHES = 10, 15  # 150 optimizer steps
+
+
+class RecordingSGD(keras.optimizers.SGD):
+    """SGD that records, inside ``apply``, the LR each update uses."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: dict[int, float] = {}
+
+    def apply(self, grads, trainable_variables=None):
+        self.seen[int(self.iterations.numpy())] = float(keras.ops.convert_to_numpy(self.learning_rate))
+        return super().apply(grads, trainable_variables)
+
+
+class Pace(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        time.sleep(0.008)  # a batch that takes some time, as real ones do
+
+
+def user_epoch_lr(epoch: int) -> float:
+    return BASE_LR * 0.9 ** epoch
+
+
+def fit(run, optimizer, extra_callbacks=()):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCHES * 16, 8)).astype("float32")
+    y = (x @ rng.normal(size=(8, 1))).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    model.compile(optimizer=optimizer, loss="mse")
+    cb = AutolrCallback(run, log_metrics=True)
+    model.fit(x, y, batch_size=16, epochs=EPOCHS, verbose=0, shuffle=False,
+              callbacks=[*extra_callbacks, cb, Pace()])
+    return model, cb
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "schedule"])
+def test_keras_callback_follows_the_daemon(tmp_path, lr_kind):
+    root = tmp_path / "runs"
+    run = root / "exp"
+    if lr_kind == "float":  # the user's own per-epoch scheduler keeps working: both multiply
+        optimizer = RecordingSGD(BASE_LR, momentum=0.9)
+        # Relative to the LR it reads: it must read the user's LR, not autolr's scaled one.
+        extra = [keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.9 if epoch else lr)]
+        user = {s: user_epoch_lr(s // BATCHES) for s in range(EPOCHS * BATCHES)}
+    else:
+        schedule = keras.optimizers.schedules.ExponentialDecay(BASE_LR, decay_steps=50, decay_rate=0.5)
+        optimizer = RecordingSGD(schedule)
+        extra = []
+        user = {s: float(keras.ops.convert_to_numpy(schedule(s))) for s in range(EPOCHS * BATCHES)}
+    with daemon(root):
+        with late_warnings() as late:
+            model, cb = fit(run, optimizer, extra)
+        wait_control(run)
+    assert sorted(optimizer.seen) == list(range(EPOCHS * BATCHES))
+    try:
+        check_applied(run, optimizer.seen, user, late=late)
+    except AssertionError:
+        print(daemon_log(root), journal_summary(run))
+        raise
+    # After the fit the optimizer holds the user's LR (or schedule) again, without autolr's factor.
+    if lr_kind == "float":
+        assert float(optimizer.learning_rate.numpy()) == pytest.approx(user_epoch_lr(EPOCHS - 1))
+    else:
+        assert optimizer._learning_rate is schedule
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == EPOCHS * BATCHES
+
+
+def test_base_lr_with_a_schedule_is_refused(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)),
+                  loss="mse")
+    with pytest.raises(ValueError, match="base_lr"):
+        model.fit(np.ones((4, 2)), np.ones((4, 1)), verbose=0,
+                  callbacks=[AutolrCallback(tmp_path / "run", base_lr=0.1)])
+
+
+def test_scaled_schedule_serialises(tmp_path):
+    inner = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    wrapped = ScaledSchedule(inner)
+    wrapped.scale.assign(0.5)
+    assert float(keras.ops.convert_to_numpy(wrapped(10))) == pytest.approx(0.025)
+    back = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(wrapped))
+    assert isinstance(back, ScaledSchedule)
+    assert float(keras.ops.convert_to_numpy(back(10))) == pytest.approx(0.05)  # the scale starts at 1
