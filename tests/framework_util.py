@@ -127,3 +127,16 @@ def check_applied(run: Path, applied: dict[int, float], user_lr: dict[int, float
 def journal_summary(run: Path) -> str:
     return json.dumps([{k: e.get(k) for k in ("seq", "kind", "step", "scale", "apply_at_step")}
                        for e in read_journal(run)])
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Tiny models run fastest on one intra-op thread; several spin badly on a loaded machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -15,7 +15,7 @@ if keras.backend.backend() not in ("torch", "tensorflow"):
 
 from autolr.integrations.keras import AutolrCallback, ScaledSchedule  # noqa: E402
 
-from .framework_util import check_applied, daemon, daemon_log, journal_summary, late_warnings, wait_control  # noqa: E402
+from .framework_util import check_applied, daemon, daemon_log, journal_summary, late_warnings, torch_threads, wait_control  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -71,7 +71,7 @@ def test_keras_callback_follows_the_daemon(tmp_path, lr_kind):
         optimizer = RecordingSGD(schedule)
         extra = []
         user = {s: float(keras.ops.convert_to_numpy(schedule(s))) for s in range(EPOCHS * BATCHES)}
-    with daemon(root):
+    with daemon(root), torch_threads(1):
         with late_warnings() as late:
             model, cb = fit(run, optimizer, extra)
         wait_control(run)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from autolr.control import ControlWriter  # noqa: E402
 from autolr.integrations.lightning import AutolrCallback  # noqa: E402
 
-from .framework_util import MARGIN, check_applied, daemon, daemon_log, journal_summary, late_warnings  # noqa: E402
+from .framework_util import MARGIN, check_applied, daemon, daemon_log, journal_summary, late_warnings, torch_threads  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -78,7 +78,7 @@ def trainer(root, callbacks, max_steps: int, **kw) -> L.Trainer:
 def test_lightning_callback_follows_the_daemon(tmp_path):
     root = tmp_path / "runs"
     steps = 160
-    with daemon(root):
+    with daemon(root), torch_threads(1):
         cb, probe = AutolrCallback(), Probe()
         t = trainer(root, [cb, probe], steps)
         with late_warnings() as late:
