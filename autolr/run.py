@@ -235,8 +235,18 @@ class Run:
             self.errors["state write failed"] += 1
             log.error("%s: could not save state: %s", self.folder, exc)
 
+    def clean_temp_files(self, older_than: float = 60.0) -> None:
+        """Remove ``.autolr-*.tmp`` files a writer killed mid-write left behind."""
+        now = time.time()
+        with contextlib.suppress(OSError):
+            for path in self.folder.glob(".autolr-*.tmp"):
+                with contextlib.suppress(OSError):
+                    if now - path.stat().st_mtime > older_than:
+                        path.unlink()
+
     def load(self) -> dict[str, dict[str, Any]]:
         """Restore the saved state; return the saved source states by absolute path."""
+        self.clean_temp_files()
         try:
             data = read_json(self.state_path, MAX_STATE_BYTES)
         except FileNotFoundError:

@@ -189,3 +189,14 @@ def test_bad_values_are_counted_and_reported_by_status(tmp_path):
     assert sum(status["skipped"].values()) >= 3
     control = json.loads((run / "autolr.json").read_text())
     assert math.isfinite(control["lr"]) and control["lr"] > 0
+
+
+def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path):
+    run = tmp_path / "run"
+    write_jsonl(run / "m.jsonl", rows(range(3)))
+    stale, fresh = run / ".autolr-abc.tmp", run / ".autolr-def.tmp"
+    stale.write_text("{")
+    fresh.write_text("{")
+    os.utime(stale, (1, 1))
+    make_daemon(tmp_path)[0].run()
+    assert not stale.exists() and fresh.exists()  # a fresh one may belong to a live writer
