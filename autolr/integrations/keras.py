@@ -68,9 +68,9 @@ class AutolrCallback(keras.callbacks.Callback):
 
     ``run_dir``: a run folder, its ``autolr.json`` or a ``Control``. ``base_lr``: a fixed
     base instead of the optimizer's own LR (float LRs only). ``log_metrics``: append each
-    batch's logs to ``run_dir/metrics.jsonl`` for the daemon. ``scale`` is the multiplier the
-    last batch ran with; ``applied`` its LR (float LRs; None while the scale is 1 or with a
-    schedule).
+    batch's logs to ``run_dir/metrics.jsonl`` for the daemon. After a batch: ``step`` is its
+    optimizer step, ``scale`` and ``seq`` the control entry it used, ``applied`` its LR (float
+    LRs; None while the scale is 1 or with a schedule).
     """
 
     def __init__(self, run_dir: str | os.PathLike | Control, base_lr: float | None = None, *,
@@ -84,8 +84,9 @@ class AutolrCallback(keras.callbacks.Callback):
         self._wrapped: ScaledSchedule | None = None
         self._original: Any = None
         self._restore: float | None = None  # the base LR to put back at batch end
-        self._step = 0
+        self.step = 0  # the optimizer step of the current (or last) batch
         self.scale = 1.0
+        self.seq = 0
 
     @property
     def run_path(self) -> Path:
@@ -117,8 +118,9 @@ class AutolrCallback(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         optimizer = self.model.optimizer
-        self._step = int(_number(optimizer.iterations))
-        scale = self.control.scale(step=self._step)
+        self.step = int(_number(optimizer.iterations))
+        entry = self.control.entry(step=self.step)
+        scale, self.seq = (entry["scale"], entry["seq"]) if entry is not None else (1.0, 0)
         if self._wrapped is not None:
             if scale != self.scale:
                 self._wrapped.scale.assign(scale)
@@ -140,13 +142,13 @@ class AutolrCallback(keras.callbacks.Callback):
             self.model.optimizer.learning_rate = self._restore
             self._restore = None
         if self._logger is not None and logs:
-            self._logger(self._step, **_numbers(logs))
+            self._logger(self.step, **_numbers(logs))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self._logger is not None and logs:
             epoch_logs = {k: v for k, v in _numbers(logs).items() if k.startswith("val_")}
             if epoch_logs:
-                self._logger(self._step, epoch=epoch + 1, **epoch_logs)
+                self._logger(self.step, epoch=epoch + 1, **epoch_logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
         if self._wrapped is not None:
