@@ -1,0 +1,437 @@
+"""Plateau detection on synthetic loss curves with a known plateau onset.
+
+Each curve is a per-step loss that declines until a known onset step ``T0`` and is flat
+afterwards, plus noise; one row per step, ``T0 + --after`` rows::
+
+    linear:       y(t) = L + s · max(T0 - t, 0)
+    exponential:  y(t) = L + s · tau · (exp(max(T0 - t, 0) / tau) - 1),   tau = T0 / 2
+
+so ``s`` is the slope (loss per step) just before the onset for both shapes; the exponential
+curve is steeper earlier (7.4·s at t = 0). L = 1, T0 uniform in [--t0-min, --t0-max], shapes
+alternate within a cell. Noise of standard deviation ``sigma`` (relative to L = 1):
+
+* ``gauss``: Gaussian;
+* ``t3``: Student t with 3 degrees of freedom, scaled to standard deviation sigma;
+* ``ar0.5``, ``ar0.9``: stationary AR(1) with phi 0.5 / 0.9, marginal standard deviation sigma;
+* ``spikes``: Gaussian plus, on 1% of the steps, an upward spike of U(5, 10)·sigma.
+
+A cell is (noise kind, sigma, s); ``s·100/sigma`` (the decline over the last 100 steps before
+the onset, in noise sigmas) is what makes a cell easy or hard.
+
+Detectors: autolr's ``plateau`` policy, built by ``autolr.chain.build_chain`` with base LR 1:
+
+* ``method=threshold`` (PyTorch's ReduceLROnPlateau rule) at patience 10, 50, 100, 200, 400 with
+  PyTorch's default ``threshold=1e-4`` (rel), and the same with ``threshold=0``;
+* ``method=trend`` at its defaults (window 100, every 10, confidence 0.95): the headline row;
+  plus other windows, labelled, to show the trade-off.
+
+Per curve and detector the benchmark records the first step at which the LR is reduced. A
+reduction before ``T0`` is a false positive; otherwise the delay is (first reduction - T0). A
+curve with no reduction within the run is a miss: it is counted in the miss rate and its delay
+is censored at ``--after`` (a median shown as ">=N" is censored). Median delays are over the
+curves without a false positive.
+
+Target (issue): for each cell, among the threshold configurations with FPR <= 5% take the
+smallest median delay; the target is met when trend's default has FPR <= 5% and a median delay
+<= half of that. A cell where no threshold configuration reaches FPR <= 5% is "no baseline":
+met when trend's FPR <= 5%.
+
+Engines. ``--engine chain`` feeds every curve row by row through ``Chain.update`` for every
+detector (the real policies, slow: ~7 µs/row threshold, ~30 µs/row trend). ``--engine fast``
+(default) computes the same first-reduction steps faster: the threshold rule by one pass of
+PyTorch's recurrence per threshold value (all patiences at once), the trend method by calling
+``trend.improvement_test`` only on the windows the policy evaluates (the rows where
+``since % every == 0`` once the window is full), with the same arguments. ``--verify K`` (default
+2) also runs the real chain on the first K curves of every cell for every detector and stops
+with an error if any first-reduction step differs.
+
+Also measured: the cost of one trend evaluation (``trend.improvement_test`` on a window of 100)
+beside ``numpy.polyfit`` (degree 1) on the same window, median of repetitions.
+
+Usage::
+
+    python benchmarks/bench_plateau.py                     # 5 kinds x 6 cells x 200 curves, 2 workers
+    python benchmarks/bench_plateau.py --curves 50 --kinds gauss,ar0.9
+    python benchmarks/bench_plateau.py --engine chain --curves 20
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_line, md_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results" / "plateau.md"
+KINDS = ("gauss", "t3", "ar0.5", "ar0.9", "spikes")
+PATIENCES = (10, 50, 100, 200, 400)
+FPR_MAX = 0.05
+LEVEL = 1.0
+
+
+# ---- curves --------------------------------------------------------------------------------
+
+def noise(rng: np.random.Generator, kind: str, n: int, sigma: float) -> np.ndarray:
+    """``n`` noise values of standard deviation ``sigma`` (marginal, for AR(1))."""
+    if kind == "gauss":
+        return sigma * rng.standard_normal(n)
+    if kind == "t3":
+        return sigma * rng.standard_t(3, n) / math.sqrt(3.0)
+    if kind.startswith("ar"):
+        from scipy.signal import lfilter
+
+        phi = float(kind[2:])
+        e = rng.standard_normal(n) * math.sqrt(1 - phi * phi)
+        e[0] = rng.standard_normal()  # stationary start
+        return sigma * lfilter([1.0], [1.0, -phi], e)
+    if kind == "spikes":
+        z = sigma * rng.standard_normal(n)
+        hit = rng.random(n) < 0.01
+        z[hit] += sigma * rng.uniform(5, 10, int(hit.sum()))
+        return z
+    raise ValueError(f"unknown noise kind {kind!r}")
+
+
+def make_curve(rng: np.random.Generator, kind: str, sigma: float, slope: float, shape: str,
+               t0: int, after: int) -> np.ndarray:
+    d = np.maximum(t0 - np.arange(t0 + after, dtype=float), 0.0)
+    if shape == "linear":
+        mean = LEVEL + slope * d
+    else:
+        tau = t0 / 2.0
+        mean = LEVEL + slope * tau * np.expm1(d / tau)
+    return mean + noise(rng, kind, len(d), sigma)
+
+
+# ---- detectors -----------------------------------------------------------------------------
+
+def detectors(windows: list[int]) -> list[tuple[str, dict]]:
+    """(label, plateau params) of every detector, trend's default first."""
+    out = [(f"trend w={w}" + (" (default)" if w == 100 else ""), {"window": w} if w != 100 else {})
+           for w in windows]
+    for thr in (1e-4, 0.0):
+        for p in PATIENCES:
+            params = {"method": "threshold", "patience": p}
+            if thr != 1e-4:
+                params["threshold"] = thr
+            out.append((f"threshold p={p} thr={thr:g}", params))
+    return out
+
+
+def first_chain(y: np.ndarray, params: dict) -> int | None:
+    """The first step at which the real chain reduces the LR, or None."""
+    from autolr.chain import build_chain
+    from autolr.records import Record
+
+    chain = build_chain([("plateau", params)], _registry(), base_lr=1.0)
+    state = chain.init()
+    update = chain.update
+    for t, v in enumerate(y.tolist()):
+        state, decision = update(state, Record(metrics={"loss": v}, step=t))
+        if decision is not None:
+            return t
+    return None
+
+
+_REG = None
+
+
+def _registry():
+    global _REG
+    if _REG is None:
+        from autolr import plugins
+
+        _REG = plugins.policy_classes()
+    return _REG
+
+
+def first_threshold(ys: list[float], threshold: float, patiences=PATIENCES) -> dict[int, int | None]:
+    """PyTorch's rule (mode min, rel, cooldown 0), first reduction for every patience at once.
+
+    best starts at +inf; better = y < best · (1 - threshold); num_bad counts rows since the
+    last better one; the first reduction for patience p is the first row with num_bad > p.
+    """
+    pats = sorted(patiences)
+    out: dict[int, int | None] = {p: None for p in pats}
+    c = 1.0 - threshold
+    best, bad, k = math.inf, 0, 0
+    nxt = pats[0]
+    for i, v in enumerate(ys):
+        if v < best * c:
+            best, bad = v, 0
+        else:
+            bad += 1
+            if bad > nxt:
+                out[nxt] = i
+                k += 1
+                if k == len(pats):
+                    break
+                nxt = pats[k]
+    return out
+
+
+def first_trend(y: np.ndarray, params: dict) -> int | None:
+    """Plateau method=trend's first reduction, evaluating only the windows the policy tests."""
+    from autolr import trend
+    from autolr.policies.plateau import Plateau
+
+    pol = Plateau(**params)
+    w, every, conf = pol.window, pol.every, pol.confidence
+    steps = np.arange(len(y), dtype=float)
+    alpha = 1 - conf
+    start = w - 1 + (-w) % every  # first row i with i + 1 >= w and (i + 1) % every == 0
+    for i in range(start, len(y), every):
+        res = trend.improvement_test(y[i + 1 - w:i + 1], steps[i + 1 - w:i + 1], mode="min",
+                                     confidence=conf, min_rate=0.0)
+        if res.p >= alpha:
+            return i
+    return None
+
+
+# ---- one chunk of one cell -----------------------------------------------------------------
+
+def run_chunk(task: dict) -> dict:
+    kind, sigma, slope = task["kind"], task["sigma"], task["slope"]
+    dets = detectors(task["windows"])
+    firsts = {label: [] for label, _ in dets}
+    t0s = []
+    mismatches = []
+    verified = 0
+    for i in range(task["start"], task["stop"]):
+        rng = np.random.default_rng([task["seed"], task["cell"], i])
+        t0 = int(rng.integers(task["t0_min"], task["t0_max"] + 1))
+        shape = "linear" if i % 2 == 0 else "exponential"
+        y = make_curve(rng, kind, sigma, slope, shape, t0, task["after"])
+        t0s.append(t0)
+        if task["engine"] == "chain":
+            got = {label: first_chain(y, params) for label, params in dets}
+        else:
+            ys = y.tolist()
+            got = {}
+            for thr in (1e-4, 0.0):
+                res = first_threshold(ys, thr)
+                for p in PATIENCES:
+                    got[f"threshold p={p} thr={thr:g}"] = res[p]
+            for label, params in dets:
+                if not params.get("method") == "threshold":
+                    got[label] = first_trend(y, params)
+            if i < task["verify"]:
+                verified += 1
+                for label, params in dets:
+                    real = first_chain(y, params)
+                    if real != got[label]:
+                        mismatches.append((kind, sigma, slope, i, label, got[label], real))
+        for label, _ in dets:
+            firsts[label].append(got[label])
+    return {"cell": task["cell"], "t0s": t0s, "firsts": firsts, "mismatches": mismatches,
+            "verified": verified}
+
+
+# ---- statistics ----------------------------------------------------------------------------
+
+def summarise(t0s: list[int], firsts: list[int | None], after: int) -> dict:
+    n = len(t0s)
+    fp = sum(1 for t0, f in zip(t0s, firsts) if f is not None and f < t0)
+    delays = [(after if f is None else f - t0) for t0, f in zip(t0s, firsts) if f is None or f >= t0]
+    miss = sum(1 for f in firsts if f is None)
+    med = float(np.median(delays)) if delays else math.nan
+    return {"n": n, "fpr": fp / n, "miss": miss / n, "median": med,
+            "censored": bool(delays) and med >= after,
+            "p90": float(np.percentile(delays, 90)) if delays else math.nan}
+
+
+def fmt_delay(s: dict, after: int) -> str:
+    if math.isnan(s["median"]):
+        return "-"
+    return f">={after}" if s["censored"] else f"{s['median']:.0f}"
+
+
+def wilson_hi(k: int, n: int, z: float = 1.96) -> float:
+    if n == 0:
+        return 1.0
+    p = k / n
+    return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+
+
+def judge(stats: dict[str, dict], default_label: str) -> dict:
+    """Best eligible threshold configuration and whether trend's default meets the target."""
+    eligible = [(s["median"], label) for label, s in stats.items()
+                if label.startswith("threshold") and s["fpr"] <= FPR_MAX and not math.isnan(s["median"])]
+    tr = stats[default_label]
+    out = {"trend": tr, "best": None, "best_label": None}
+    if eligible:
+        med, label = min(eligible)
+        out["best"], out["best_label"] = stats[label], label
+        out["met"] = tr["fpr"] <= FPR_MAX and tr["median"] <= 0.5 * med
+        out["verdict"] = "met" if out["met"] else "missed"
+    else:
+        out["met"] = tr["fpr"] <= FPR_MAX
+        out["verdict"] = "met (no baseline)" if out["met"] else "missed (no baseline)"
+    return out
+
+
+# ---- cost of one trend evaluation ----------------------------------------------------------
+
+def eval_cost(reps: int) -> tuple[float, float]:
+    from autolr import trend
+
+    rng = np.random.default_rng(0)
+    x = np.arange(100, dtype=float)
+    y = 1.0 + 0.001 * (100 - x) + 0.01 * rng.standard_normal(100)
+    out = []
+    for f in (lambda: trend.improvement_test(y, x), lambda: np.polyfit(x, y, 1)):
+        for _ in range(50):
+            f()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        out.append(float(np.median(ts)) * 1e6)
+    return out[0], out[1]
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--curves", type=int, default=200, help="curves per cell (default 200)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="noise kinds, comma-separated")
+    ap.add_argument("--sigmas", default="0.01,0.05", help="noise standard deviations (L = 1)")
+    ap.add_argument("--slopes", default="1e-4,3e-4,1e-3", help="slopes just before the onset, per step")
+    ap.add_argument("--windows", default="100,50,300", help="trend windows; 100 is the default (headline)")
+    ap.add_argument("--t0-min", type=int, default=1000)
+    ap.add_argument("--t0-max", type=int, default=3000)
+    ap.add_argument("--after", type=int, default=1500, help="rows after the onset")
+    ap.add_argument("--engine", choices=("fast", "chain"), default="fast")
+    ap.add_argument("--verify", type=int, default=2, help="curves per cell checked against the real chain (fast engine)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=25, help="curves per task")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cost-reps", type=int, default=2000)
+    ap.add_argument("--out", default=str(RESULTS), help="markdown output ('' to skip)")
+    args = ap.parse_args()
+
+    kinds = [k for k in args.kinds.split(",") if k]
+    sigmas = [float(v) for v in args.sigmas.split(",") if v]
+    slopes = [float(v) for v in args.slopes.split(",") if v]
+    windows = [int(v) for v in args.windows.split(",") if v]
+    if 100 not in windows:
+        windows.insert(0, 100)
+    windows = [100] + [w for w in windows if w != 100]
+    dets = detectors(windows)
+    default_label = dets[0][0]
+    cells = [(k, s, sl) for k in kinds for s in sigmas for sl in slopes]
+
+    t_start = time.perf_counter()
+    cost_trend, cost_polyfit = eval_cost(args.cost_reps)
+    tasks = []
+    for ci, (kind, sigma, slope) in enumerate(cells):
+        for start in range(0, args.curves, args.chunk):
+            tasks.append({"cell": ci, "kind": kind, "sigma": sigma, "slope": slope, "start": start,
+                          "stop": min(start + args.chunk, args.curves), "seed": args.seed,
+                          "t0_min": args.t0_min, "t0_max": args.t0_max, "after": args.after,
+                          "engine": args.engine, "windows": windows,
+                          "verify": args.verify if args.engine == "fast" else 0})
+    # Slow tasks first (long windows, low SNR run longest) would need a model; interleave cells.
+    tasks.sort(key=lambda t: (t["start"], t["cell"]))
+    t0s = {ci: [] for ci in range(len(cells))}
+    firsts = {ci: {label: [] for label, _ in dets} for ci in range(len(cells))}
+    parts: dict[int, list] = {ci: [] for ci in range(len(cells))}
+    mismatches, verified = [], 0
+    ctx = mp.get_context("fork")
+    with ctx.Pool(args.workers) as pool:
+        for res in pool.imap_unordered(run_chunk, tasks):
+            parts[res["cell"]].append(res)
+            mismatches += res["mismatches"]
+            verified += res["verified"]
+    for ci, chunks in parts.items():
+        for r in chunks:
+            t0s[ci] += r["t0s"]
+            for label in firsts[ci]:
+                firsts[ci][label] += r["firsts"][label]
+    elapsed = time.perf_counter() - t_start
+
+    stats = {ci: {label: summarise(t0s[ci], firsts[ci][label], args.after) for label, _ in dets}
+             for ci in range(len(cells))}
+    verdicts = {ci: judge(stats[ci], default_label) for ci in range(len(cells))}
+
+    cmd = "python benchmarks/bench_plateau.py " + " ".join(sys.argv[1:])
+    lines = ["# Plateau detection on synthetic curves with a known onset", "",
+             f"`{cmd.strip()}`", "", machine_line(), "",
+             f"{len(cells)} cells x {args.curves} curves, T0 uniform in [{args.t0_min}, {args.t0_max}], "
+             f"{args.after} rows after the onset, L = 1, shapes alternating linear / exponential "
+             f"(tau = T0/2); engine {args.engine}"
+             + (f", {verified} curves x {len(dets)} detectors checked against the real chain: "
+                f"{'all identical' if not mismatches else f'{len(mismatches)} MISMATCHES'}" if args.engine == "fast" else "")
+             + f"; {elapsed:.0f} s with {args.workers} workers.", "",
+             f"One trend evaluation (`trend.improvement_test`, window 100): {cost_trend:.0f} µs median; "
+             f"`numpy.polyfit(x, y, 1)` on the same window: {cost_polyfit:.0f} µs "
+             f"({cost_trend / cost_polyfit:.1f}x).", "",
+             "FPR: share of curves whose first LR reduction comes before the onset. Delay: first reduction - T0, "
+             "median over the curves without a false positive; misses (no reduction in the run) are censored at "
+             f"{args.after}. Target: trend's default (window 100) has FPR <= 5% and a median delay <= half the "
+             "best median delay among the threshold configurations with FPR <= 5%.", ""]
+
+    # Summary.
+    lines += ["## Summary (trend default vs the best threshold configuration with FPR <= 5%)", ""]
+    rows = []
+    for ci, (kind, sigma, slope) in enumerate(cells):
+        v = verdicts[ci]
+        tr, best = v["trend"], v["best"]
+        rows.append([kind, f"{sigma:g}", f"{slope:g}", f"{slope * 100 / sigma:.2g}",
+                     f"{tr['fpr']:.1%}", fmt_delay(tr, args.after),
+                     v["best_label"].replace("threshold ", "") if best else "none",
+                     f"{best['fpr']:.1%}" if best else "-", fmt_delay(best, args.after) if best else "-",
+                     f"{0.5 * best['median']:.0f}" if best else "-", v["verdict"]])
+    lines.append(md_table(["noise", "sigma", "slope", "decline/100 steps (sigma)", "trend FPR", "trend delay",
+                           "best threshold", "its FPR", "its delay", "target delay", "target"], rows,
+                          "llrrrrlrrrl"))
+    lines += ["", "Target met, by noise kind:", ""]
+    rows = []
+    for kind in kinds:
+        cis = [ci for ci, c in enumerate(cells) if c[0] == kind]
+        met = sum(verdicts[ci]["met"] for ci in cis)
+        nob = sum(verdicts[ci]["best"] is None for ci in cis)
+        rows.append([kind, f"{met}/{len(cis)}", nob])
+    total = sum(v["met"] for v in verdicts.values())
+    rows.append(["all", f"{total}/{len(cells)}", sum(v["best"] is None for v in verdicts.values())])
+    lines.append(md_table(["noise", "cells meeting the target", "cells without a threshold baseline"], rows))
+
+    # Per-kind detail tables: rows = detectors, columns = cells.
+    lines += ["", "## Per cell: FPR / median delay (miss rate when > 0)", ""]
+    for kind in kinds:
+        cis = [ci for ci, c in enumerate(cells) if c[0] == kind]
+        headers = ["detector"] + [f"sigma={cells[ci][1]:g} s={cells[ci][2]:g}" for ci in cis]
+        rows = []
+        for label, _ in dets:
+            row = [label]
+            for ci in cis:
+                s = stats[ci][label]
+                cell = f"{s['fpr']:.1%} / {fmt_delay(s, args.after)}"
+                if s["miss"] > 0:
+                    cell += f" (miss {s['miss']:.0%})"
+                row.append(cell)
+            rows.append(row)
+        lines += [f"### {kind}", "", md_table(headers, rows), ""]
+    if mismatches:
+        lines += ["## Mismatches against the real chain", ""]
+        lines += [f"- {m}" for m in mismatches[:50]]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
