@@ -216,3 +216,14 @@ def test_a_step_that_raises_does_not_leave_the_scaled_lr_behind(tmp_path):
     assert handle.last_lrs == [base * 0.5, base * GROUP_RATIO * 0.5]
     assert handle.effective_lrs() == handle.last_lrs
     assert not math.isnan(handle.scale)
+
+
+def test_effective_lrs_reads_the_scale_the_next_step_will_use(tmp_path):
+    from autolr.control import ControlWriter
+
+    model, opt, _, base = make("Adam", None)
+    handle = attach(opt, tmp_path)
+    assert handle.effective_lrs() == [base, base * GROUP_RATIO]
+    ControlWriter(tmp_path, fsync=False).publish(scale=0.5, lr=None, step=1, policy="t", reason="r")
+    assert handle.effective_lrs() == [base * 0.5, base * GROUP_RATIO * 0.5]
+    assert [g["lr"] for g in opt.param_groups] == [base, base * GROUP_RATIO]  # nothing changed yet

@@ -64,8 +64,17 @@ class AttachedControl:
         self._saved = None
 
     def effective_lrs(self) -> list[float]:
-        """Each group's LR times the scale the last step used (no file read, no collective)."""
-        return [float(group["lr"]) * self.scale for group in self.optimizer.param_groups]
+        """Each group's LR as the next step will use it (your LR × autolr's scale).
+
+        With a ``DistributedControl`` this uses the scale of the last step instead: polling
+        there is a collective, which one rank alone must not call.
+        """
+        if isinstance(self.control, DistributedControl):
+            scale = self.scale
+        else:
+            entry = self.control.entry(step=self.step)
+            scale = entry["scale"] if entry is not None else 1.0
+        return [float(group["lr"]) * scale for group in self.optimizer.param_groups]
 
     def detach(self) -> None:
         for handle in self._handles:
