@@ -6,7 +6,8 @@ and any other reader) when the call returns. Several processes may append to one
 line is one ``write``.
 
 Values: numbers, strings, bools, None and nested dicts (autolr flattens them with ``/``).
-Tensors and numpy scalars are converted with ``.item()`` (arrays with ``.tolist()``).
+Tensors and numpy values are converted with ``.item()`` when they hold one element, else
+``.tolist()``.
 NaN and infinities are written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``, so
 every line is strict JSON (jq, JavaScript, Go); autolr's reader reads them back as numbers.
 
@@ -29,10 +30,14 @@ ENV_RUN_DIR = "AUTOLR_RUN_DIR"
 
 
 def _default(obj: Any) -> Any:
-    """JSON for values the encoder does not know: tensors, numpy scalars and arrays."""
-    item = getattr(obj, "item", None)
-    if item is not None and getattr(obj, "ndim", 0) == 0:
-        return item()
+    """JSON for values the encoder does not know: tensors, numpy scalars and arrays.
+
+    A one-element tensor or array is written as its number, a larger one as a list.
+    """
+    try:
+        return obj.item()  # 0-d or one-element tensors and arrays, numpy scalars
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        pass
     tolist = getattr(obj, "tolist", None)
     if tolist is not None:
         return tolist()
