@@ -42,9 +42,18 @@ def stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def daemon(root: Path, *args: str) -> Iterator[subprocess.Popen]:
-    root.mkdir(parents=True, exist_ok=True)
+    """The daemon on ``root``, up and watching: a probe run under it has got its control file.
+
+    Training starts only then, so a slow daemon start on a loaded machine cannot leave the
+    whole run unwatched; the run folders the frameworks create afterwards are found live.
+    """
+    probe = root / "_ready"
+    probe.mkdir(parents=True, exist_ok=True)
+    (probe / "m.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
     proc = start_daemon(root, *args)
     try:
+        wait_until(lambda: (probe / "autolr.json").exists() or proc.poll() is not None, 60, "the daemon to start")
+        assert proc.poll() is None, daemon_log(root)
         yield proc
     finally:
         stop(proc)

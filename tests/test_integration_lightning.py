@@ -124,3 +124,49 @@ def test_resumed_fit_keeps_the_step_clock(tmp_path):
     assert all(scale[s] == pytest.approx(1.0) for s in range(20, 25))
     assert all(scale[s] == pytest.approx(0.5) for s in range(25, 35))
     assert all(scale[s] == pytest.approx(0.25) for s in range(35, 40))
+
+
+def test_imports_are_lazy():
+    """Importing autolr (and this integration module) imports no framework."""
+    import subprocess
+    import sys
+    code = ("import sys, autolr, autolr.integrations, autolr.integrations.lightning, autolr.integrations.torch\n"
+            "bad = [m for m in ('lightning', 'pytorch_lightning', 'keras', 'transformers', 'jax', 'optax') "
+            "if m in sys.modules]\nassert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pytorch_lightning_package(tmp_path):
+    """The same callback for the ``pytorch_lightning`` package: PLAutolrCallback."""
+    pl = pytest.importorskip("pytorch_lightning")
+    from autolr.integrations.lightning import PLAutolrCallback
+
+    run = tmp_path / "run"
+    ControlWriter(run, fsync=False).publish_many([
+        dict(scale=1.0, lr=None, step=None, policy="", reason="initial", kind="initial", apply_at_step=None),
+        dict(scale=0.5, lr=None, step=3, policy="step", reason="test", apply_at_step=5)])
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.lin(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            trainer.optimizers[0].register_step_pre_hook(
+                lambda o, a, k: seen.__setitem__(trainer.global_step, o.param_groups[0]["lr"]))
+
+    trainer = pl.Trainer(max_steps=10, callbacks=[PLAutolrCallback(run), Probe()], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         accelerator="cpu", devices=1)
+    trainer.fit(Module(), data(256))
+    assert [seen[s] for s in range(10)] == [pytest.approx(0.1)] * 5 + [pytest.approx(0.05)] * 5
