@@ -1,10 +1,11 @@
 """Multi-rank consistency: every rank changes the LR at the same optimizer step.
 
 Real ``autolr watch`` subprocess with ``--apply-margin``, 2 and 4 gloo ranks on the CPU (rank
-processes forked by tests/_ddp_worker.py), each training three tiny models inside one DDP module, one optimizer each:
-a plain loop with ``Control(run).lr(base, step=step)`` and ``attach(optimizer, Control(run))``
-(mode 1: every rank reads the file, changes apply at ``apply_at_step``), and
-``attach(optimizer, DistributedControl(run))`` (mode 2: rank 0 polls and broadcasts).
+processes forked by tests/_ddp_worker.py), each training three tiny models inside one DDP
+module, one optimizer each: a plain loop with ``Control(run).lr(base, step=step)`` and
+``attach(optimizer, Control(run))`` (mode 1: every rank reads the file, changes apply at
+``apply_at_step``), and ``attach(optimizer, DistributedControl(run))`` (mode 2: rank 0 polls
+and broadcasts).
 
 Rank 0 logs with ``autolr.log``. Every rank records the LR each ``optimizer.step()`` used; all
 sequences must be identical, and equal to what the journal's ``apply_at_step`` entries say.
