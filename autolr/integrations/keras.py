@@ -118,6 +118,8 @@ class AutolrCallback(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         optimizer = self.model.optimizer
+        if self._restore is not None:  # a batch that never ended (an interrupted fit)
+            optimizer.learning_rate, self._restore = self._restore, None
         self.step = int(_number(optimizer.iterations))
         entry = self.control.entry(step=self.step)
         scale, self.seq = (entry["scale"], entry["seq"]) if entry is not None else (1.0, 0)
@@ -128,8 +130,7 @@ class AutolrCallback(keras.callbacks.Callback):
             self.applied = None
             return
         if scale == 1.0 and self.base_lr is None:
-            self._restore = None  # nothing to change, nothing to read
-            self.scale = scale
+            self.scale, self.applied = scale, None  # nothing to change, nothing to read
             return
         base = self.base_lr if self.base_lr is not None else float(_number(optimizer.learning_rate))
         self._restore = base
@@ -151,6 +152,8 @@ class AutolrCallback(keras.callbacks.Callback):
                 self._logger(self.step, epoch=epoch + 1, **epoch_logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        if self._restore is not None:
+            self.model.optimizer.learning_rate, self._restore = self._restore, None
         if self._wrapped is not None:
             self.model.optimizer.learning_rate = self._original
             self._wrapped = self._original = None

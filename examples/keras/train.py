@@ -45,8 +45,10 @@ class PrintChanges(keras.callbacks.Callback):
         if cb.scale != self.scale:
             self.scale = cb.scale
             self.changes += 1
-            say(f"step {cb.step:4d}: LR {cb.applied:.6g} = your {cb.applied / cb.scale:.6g} x autolr scale "
-                  f"{cb.scale:g} (control file #{cb.seq})")
+            # cb.applied: the LR this batch ran with (None at scale 1: then it was your LR)
+            lr = cb.applied if cb.applied is not None else float(self.model.optimizer.learning_rate.numpy())
+            say(f"step {cb.step:4d}: LR {lr:.6g} = your {lr / cb.scale:.6g} x autolr scale "
+                f"{cb.scale:g} (control file #{cb.seq})")
 
 
 def say(text: str) -> None:
