@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .control import Control
+from .spawn import stop_watch
 
 DEMO_CONFIG = """\
 # autolr demo settings: warmup, then cut the LR by 0.3 when the noisy per-step training loss
@@ -88,11 +88,7 @@ def run_demo(folder: Path, *, steps: int = 1500, seed: int = 0, base_lr: float =
              f"base lr {base_lr}, min lr {base_lr / 100}")
         applied = simulate(run_dir, Control(run_dir), steps=steps, base_lr=base_lr, seed=seed, echo=echo)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
+        stop_watch(daemon)
         daemon_log.close()
     echo(f"done: {len(applied) - 1} LR changes applied. Look at {run_dir}:")
     echo("  metrics.jsonl (the log), autolr.json (control file), autolr.decisions.jsonl (journal)")

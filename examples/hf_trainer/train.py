@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
@@ -33,6 +30,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from autolr.integrations.hf import AutolrCallback  # noqa: E402
+from autolr.spawn import say, start_watch, stop_watch
 
 DEFAULT_POLICY = ["step:step_size=40,gamma=0.5"]
 
@@ -64,36 +62,6 @@ class PrintChanges(TrainerCallback):
                   f"{handle.scale:g} (control file #{handle.seq})")
 
 
-def say(text: str) -> None:
-    """One write per line: the relay thread and the training loop never mix their lines."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-def start_daemon(root: Path, policies: list[str]) -> subprocess.Popen:
-    """``autolr watch root``, its output relayed with a prefix; returns once it is watching."""
-    cmd = [sys.executable, "-m", "autolr.cli", "watch", str(root), "--no-fsync"]
-    for spec in policies:
-        cmd += ["--policy", spec]
-    print("starting: autolr", " ".join(cmd[3:]), flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    ready = threading.Event()
-
-    def relay():
-        for line in proc.stdout:
-            say(f"  [autolr watch] {line.rstrip()}")
-            if line.startswith("watching"):
-                ready.set()
-        ready.set()
-    threading.Thread(target=relay, daemon=True).start()
-    ready.wait(60)
-    return proc
-
-
-def stop_daemon(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -106,7 +74,7 @@ def main() -> int:
     root = args.dir or Path(tempfile.mkdtemp(prefix="autolr-hf-"))
     root.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # a tiny model: more threads only add overhead
-    daemon = None if args.no_daemon else start_daemon(root, args.policy or DEFAULT_POLICY)
+    daemon = None if args.no_daemon else start_watch(root, "--no-fsync", *[a for spec in args.policy or DEFAULT_POLICY for a in ("--policy", spec)])
     try:
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2,
@@ -126,7 +94,7 @@ def main() -> int:
               f"control file {Path(training_args.output_dir) / 'autolr.json'}")
     finally:
         if daemon is not None:
-            stop_daemon(daemon)
+            stop_watch(daemon)
     return 0
 
 

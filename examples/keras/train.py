@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # also works with tensorflow; not with jax
@@ -29,6 +26,7 @@ import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
 from autolr.integrations.keras import AutolrCallback  # noqa: E402
+from autolr.spawn import say, start_watch, stop_watch
 
 DEFAULT_POLICY = ["step:step_size=40,gamma=0.5"]
 
@@ -51,36 +49,6 @@ class PrintChanges(keras.callbacks.Callback):
                 f"{cb.scale:g} (control file #{cb.seq})")
 
 
-def say(text: str) -> None:
-    """One write per line: the relay thread and the training loop never mix their lines."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-def start_daemon(root: Path, policies: list[str]) -> subprocess.Popen:
-    """``autolr watch root``, its output relayed with a prefix; returns once it is watching."""
-    cmd = [sys.executable, "-m", "autolr.cli", "watch", str(root), "--no-fsync"]
-    for spec in policies:
-        cmd += ["--policy", spec]
-    print("starting: autolr", " ".join(cmd[3:]), flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    ready = threading.Event()
-
-    def relay():
-        for line in proc.stdout:
-            say(f"  [autolr watch] {line.rstrip()}")
-            if line.startswith("watching"):
-                ready.set()
-        ready.set()
-    threading.Thread(target=relay, daemon=True).start()
-    ready.wait(60)
-    return proc
-
-
-def stop_daemon(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -97,7 +65,7 @@ def main() -> int:
     if keras.backend.backend() == "torch":
         import torch
         torch.set_num_threads(1)  # a tiny model: more threads only add overhead
-    daemon = None if args.no_daemon else start_daemon(root, args.policy or DEFAULT_POLICY)
+    daemon = None if args.no_daemon else start_watch(root, "--no-fsync", *[a for spec in args.policy or DEFAULT_POLICY for a in ("--policy", spec)])
     try:
         rng = np.random.default_rng(0)
         x = rng.normal(size=(args.steps_per_epoch * 32, 16)).astype("float32")
@@ -112,7 +80,7 @@ def main() -> int:
         print(f"run folder {run}: {printer.changes} LR changes applied; control file {run / 'autolr.json'}")
     finally:
         if daemon is not None:
-            stop_daemon(daemon)
+            stop_watch(daemon)
     return 0
 
 

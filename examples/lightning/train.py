@@ -15,11 +15,8 @@ training applied is printed.
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
@@ -28,6 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from autolr.integrations.lightning import AutolrCallback
+from autolr.spawn import say, start_watch, stop_watch
 
 DEFAULT_POLICY = ["step:step_size=40,gamma=0.5"]
 
@@ -67,36 +65,6 @@ class PrintChanges(L.Callback):
                   f"{handle.scale:g} (control file #{handle.seq})")
 
 
-def say(text: str) -> None:
-    """One write per line: the relay thread and the training loop never mix their lines."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-def start_daemon(root: Path, policies: list[str]) -> subprocess.Popen:
-    """``autolr watch root``, its output relayed with a prefix; returns once it is watching."""
-    cmd = [sys.executable, "-m", "autolr.cli", "watch", str(root), "--no-fsync"]
-    for spec in policies:
-        cmd += ["--policy", spec]
-    print("starting: autolr", " ".join(cmd[3:]), flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    ready = threading.Event()
-
-    def relay():
-        for line in proc.stdout:
-            say(f"  [autolr watch] {line.rstrip()}")
-            if line.startswith("watching"):
-                ready.set()
-        ready.set()
-    threading.Thread(target=relay, daemon=True).start()
-    ready.wait(60)
-    return proc
-
-
-def stop_daemon(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,7 +77,7 @@ def main() -> int:
     root = args.dir or Path(tempfile.mkdtemp(prefix="autolr-lightning-"))
     root.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # a tiny model: more threads only add overhead
-    daemon = None if args.no_daemon else start_daemon(root, args.policy or DEFAULT_POLICY)
+    daemon = None if args.no_daemon else start_watch(root, "--no-fsync", *[a for spec in args.policy or DEFAULT_POLICY for a in ("--policy", spec)])
     try:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(4096, 16, generator=g)
@@ -126,7 +94,7 @@ def main() -> int:
               f"control file {autolr_cb.run_path / 'autolr.json'}")
     finally:
         if daemon is not None:
-            stop_daemon(daemon)
+            stop_watch(daemon)
     return 0
 
 

@@ -15,11 +15,8 @@ The loop logs with ``autolr.log`` to ``metrics.jsonl``. Each change applied is p
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import jax
@@ -29,39 +26,10 @@ import optax
 
 import autolr
 from autolr.integrations import optax as autolr_optax
+from autolr.spawn import say, start_watch, stop_watch
 
 DEFAULT_POLICY = ["step:step_size=40,gamma=0.5"]
 
-
-def say(text: str) -> None:
-    """One write per line: the relay thread and the training loop never mix their lines."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-def start_daemon(root: Path, policies: list[str]) -> subprocess.Popen:
-    """``autolr watch root``, its output relayed with a prefix; returns once it is watching."""
-    cmd = [sys.executable, "-m", "autolr.cli", "watch", str(root), "--no-fsync"]
-    for spec in policies:
-        cmd += ["--policy", spec]
-    say("starting: autolr " + " ".join(cmd[3:]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    ready = threading.Event()
-
-    def relay():
-        for line in proc.stdout:
-            say(f"  [autolr watch] {line.rstrip()}")
-            if line.startswith("watching"):
-                ready.set()
-        ready.set()
-    threading.Thread(target=relay, daemon=True).start()
-    ready.wait(60)
-    return proc
-
-
-def stop_daemon(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
 
 
 def train(run: Path, steps: int, lr: float) -> int:
@@ -107,13 +75,13 @@ def main() -> int:
     root = args.dir or Path(tempfile.mkdtemp(prefix="autolr-optax-"))
     run = root / "optax"
     run.mkdir(parents=True, exist_ok=True)
-    daemon = None if args.no_daemon else start_daemon(root, args.policy or DEFAULT_POLICY)
+    daemon = None if args.no_daemon else start_watch(root, "--no-fsync", *[a for spec in args.policy or DEFAULT_POLICY for a in ("--policy", spec)])
     try:
         changes = train(run, args.steps, args.lr)
         say(f"run folder {run}: {changes} LR changes applied; control file {run / 'autolr.json'}")
     finally:
         if daemon is not None:
-            stop_daemon(daemon)
+            stop_watch(daemon)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 
 import autolr
 from autolr.integrations.torch import attach
+from autolr.spawn import stop_watch
 
 
 def start_daemon(run: Path, policies: list[str], margin: int | None, log: Path) -> subprocess.Popen:
@@ -42,15 +42,6 @@ def start_daemon(run: Path, policies: list[str], margin: int | None, log: Path) 
     with open(log, "a") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
-
-def stop_daemon(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # the daemon saves its state and exits
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def wait_for(path: Path, timeout: float = 30.0) -> None:
@@ -112,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         train(run, args.steps, args.step_time)
     finally:
         if daemon is not None:
-            stop_daemon(daemon)
+            stop_watch(daemon)  # SIGTERM: the daemon saves its state and exits
             print(f"daemon output: {daemon_log}")
 
 
