@@ -317,10 +317,10 @@ class Daemon:
 
     def run(self) -> None:
         self.load_multi_state()
+        if not self.options.once:
+            self.start_observer()  # first: whatever appears during the walk still sends an event
         self.discover()
         self.on_event("ready", {"runs": len(self.runs), "sources": len(self.sources), "mode": self.mode})
-        if not self.options.once:
-            self.start_observer()  # before catching up, so nothing written meanwhile is missed
         try:
             self.catch_up()
             self.flush()

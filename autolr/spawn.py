@@ -31,18 +31,19 @@ def start_watch(root: str | os.PathLike, *args: str, echo: Callable[[str], None]
     cmd = [sys.executable, "-m", "autolr.cli", "watch", str(Path(root)), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    ready = threading.Event()
+    ready, watching_seen = threading.Event(), threading.Event()
 
     def relay() -> None:
         for line in proc.stdout:
             if echo is not None:
                 echo(prefix + line.rstrip())
             if line.startswith("watching"):
+                watching_seen.set()
                 ready.set()
         ready.set()  # exited: do not wait any longer
 
     threading.Thread(target=relay, daemon=True).start()
-    if not ready.wait(timeout) or proc.poll() is not None:
+    if not ready.wait(timeout) or not watching_seen.is_set():
         stop_watch(proc)
         raise RuntimeError(f"autolr watch did not start (exit code {proc.returncode})")
     return proc
