@@ -31,8 +31,9 @@ the same LR at every row.
 Reported per task x LR x schedule: the final validation loss (median over seeds, with the
 range), the steps to reach the task's target validation loss (the 25th percentile of the final
 validation losses of the four PyTorch schedules over all LRs and seeds, so the target does not
-move when autolr changes) and the number of diverged seeds (loss non-finite, or final
-validation loss above the initial one). Verdicts:
+move when autolr changes) and the number of diverged seeds (the loss became non-finite, or the
+final validation loss is above 0.9x the initial one: no better than an untrained network; a
+network killed by a too-high LR ends at the class prior, a hair below its initial loss). Verdicts:
 
 1. ``auto`` is at least as good as ReduceLROnPlateau (median final validation loss at most
    1% above) in at least 80% of task x LR cases;
@@ -66,7 +67,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line, md_table  # noqa: E402
+from _common import git_revision, machine_line, md_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEDULES = ("constant", "step", "cosine", "rlrop", "plateau", "auto")
@@ -75,6 +76,7 @@ LABELS = {"constant": "constant", "step": "StepLR", "cosine": "CosineAnnealingLR
 TORCH_SCHEDULES = ("constant", "step", "cosine", "rlrop")
 TOLERANCE = 0.01  # auto counts as "at least as good" up to 1% above ReduceLROnPlateau
 TARGET_SHARE = 0.80
+FAILED = 0.9  # a run whose final validation loss is above 0.9 x the initial one counts as diverged
 
 # Modules whose source text is the language model's corpus (all in CPython 3.11's stdlib).
 LM_MODULES = ("argparse.py", "textwrap.py", "functools.py", "dataclasses.py", "inspect.py", "pathlib.py",
@@ -94,8 +96,8 @@ class Task:
 
 TASKS = {
     "mlp": Task("mlp", 2000, 32, "sgd", (0.01, 0.1, 1.0), "MLP 64-128-128-10 on sklearn digits, SGD m=0.9"),
-    "cnn": Task("cnn", 1500, 32, "sgd", (0.01, 0.1, 1.0), "CNN 16-32 ch on digits as 1x8x8, SGD m=0.9"),
-    "charlm": Task("charlm", 1000, 16, "adam", (3e-4, 3e-3, 3e-2),
+    "cnn": Task("cnn", 1200, 32, "sgd", (0.01, 0.1, 1.0), "CNN 16-32 ch on digits as 1x8x8, SGD m=0.9"),
+    "charlm": Task("charlm", 800, 16, "adam", (3e-4, 3e-3, 3e-2),
                    "1-layer transformer char LM (d=48, ctx 32) on stdlib source, Adam"),
 }
 
@@ -229,13 +231,16 @@ def run_one(task_name: str, lr: float, schedule: str, seed: int, steps: int, eva
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     elif schedule == "rlrop":
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)  # PyTorch's defaults
-    elif schedule in ("plateau", "auto"):
+    elif schedule in ("plateau", "auto") or schedule.startswith("autolr:"):
         from autolr.config import Settings
         from autolr.engine import RunEngine
         from autolr.plugins import policy_classes
         from autolr.records import Record
+        from autolr.spec import parse_spec
 
-        engine = RunEngine(Settings(policies=((schedule, {}),)).chain(policy_classes()))
+        # "autolr:SPEC+SPEC" is any chain (ablations); "plateau"/"auto" are the defaults
+        specs = [parse_spec(x) for x in schedule.removeprefix("autolr:").split("+")]
+        engine = RunEngine(Settings(policies=tuple(specs)).chain(policy_classes()))
     log = open(log_path, "w") if log_path else None
 
     init_val = evaluate()
@@ -289,10 +294,32 @@ def run_one(task_name: str, lr: float, schedule: str, seed: int, steps: int, eva
     final = vals[-1][1] if vals and diverged_at is None else math.nan
     if diverged_at is not None:
         vals.append((diverged_at, math.nan))
-    diverged = not math.isfinite(final) or final > init_val
+    # diverged: non-finite, or ended no better than the untrained network (a dead network sits at
+    # the class prior, a hair below the initial loss)
+    diverged = not math.isfinite(final) or final > FAILED * init_val
     return {"task": task_name, "lr": lr, "schedule": schedule, "seed": seed, "steps": steps,
             "init_val": init_val, "final_val": final, "diverged": diverged, "diverged_at": diverged_at,
             "vals": vals, "train": train_curve, "lrs": lrs, "decisions": decisions, "wall": wall, "cpu": cpu}
+
+
+def slim(run: dict) -> dict:
+    """A run for the JSON file: floats to 5 significant digits."""
+    def r(x):
+        if isinstance(x, float):
+            return float(f"{x:.5g}") if math.isfinite(x) else None
+        if isinstance(x, (list, tuple)):
+            return [r(v) for v in x]
+        if isinstance(x, dict):
+            return {k: r(v) for k, v in x.items()}
+        return x
+    return r(run)
+
+
+def unslim(run: dict) -> dict:
+    """A run read back from JSON: None (a non-finite float) to NaN."""
+    nan = math.nan
+    return dict(run, final_val=nan if run["final_val"] is None else run["final_val"],
+                vals=[(st, nan if v is None else v) for st, v in run["vals"]])
 
 
 def _job(args):
@@ -302,10 +329,19 @@ def _job(args):
 def _init_worker():
     import torch
 
+    from autolr.plugins import policy_classes
+
     torch.set_num_threads(1)
+    policy_classes()  # import autolr (and scipy, for the trend test) once, outside the timed runs
+    from autolr import trend  # noqa: F401
 
 
 # ---- reporting -------------------------------------------------------------------------------
+
+def schedules_of(runs) -> list[str]:
+    present = {r["schedule"] for r in runs}
+    return [s for s in SCHEDULES if s in present] + sorted(present - set(SCHEDULES))
+
 
 def med(xs):
     xs = [x for x in xs]
@@ -365,7 +401,7 @@ def analyse(runs: list[dict], tasks: list[str]) -> dict:
             for r in by[(t, lr, "auto")]:
                 if not r["diverged"]:
                     continue
-                others = [o["schedule"] for s in SCHEDULES if s != "auto"
+                others = [o["schedule"] for s in schedules_of(runs) if s != "auto"
                           for o in by.get((t, lr, s), []) if o["seed"] == r["seed"] and not o["diverged"]]
                 lower = [f"constant@{l:g}" for l in lrs if l < lr
                          for o in by.get((t, l, "constant"), []) if o["seed"] == r["seed"] and not o["diverged"]]
@@ -379,10 +415,12 @@ def report(runs, res, args, wall, tasks) -> str:
     lines = [f"# Real training on the CPU: autolr vs PyTorch schedules", "",
              f"{machine_line()}, torch {__import__('torch').__version__}, {args.workers} worker processes x 1 thread.",
              f"Command: `python benchmarks/bench_training.py{(' ' + ' '.join(sys.argv[1:])) if sys.argv[1:] else ''}`"
-             f" — {len(runs)} runs in {wall:.0f} s wall.", "",
+             f" — {len(runs)} runs in {wall:.0f} s wall, {sum(r['cpu'] for r in runs):.0f} CPU-s inside the "
+             f"runs (training, evaluation and autolr; about {sum(r['cpu'] for r in runs) / args.workers:.0f} s "
+             f"of wall time on {args.workers} idle cores).", "",
              f"Seeds {', '.join(map(str, range(args.seeds)))}; validation every {args.eval_every} steps; "
              f"each row: median over seeds of the final validation loss [min–max], median steps to the "
-             f"task's target (seeds that reached it), diverged seeds (non-finite, or final val above initial).", ""]
+             f"task's target (seeds that reached it), diverged seeds (non-finite, or final val > {FAILED:g} × initial).", ""]
     for t in tasks:
         task = TASKS[t]
         steps = next(r["steps"] for r in runs if r["task"] == t)
@@ -392,14 +430,14 @@ def report(runs, res, args, wall, tasks) -> str:
                   f"PyTorch schedules' non-diverged final validation losses).", ""]
         rows = []
         for lr in task.lrs:
-            for s in SCHEDULES:
+            for s in schedules_of(runs):
                 c = res["cells"].get((t, lr, s))
                 if c is None:
                     continue
                 rng = f"[{fmt(c['lo'])}–{fmt(c['hi'])}]"
                 reach = f"{c['reach']} ({c['reached']}/{c['seeds']})" if c["reach"] is not None else \
                     f"— ({c['reached']}/{c['seeds']})"
-                rows.append([f"{lr:g}", LABELS[s], fmt(c["final"], 4), rng, reach, c["diverged"]])
+                rows.append([f"{lr:g}", LABELS.get(s, s), fmt(c["final"], 4), rng, reach, c["diverged"]])
         lines += [md_table(["LR", "schedule", "final val loss", "range", "steps to target", "diverged"], rows,
                            "llrrrr"), ""]
     cases = res["cases"]
@@ -416,22 +454,28 @@ def report(runs, res, args, wall, tasks) -> str:
               f"2. `auto` diverged where the run could have been saved in **{len(res['saveable'])}** run(s) "
               f"(target 0): **{'met' if not res['saveable'] else 'missed'}**."]
     for s in res["saveable"]:
-        lines.append(f"   - {s['task']} lr={s['lr']:g} seed {s['seed']}: diverged at step "
-                     f"{s['diverged_at']}, final {fmt(s['final_val'])}; not diverged: {', '.join(s['saved_by'])}")
+        how = (f"non-finite loss at step {s['diverged_at']}" if s["diverged_at"] is not None
+               else f"final val loss {fmt(s['final_val'])}")
+        lines.append(f"   - {s['task']} lr={s['lr']:g} seed {s['seed']}: {how}; not diverged: "
+                     f"{', '.join(s['saved_by'])}")
     lines += ["", "## autolr decisions (seed 0)", ""]
     for t in tasks:
         for lr in TASKS[t].lrs:
-            for s in ("plateau", "auto"):
+            for s in [s for s in schedules_of(runs) if s not in TORCH_SCHEDULES]:
                 r = next((r for r in runs if (r["task"], r["lr"], r["schedule"], r["seed"]) == (t, lr, s, 0)), None)
                 if r is None:
                     continue
+                # a warmup changes the LR on every row: summarise those
+                ramp = [d for d in r["decisions"] if d["reason"].startswith(f"{s}: factor ")]
+                rest = [d for d in r["decisions"] if d not in ramp]
                 lines.append(f"- **{t} lr={lr:g} {s}**: {len(r['decisions'])} decision(s)"
-                             + ("" if r["decisions"] else "; the LR stayed at its initial value"
-                                if s == "plateau" else ""))
-                for d in r["decisions"][:8]:
-                    lines.append(f"  - step {d['step']}: scale {d['scale']:.4g} — {d['reason'][:240]}")
-                if len(r["decisions"]) > 8:
-                    lines.append(f"  - … {len(r['decisions']) - 8} more")
+                             + (f", {len(ramp)} of them warmup steps (last at step {ramp[-1]['step']}, scale "
+                                f"{ramp[-1]['scale']:.3g})" if ramp else "")
+                             + ("; the LR stayed at its initial value" if not r["decisions"] else ""))
+                for d in rest[:8]:
+                    lines.append(f"  - step {d['step']}: scale {d['scale']:.4g} — {d['reason'][:300]}")
+                if len(rest) > 8:
+                    lines.append(f"  - … {len(rest) - 8} more")
     return "\n".join(lines) + "\n"
 
 
@@ -448,7 +492,7 @@ def plot(runs, res, tasks, path):
     for ti, t in enumerate(tasks):
         for li, lr in enumerate(TASKS[t].lrs):
             ax, axl = axes[2 * ti][li], axes[2 * ti + 1][li]
-            for s in SCHEDULES:
+            for k, s in enumerate(schedules_of(runs)):
                 rs = [r for r in runs if (r["task"], r["lr"], r["schedule"]) == (t, lr, s)]
                 if not rs:
                     continue
@@ -458,13 +502,14 @@ def plot(runs, res, tasks, path):
                     vs = [dict(r["vals"]).get(st, math.nan) for r in rs]
                     vs = [v for v in vs if math.isfinite(v)]
                     ys.append(statistics.median(vs) if len(vs) > len(rs) // 2 else math.nan)
-                ax.plot(steps, ys, color=colors[s], lw=1.6 if s == "auto" else 1.0, label=LABELS[s])
+                color = colors.get(s, f"C{k % 10}")
+                ax.plot(steps, ys, color=color, lw=1.6 if s == "auto" else 1.0, label=LABELS.get(s, s))
                 r0 = min(rs, key=lambda r: r["seed"])
                 xs, ls = [], []
                 for (st, l), nxt in zip(r0["lrs"], r0["lrs"][1:] + [(r0["steps"], None)]):
                     xs += [st, nxt[0]]
                     ls += [l, l]
-                axl.plot(xs, ls, color=colors[s], lw=1.6 if s == "auto" else 1.0)
+                axl.plot(xs, ls, color=color, lw=1.6 if s == "auto" else 1.0)
             ax.axhline(res["targets"][t], color="k", ls=":", lw=0.8)
             ax.set_yscale("log")
             ax.set_title(f"{t}, lr={lr:g}: val loss (median of seeds)", fontsize=9)
@@ -476,6 +521,30 @@ def plot(runs, res, tasks, path):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def compare(runs, res, baseline, tasks) -> str:
+    """Before/after for ``auto``: the baseline's auto runs against this run's (same tasks, LRs, seeds)."""
+    old = [unslim(r) for r in baseline["runs"] if r["schedule"] == "auto" and r["task"] in tasks]
+    if not old:
+        return ""
+    mixed = [r for r in runs if r["schedule"] != "auto"] + old
+    before = analyse(mixed, tasks)
+    lines = ["", f"## Before / after: `auto` at {baseline.get('revision', 'the baseline revision')} vs now", "",
+             "Same tasks, LRs, seeds and PyTorch runs; only the `auto` runs differ. Median final validation "
+             "loss over seeds (diverged seeds).", ""]
+    rows = []
+    for b, a in zip(before["cases"], res["cases"]):
+        cb, ca = before["cells"][(b["task"], b["lr"], "auto")], res["cells"][(a["task"], a["lr"], "auto")]
+        rows.append([a["task"], f"{a['lr']:g}", f"{fmt(b['auto'], 4)} ({cb['diverged']})",
+                     f"{fmt(a['auto'], 4)} ({ca['diverged']})", fmt(a["rlrop"], 4),
+                     "yes" if b["ok"] else "no", "yes" if a["ok"] else "no"])
+    lines.append(md_table(["task", "LR", "auto before", "auto now", "ReduceLROnPlateau", "≥ RLRoP before",
+                           "≥ RLRoP now"], rows, "llrrrrr"))
+    nb, na = sum(c["ok"] for c in before["cases"]), sum(c["ok"] for c in res["cases"])
+    lines += ["", f"Target 1 before: {nb}/{len(before['cases'])}; now: {na}/{len(res['cases'])}. "
+              f"Target 2 (saveable divergences) before: {len(before['saveable'])}; now: {len(res['saveable'])}.", ""]
+    return "\n".join(lines) + "\n"
 
 
 # ---- replay check ----------------------------------------------------------------------------
@@ -517,6 +586,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="training", help="basename of the result files")
+    ap.add_argument("--baseline", metavar="JSON",
+                    help="a training.json from an earlier autolr revision: add a before/after section for auto")
     ap.add_argument("--check-replay", action="store_true",
                     help="also check autolr replay against the closed loop on one mlp configuration")
     args = ap.parse_args(argv)
@@ -544,6 +615,8 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     res = analyse(runs, tasks)
     text = report(runs, res, args, wall, tasks)
+    if args.baseline:
+        text += compare(runs, res, json.loads(Path(args.baseline).read_text()), tasks)
     if args.check_replay:
         lines = check_replay("mlp", 1.0, TASKS["mlp"].steps, args.eval_every)
         text += "\n## Closed loop vs `autolr replay`\n\n" + "\n".join(f"- {x}" for x in lines) + "\n"
@@ -551,7 +624,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.md").write_text(text)
     plot(runs, res, tasks, out / f"{args.name}.png")
-    (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "wall": wall, "runs": runs}))
+    (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "revision": git_revision(), "wall": wall,
+                                                      "runs": [slim(r) for r in runs]}))
     print(text)
     return 0
 

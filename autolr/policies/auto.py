@@ -2,14 +2,24 @@
 
 factor = warmup(t) · decay · guard · boost, where
 
-- warmup(t) = warmup_start + (1 - warmup_start) · min(t, warmup) / warmup, as ``warmup``;
+- warmup(t) = warmup_start + (1 - warmup_start) · min(t, warmup) / warmup, as ``warmup``,
+  applied row by row; the guard watches the warmup too, and a guard event during it ends the
+  warmup at the factor reached (an LR range test: the LR has climbed past what the model
+  takes), times ``guard_factor``;
 - decay ← decay · factor when the monitored metric shows no significant improvement over the
-  last ``window`` observations (:func:`autolr.trend.improvement_test`, tested every
-  ``every``); never below ``min_factor``;
-- guard ← guard · guard_factor at once on a non-finite value, a jump of ``spike_sigmas``
-  robust sigmas that also doubles the loss, or a sustained rise (p < 1e-3 and more than
-  ``rise`` · |level| over the window); then
-  ``guard_cooldown`` observations before the guard may fire again;
+  window (:func:`autolr.trend.improvement_test`, tested every ``every`` rows) and the median of
+  the window's later half is no better than that of its earlier half; never below
+  ``min_factor``. The window holds the last ``window`` observations of the metric, or, for a
+  metric logged on fewer rows (a validation loss every N steps), the observations of the last
+  ``window`` rows and at least ``min_window`` of them;
+- guard ← guard · guard_factor at once on a non-finite value; on a jump of ``spike_sigmas``
+  robust sigmas that also doubles the largest value of the guard window (a spike of the size
+  the window already holds is noise, not divergence); on a level shift: the median of the last
+  ``every`` values doubles the lowest such median in the window, by ``spike_sigmas`` standard
+  errors of a median; or on a sustained rise of the monitored metric (p < 1e-3 and more than
+  ``rise`` · |level| over the window). Then ``guard_cooldown`` observations in which only an
+  escalation fires again (a non-finite value, or double the value that fired); never below
+  ``min_factor`` together with decay;
 - boost ← boost · increase_factor (at most ``max_boost``) when ``increase`` is on and the
   improvement is strongly significant (p < ``increase_p``) with no guard event in the window.
 
@@ -19,6 +29,7 @@ monitored metric. After any change the decision window starts empty.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,12 +37,20 @@ from ..hookspecs import hookimpl
 from ..policy import Note, Observation, Policy, State, check, default_mode
 
 
+#: The decision window, emptied after every change: data taken at the old LR says nothing about the new.
+#: ``at`` holds each observation's row count, ``rows`` the rows seen, ``tested`` the rows at the last test.
+_EMPTY_WINDOW = {"values": [], "times": [], "at": [], "since": 0, "rows": 0, "tested": 0}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Auto(Policy):
     """Adaptive default: warmup, trend-based decay on stalls, divergence guard, optional increases."""
 
     name = "auto"
-    stateful = True
+    # Fed on every row, its own warmup included: the warmup ramps per row and the guard is live
+    # from the first one. Its decisions still use post-warmup data only, and ``holds`` keeps other
+    # stateful policies of the chain waiting until the warmup is over.
+    stateful = False
 
     metric: str | None = None
     mode: Literal["min", "max"] | None = None
@@ -39,6 +58,7 @@ class Auto(Policy):
     warmup: int = 100
     warmup_start: float = 0.1
     window: int = 100
+    min_window: int = 20
     every: int = 10
     confidence: float = 0.95
     factor: float = 0.5
@@ -57,6 +77,7 @@ class Auto(Policy):
         check(self.warmup >= 0, self.name, "warmup must be >= 0")
         check(0 < self.warmup_start <= 1, self.name, "warmup_start must be in (0, 1]")
         check(self.window >= 8, self.name, "window must be >= 8")
+        check(8 <= self.min_window <= self.window, self.name, "min_window must be in [8, window]")
         check(self.every >= 1, self.name, "every must be >= 1")
         check(0.5 <= self.confidence < 1, self.name, "confidence must be in [0.5, 1)")
         check(0 < self.factor < 1, self.name, "factor must be in (0, 1)")
@@ -71,9 +92,9 @@ class Auto(Policy):
 
     # ---- state -------------------------------------------------------------------------
     def init(self, base_lr: float = 1.0) -> State:
-        return {"t": None, "decay": 1.0, "guard": 1.0, "boost": 1.0, "values": [], "times": [],
-                "since": 0, "guard_values": [], "guard_ref": None, "cooldown": 0, "quiet": 0,
-                "seen": 0, "warm": self.warmup == 0}
+        return {"t": None, "decay": 1.0, "guard": 1.0, "boost": 1.0, **_EMPTY_WINDOW, "guard_values": [],
+                "guard_ref": None, "levels": [], "cooldown": 0, "trigger": None, "quiet": 0, "seen": 0,
+                "warm": self.warmup == 0, "ramp_done": self.warmup == 0}
 
     def _warmup_factor(self, t: float) -> float:
         if self.warmup == 0:
@@ -82,7 +103,7 @@ class Auto(Policy):
 
     def value(self, state: State) -> float:
         t = state["t"]
-        w = self._warmup_factor(0.0 if t is None else t + 1)
+        w = 1.0 if state.get("ramp_done") else self._warmup_factor(0.0 if t is None else t + 1)
         return w * state["decay"] * state["guard"] * state["boost"]
 
     def holds(self, obs: Observation) -> bool:
@@ -90,7 +111,7 @@ class Auto(Policy):
         return self.warmup > 0 and t is not None and t < self.warmup
 
     def monitor_changed(self, state: State) -> State:
-        return state if self.metric else dict(state, values=[], times=[], since=0)
+        return state if self.metric else dict(state, **_EMPTY_WINDOW)
 
     # ---- update ------------------------------------------------------------------------
     def update(self, state: State, obs: Observation) -> tuple[State, Note | None]:
@@ -98,17 +119,22 @@ class Auto(Policy):
         t = obs.time(self.unit)
         if t is not None and (new["t"] is None or t > new["t"]):
             new["t"] = t
+        if not new["ramp_done"] and t is not None and t + 1 >= self.warmup:
+            new["ramp_done"] = True
         metric = self.metric or obs.monitor
         guard_metric = self.guard_metric or ("loss" if "loss" in obs.metrics else metric)
         note = None
         if guard_metric in obs.metrics:
             new, note = self._guard(new, obs, guard_metric, float(obs.metrics[guard_metric]))
-        if note is not None or metric is None or metric not in obs.metrics:
+        if note is not None or metric is None:
             return new, note
         if not new["warm"]:
             if t is None or t < self.warmup:
                 return new, None
-            new.update(warm=True, values=[], times=[], since=0)  # decisions use post-warmup data
+            new.update(warm=True, **_EMPTY_WINDOW)  # post-warmup data only
+        new["rows"] += 1
+        if metric not in obs.metrics:
+            return new, None
         current = float(obs.metrics[metric])
         if not math.isfinite(current):
             return new, None
@@ -117,81 +143,150 @@ class Auto(Policy):
         time = t if t is not None else obs.row
         new["values"] = (new["values"] + [current])[-self.window:]
         new["times"] = (new["times"] + [time])[-self.window:]
-        if len(new["values"]) < self.window or new["since"] % self.every:
+        new["at"] = (new["at"] + [new["rows"]])[-self.window:]
+        # The window: the last `window` observations or, for a metric logged on fewer rows (a
+        # validation loss every N steps), those of the last `window` rows, and at least
+        # `min_window` of them. Tested every `every` rows.
+        recent = sum(1 for a in new["at"] if a > new["rows"] - self.window)
+        n = min(max(recent, self.min_window), self.window)
+        if len(new["values"]) < n or new["rows"] < self.window or new["rows"] - new["tested"] < self.every:
             return new, None
-        return self._decide(new, obs, metric, self.mode or default_mode(metric))
+        new["tested"] = new["rows"]
+        return self._decide(new, obs, metric, self.mode or default_mode(metric), n)
 
     def _guard(self, state: State, obs: Observation, metric: str, value: float) -> tuple[State, Note | None]:
-        """O(1) per row: compare with a robust (median, sigma) refreshed every ``every`` values."""
+        """O(window) per row at most: robust (median, sigma, extreme) refreshed every ``every`` values."""
         from .. import trend
 
+        mode = self.mode or default_mode(metric)
+        worse = (lambda a, b: a > b) if mode == "min" else (lambda a, b: a < b)
         state["quiet"] += 1
         why = None
         if state["cooldown"] > 0:
             state["cooldown"] -= 1
+            trigger = state["trigger"]
+            if trigger is not None and not math.isfinite(value):
+                why = f"non-finite value {value} during the cooldown"
+            elif trigger is not None and worse(value, 2.0 * trigger if mode == "min" else trigger / 2.0):
+                why = f"escalates to {value:.6g} during the cooldown (fired at {trigger:.6g})"
         else:
             ref = state["guard_ref"]
-            why = trend.divergent(value, tuple(ref) if ref else None, mode=self.mode or default_mode(metric),
-                                  k=self.spike_sigmas)
+            why = trend.divergent(value, tuple(ref[:2]) if ref else None, mode=mode, k=self.spike_sigmas)
+            if why is not None and math.isfinite(value) and ref is not None:
+                extreme = ref[2]  # the worst value of the window: a jump must double it
+                if not worse(value, 2.0 * extreme if mode == "min" else extreme / 2.0):
+                    why = None
+            if why is None and math.isfinite(value):
+                why = self._level_shift(state, value, mode, worse)
         if why is None:
             if math.isfinite(value):
                 window = (state["guard_values"] + [value])[-self.window:]
                 state["guard_values"] = window
                 if state["guard_ref"] is None or state["quiet"] % self.every == 0:
                     ref = trend.robust_reference(window)
-                    state["guard_ref"] = list(ref) if ref else None
+                    state["guard_ref"] = list(ref) + [max(window) if mode == "min" else min(window)] if ref else None
+                if len(window) >= self.every and state["quiet"] % self.every == 0:
+                    level = statistics.median(window[-self.every:])
+                    state["levels"] = (state["levels"] + [level])[-max(self.window // self.every, 1):]
             return state, None
+        return self._fire(state, metric, value, why)
+
+    def _level_shift(self, state: State, value: float, mode: str, worse) -> str | None:
+        """The median of the last ``every`` values against the best such median of the window."""
+        from .. import trend
+
+        levels = state["levels"]
+        recent = state["guard_values"][-(self.every - 1):] + [value] if self.every > 1 else [value]
+        if not levels or len(recent) < self.every or state["guard_ref"] is None:
+            return None
+        level = statistics.median(recent)
+        best = min(levels) if mode == "min" else max(levels)
+        if not worse(level, 2.0 * best if mode == "min" else best / 2.0):
+            return None
+        # the standard error of a median of m values is about 1.2533 sigma / sqrt(m)
+        se = 1.2533 * trend.noise_level(state["guard_values"]) / math.sqrt(self.every)
+        excess = level - best if mode == "min" else best - level
+        if excess > self.spike_sigmas * se:
+            return (f"level shift: median of the last {self.every} values {level:.6g} vs the window's best "
+                    f"{best:.6g} ({excess / se if se > 0 else math.inf:.0f} standard errors)")
+        return None
+
+    def _fire(self, state: State, metric: str, value: float, why: str) -> tuple[State, Note | None]:
         cut = self.guard_factor
-        state.update(guard=state["guard"] * cut, cooldown=self.guard_cooldown, quiet=0,
-                     values=[], times=[], since=0)
+        ramp = ""
+        if not state["ramp_done"]:
+            # The LR climbed past what the model takes: stop the warmup at the factor that produced
+            # this row (that of row t, set after row t - 1), and cut.
+            w = self._warmup_factor(0.0 if state["t"] is None else state["t"])
+            cut *= w
+            ramp = f" (warmup ended at factor {w:.3g})"
+            state["ramp_done"] = True
+        floor = self.min_factor / (state["decay"] * state["guard"])
+        cut = max(cut, min(floor, 1.0))
+        # The guard window and its levels are kept: until they slide past, a loss that does not come
+        # back within twice its best level fires again once the cooldown is over.
+        state.update(cooldown=self.guard_cooldown, quiet=0, **_EMPTY_WINDOW,
+                     trigger=value if math.isfinite(value) else None)
+        if cut >= 1.0:
+            return state, None  # already at min_factor
+        state["guard"] *= cut
         return state, {
-            "reason": f"divergence guard: {metric} {why}: lr x{cut:g} at once, then {self.guard_cooldown} "
-                      f"observations of cooldown",
+            "reason": f"divergence guard: {metric} {why}: lr x{cut:.6g} at once{ramp}, then "
+                      f"{self.guard_cooldown} observations of cooldown",
             "kind": "guard", "metric": metric, "value": value if math.isfinite(value) else str(value),
             "reference": state["guard_ref"],
         }
 
-    def _decide(self, state: State, obs: Observation, metric: str, mode: str) -> tuple[State, Note | None]:
+    def _decide(self, state: State, obs: Observation, metric: str, mode: str, n: int) -> tuple[State, Note | None]:
         from .. import trend
 
-        result = trend.improvement_test(state["values"], state["times"], mode=mode, confidence=self.confidence)
+        values, times = state["values"][-n:], state["times"][-n:]
+        result = trend.improvement_test(values, times, mode=mode, confidence=self.confidence)
         stats = result.as_dict()
         sign = 1.0 if mode == "min" else -1.0
         if sign * result.slope > 0 and state["cooldown"] == 0:  # heading the wrong way: diverging?
-            worse = trend.improvement_test(state["values"], state["times"], mode="max" if mode == "min" else "min",
+            worse = trend.improvement_test(values, times, mode="max" if mode == "min" else "min",
                                            confidence=self.confidence)
-            level = abs(sorted(state["values"])[len(state["values"]) // 2]) or 1.0
-            rise = abs(worse.slope) * (state["times"][-1] - state["times"][0])
+            level = abs(sorted(values)[len(values) // 2]) or 1.0
+            rise = abs(worse.slope) * (times[-1] - times[0])
             if worse.p < 1e-3 and rise > self.rise * level:
                 # Significantly getting worse over a whole window: a slow divergence.
                 state.update(guard=state["guard"] * self.guard_factor, cooldown=self.guard_cooldown, quiet=0,
-                             values=[], times=[], since=0)
+                             **_EMPTY_WINDOW, trigger=None)
                 return state, {
                     "reason": f"divergence guard: {metric} rises significantly over {worse.n} observations "
                               f"(slope {worse.slope:.3g}, p={worse.p:.2g}, +{rise / level:.0%} of its level): "
                               f"lr x{self.guard_factor:g}",
                     "kind": "guard", "metric": metric, **worse.as_dict(),
                 }
+        half = len(values) // 2
+        early, late = statistics.median(values[:half]), statistics.median(values[-half:])
+        if result.p >= 1 - self.confidence and (late < early if mode == "min" else late > early):
+            # Not significant, yet the later half of the window is better than the earlier one. On
+            # few observations the test cannot tell the knee of a saturating curve from AR(1)
+            # noise (it fits the curvature as autocorrelation): only call it a stall when this
+            # direct, autocorrelation-free comparison agrees.
+            return state, None
         if result.p >= 1 - self.confidence:
             floor = self.min_factor / state["decay"]
             step = max(self.factor, min(floor, 1.0))
             if step >= 1.0:
                 return state, None  # already at min_factor
-            gain = trend.forecast_gain(state["values"], state["times"], mode=mode)
-            state.update(decay=state["decay"] * step, values=[], times=[], since=0)
+            gain = trend.forecast_gain(values, times, mode=mode)
+            state.update(decay=state["decay"] * step, **_EMPTY_WINDOW)
             return state, {
                 "reason": (
                     f"{metric} stalled: no significant improvement over {result.n} observations "
                     f"(slope {result.slope:.3g}/unit, {self.confidence:.0%} CI [{result.lo:.3g}, {result.hi:.3g}], "
                     f"p={result.p:.3g}, AR(1) phi={result.phi:.2f}"
                     + (f", forecast gain {gain:.3g}" if gain is not None else "")
-                    + f"): lr x{step:.6g}"
+                    + f"; median of the later half {late:.6g} vs the earlier {early:.6g}): lr x{step:.6g}"
                 ),
                 "kind": "decay", "metric": metric, "forecast_gain": gain, **stats,
             }
         if (self.increase and result.p < self.increase_p and state["quiet"] >= 2 * self.window
                 and state["boost"] * self.increase_factor <= self.max_boost):
-            state.update(boost=state["boost"] * self.increase_factor, values=[], times=[], since=0)
+            state.update(boost=state["boost"] * self.increase_factor, **_EMPTY_WINDOW)
             return state, {
                 "reason": f"{metric} improves steadily (p={result.p:.2g} < {self.increase_p:g} over "
                           f"{result.n} observations, slope {result.slope:.3g}): lr x{self.increase_factor:g}",

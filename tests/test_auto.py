@@ -1,0 +1,173 @@
+"""The ``auto`` policy: per-row warmup, guard (spikes, level shifts, cooldown escalation), sparse metrics."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from autolr.config import Settings
+from autolr.engine import RunEngine
+from autolr.plugins import policy_classes
+from autolr.policy import PolicyError
+from autolr.records import Record
+
+
+def engine(*specs):
+    from autolr.spec import parse_spec
+
+    return RunEngine(Settings(policies=tuple(parse_spec(s) for s in specs) or ()).chain(policy_classes()))
+
+
+def feed(eng, rows):
+    """Feed (step, metrics) rows; return [(step, scale, reason)] of the decisions after warmup rows."""
+    out = []
+    for step, metrics in rows:
+        for d in eng.feed(Record(metrics=metrics, step=step)):
+            out.append((step, d.scale, d.reason))
+    return out
+
+
+def guards(decisions):
+    return [d for d in decisions if "divergence guard" in d[2]]
+
+
+def test_default_chain_is_auto():
+    assert Settings().chain(policy_classes()).names == "auto"
+
+
+def test_warmup_ramps_every_row():
+    eng = engine("auto")
+    scales = []
+    for step in range(150):
+        eng.feed(Record(metrics={"loss": 1.0}, step=step))
+        scales.append(eng.scale)
+    # after the row at step t the factor is that of t + 1, as the `warmup` policy gives
+    assert scales[0] == pytest.approx(0.1 + 0.9 * 1 / 100)
+    assert scales[49] == pytest.approx(0.1 + 0.9 * 50 / 100)
+    assert all(b > a for a, b in zip(scales[:99], scales[1:99]))
+    assert scales[99:] == [1.0] * 51
+
+
+def test_guard_is_live_during_warmup_and_ends_it():
+    eng = engine("auto")
+    rng = np.random.default_rng(0)
+    rows = [(s, {"loss": 2.0 + 0.05 * rng.standard_normal()}) for s in range(40)]
+    rows.append((40, {"loss": math.nan}))
+    decisions = feed(eng, rows)
+    fired = guards(decisions)
+    assert len(fired) == 1 and fired[0][0] == 40 and "warmup ended" in fired[0][2]
+    w = 0.1 + 0.9 * 40 / 100  # the factor reached before the row at step 40
+    assert eng.scale == pytest.approx(w * 0.5)
+    # the warmup does not resume
+    feed(eng, [(s, {"loss": 2.0 + 0.05 * rng.standard_normal()}) for s in range(41, 120)])
+    assert eng.scale <= w * 0.5 + 1e-12
+
+
+def test_heavy_tailed_minibatch_noise_near_zero_is_not_divergence():
+    """A memorised training set: losses ~1e-3 with occasional hard batches 10-40x larger."""
+    eng = engine("auto")
+    rng = np.random.default_rng(1)
+    rows = []
+    for s in range(3000):
+        base = 2.3 * math.exp(-s / 60) + 0.0015 * math.exp(0.4 * rng.standard_normal())
+        spike = rng.random() < 0.05
+        rows.append((s, {"loss": base + (rng.uniform(0.01, 0.06) if spike else 0.0)}))
+    assert [d for d in guards(feed(eng, rows)) if "jump" in d[2] or "level shift" in d[2]] == []
+
+
+def test_explosion_fires_at_once():
+    eng = engine("auto:warmup=0")
+    rng = np.random.default_rng(2)
+    rows = [(s, {"loss": 0.5 + 0.05 * rng.standard_normal()}) for s in range(300)]
+    rows += [(300, {"loss": 5.0})]
+    fired = guards(feed(eng, rows))
+    assert [f[0] for f in fired] == [300] and "jump" in fired[0][2]
+    assert eng.state["policies"][0]["guard"] == pytest.approx(0.5)
+
+
+def test_spike_of_the_size_the_window_holds_does_not_fire():
+    eng = engine("auto:warmup=0")
+    rng = np.random.default_rng(3)
+    rows = [(s, {"loss": (3.0 if s % 37 == 0 else 0.5) + 0.02 * rng.standard_normal()}) for s in range(400)]
+    assert guards(feed(eng, rows)) == []
+
+
+def test_level_shift_fires():
+    """Edge of stability: the loss climbs back from 0.4 to 2 over a few dozen noisy rows."""
+    eng = engine("auto:warmup=0")
+    rng = np.random.default_rng(4)
+    rows = [(s, {"loss": 2.3 * math.exp(-s / 30) + 0.4 + 0.15 * rng.standard_normal()}) for s in range(200)]
+    rows += [(200 + i, {"loss": min(0.4 + 0.06 * i, 2.2) + 0.15 * rng.standard_normal()}) for i in range(60)]
+    fired = guards(feed(eng, rows))
+    assert fired and 200 < fired[0][0] < 240 and "level shift" in fired[0][2]
+
+
+def test_cooldown_fires_again_only_on_escalation():
+    eng = engine("auto:warmup=0")
+    rows = [(s, {"loss": 0.5 + 0.01 * math.sin(s)}) for s in range(200)]
+    rows += [(200, {"loss": 3.0}), (201, {"loss": 2.5}), (202, {"loss": 2.9}), (203, {"loss": 7.0}),
+             (204, {"loss": 6.0})]
+    fired = guards(feed(eng, rows))
+    assert [f[0] for f in fired] == [200, 203] and "escalates" in fired[1][2]
+    assert eng.state["policies"][0]["guard"] == pytest.approx(0.25)
+
+
+def test_guard_respects_min_factor():
+    eng = engine("auto:warmup=0,min_factor=0.1,guard_cooldown=0")
+    feed(eng, [(s, {"loss": 1.0 + 0.01 * math.sin(s)}) for s in range(50)])
+    feed(eng, [(50 + s, {"loss": math.nan}) for s in range(20)])
+    assert eng.scale == pytest.approx(0.1)
+
+
+def test_sparse_validation_metric_decides_within_min_window():
+    """val_loss every 25 steps: the window is the last `window` rows with >= min_window values."""
+    eng = engine("auto")
+    rng = np.random.default_rng(5)
+    rows = []
+    for s in range(1, 2001):
+        m = {"loss": 0.3 + 2 * math.exp(-s / 100) + 0.05 * rng.standard_normal()}
+        if s % 25 == 0:
+            m["val_loss"] = 0.4 + 2 * math.exp(-s / 100) + 0.005 * rng.standard_normal()
+        rows.append((s, m))
+    decays = [d for d in feed(eng, rows) if "stalled" in d[2]]
+    assert decays, "a flat validation loss must be decided on"
+    first = decays[0]
+    assert first[0] % 25 == 0 and 100 + 20 * 25 <= first[0] <= 1300 and "val_loss" in first[2]
+    assert "over 20 observations" in first[2]
+
+
+def test_dense_metric_still_needs_the_full_window():
+    eng = engine("auto")
+    rng = np.random.default_rng(6)
+    rows = [(s, {"loss": 1.0 + 0.05 * rng.standard_normal()}) for s in range(400)]
+    decays = [d for d in feed(eng, rows) if "stalled" in d[2]]
+    assert decays and decays[0][0] >= 100 + 99 and "over 100 observations" in decays[0][2]
+
+
+def test_other_stateful_policies_wait_for_autos_warmup():
+    eng = engine("auto", "plateau:method=threshold,patience=0")
+    feed(eng, [(s, {"loss": 1.0}) for s in range(100)])
+    plateau_state = eng.state["policies"][1]
+    assert plateau_state["seen"] == 0
+
+
+def test_state_round_trips_through_json_and_replays_identically():
+    rng = np.random.default_rng(7)
+    rows = [(s, {"loss": 2 * math.exp(-s / 200) + 0.1 + 0.02 * rng.standard_normal()}) for s in range(600)]
+    rows[300] = (300, {"loss": 50.0})
+    a = engine("auto")
+    da = feed(a, rows)
+    b = engine("auto")
+    db = feed(b, rows[:250])
+    b.state = json.loads(json.dumps(b.state))
+    db += feed(b, rows[250:])
+    assert da == db and guards(da)
+
+
+def test_min_window_is_checked():
+    with pytest.raises(PolicyError):
+        engine("auto:min_window=4")
+    with pytest.raises(PolicyError):
+        engine("auto:window=50,min_window=60")
