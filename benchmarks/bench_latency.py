@@ -243,6 +243,8 @@ def main() -> int:
     ap.add_argument("--quick-poll1", type=int, default=10, metavar="N",
                     help="rows for --poll 1 (median only; 0 skips it)")
     ap.add_argument("--skip-poll-fsync", action="store_true", help="skip --poll 0.05 with fsync")
+    ap.add_argument("--configs", default="inotify-fsync,inotify-nofsync,poll-fsync,poll-nofsync,poll1",
+                    help="comma-separated subset of the daemon configurations")
     ap.add_argument("--baseline-n", type=int, default=100,
                     help="in-process calls per baseline, measured next to each configuration")
     ap.add_argument("--idle", type=float, default=2.0, help="seconds of daemon CPU measured before any write")
@@ -254,16 +256,23 @@ def main() -> int:
     args = ap.parse_args()
     random.seed(args.seed)
 
-    configs = [  # (label, daemon args, rows, pause)
-        ("inotify, fsync (default)", [], args.rows, tuple(args.pause)),
-        ("inotify, --no-fsync", ["--no-fsync"], args.rows, tuple(args.pause)),
-        ("--poll 0.05, --no-fsync", ["--poll", "0.05", "--no-fsync"], args.rows,
-         (args.pause[0], args.pause[1] + 0.05)),
-    ]
-    if not args.skip_poll_fsync:
-        configs.insert(2, ("--poll 0.05, fsync", ["--poll", "0.05"], args.rows, (args.pause[0], args.pause[1] + 0.05)))
-    if args.quick_poll1:
-        configs.append(("--poll 1, --no-fsync", ["--poll", "1", "--no-fsync"], args.quick_poll1, (0.05, 1.05)))
+    poll_pause = (args.pause[0], args.pause[1] + 0.05)
+    all_configs = {  # key: (label, daemon args, rows, pause)
+        "inotify-fsync": ("inotify, fsync (default)", [], args.rows, tuple(args.pause)),
+        "inotify-nofsync": ("inotify, --no-fsync", ["--no-fsync"], args.rows, tuple(args.pause)),
+        "poll-fsync": ("--poll 0.05, fsync", ["--poll", "0.05"], args.rows, poll_pause),
+        "poll-nofsync": ("--poll 0.05, --no-fsync", ["--poll", "0.05", "--no-fsync"], args.rows, poll_pause),
+        "poll1": ("--poll 1, --no-fsync", ["--poll", "1", "--no-fsync"], args.quick_poll1, (0.05, 1.05)),
+    }
+    keys = [k.strip() for k in args.configs.split(",") if k.strip()]
+    if args.skip_poll_fsync and "poll-fsync" in keys:
+        keys.remove("poll-fsync")
+    if not args.quick_poll1 and "poll1" in keys:
+        keys.remove("poll1")
+    unknown = set(keys) - set(all_configs)
+    if unknown:
+        ap.error(f"unknown --configs {sorted(unknown)}; valid: {', '.join(all_configs)}")
+    configs = [all_configs[k] for k in keys]
 
     results = []
     load0 = os.getloadavg()
