@@ -77,7 +77,7 @@ class Auto(Policy):
         check(self.warmup >= 0, self.name, "warmup must be >= 0")
         check(0 < self.warmup_start <= 1, self.name, "warmup_start must be in (0, 1]")
         check(self.window >= 8, self.name, "window must be >= 8")
-        check(8 <= self.min_window <= self.window, self.name, "min_window must be in [8, window]")
+        check(self.min_window >= 8, self.name, "min_window must be >= 8")
         check(self.every >= 1, self.name, "every must be >= 1")
         check(0.5 <= self.confidence < 1, self.name, "confidence must be in [0.5, 1)")
         check(0 < self.factor < 1, self.name, "factor must be in (0, 1)")
@@ -148,7 +148,7 @@ class Auto(Policy):
         # validation loss every N steps), those of the last `window` rows, and at least
         # `min_window` of them. Tested every `every` rows.
         recent = sum(1 for a in new["at"] if a > new["rows"] - self.window)
-        n = min(max(recent, self.min_window), self.window)
+        n = min(max(recent, self.min_window), self.window)  # min_window above window: window
         if len(new["values"]) < n or new["rows"] < self.window or new["rows"] - new["tested"] < self.every:
             return new, None
         new["tested"] = new["rows"]
