@@ -344,7 +344,8 @@ def main() -> int:
     for r in results:
         if r.get("profile"):
             print(f"\npy-spy of the daemon while rows were written, {r['label']} (main thread, Python "
-                  f"and native frames, idle excluded):\n\n```\n{r['profile']}\n```")
+                  f"and native frames, idle excluded; sampling slows the daemon, so the latencies of a "
+                  f"--profile run are not the figures to quote):\n\n```\n{r['profile']}\n```")
     return 0
 
 
