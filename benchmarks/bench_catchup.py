@@ -44,7 +44,6 @@ import os
 import pstats
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
