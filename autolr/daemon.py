@@ -215,6 +215,8 @@ class Daemon:
             return
         if path.is_dir():
             if self.inside_root(path):
+                for p in [p for p in self.sources if p.parent == path and not p.exists()]:
+                    self.drop_source(p)  # renamed or deleted away
                 for p in self.discover(path):  # files already known have events of their own
                     self.process(p)
                 now = time.monotonic()
@@ -280,21 +282,31 @@ class Daemon:
                 self.count("unexpected error", path, exc)
 
     def start_observer(self) -> None:
-        from watchdog.events import FileSystemEventHandler
+        from watchdog import events as ev
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
 
         daemon = self
 
-        class Handler(FileSystemEventHandler):
+        class Handler(ev.FileSystemEventHandler):
             def on_any_event(self, event) -> None:
+                if event.event_type in ("opened", "closed_no_write"):
+                    return  # reads (ours included) are not changes
                 daemon.enqueue(event.src_path)
                 dest = getattr(event, "dest_path", None)
                 if dest:
                     daemon.enqueue(dest)
 
+        # Only changes. Opens and plain closes would make every read of ours an event (a busy
+        # loop); moves are left out because watchdog holds a move-from for up to 0.5 s waiting
+        # for its move-to, stalling every event behind it, and the daemon's own atomic renames
+        # make them all the time. A log that arrives by rename is found by the folder's
+        # modification event or the rescan; `autolr set` is adopted before the next decision.
+        wanted = [ev.FileCreatedEvent, ev.FileModifiedEvent, ev.FileDeletedEvent, ev.FileClosedEvent,
+                  ev.DirCreatedEvent, ev.DirDeletedEvent, ev.DirModifiedEvent]
+
         def start(observer) -> None:
-            observer.schedule(Handler(), str(self.root), recursive=True)
+            observer.schedule(Handler(), str(self.root), recursive=True, event_filter=wanted)
             observer.start()
             self.observer = observer
 

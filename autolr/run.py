@@ -99,8 +99,11 @@ class Run:
             if monitor in record.metrics:
                 self.last_metric = record.metrics[monitor]
             batch.extend(decisions)
-        if batch and self.publish(batch):
-            self.save()
+        if batch:
+            # The state is saved by the daemon's flush timer, not here: a crash in between is
+            # covered by matching the journal at restart, and a save per batch cost more than
+            # the decision itself.
+            self.publish(batch)
 
     def publish(self, decisions: list[Decision]) -> bool:
         """Publish decisions not already in the journal; True when something was written."""
