@@ -24,9 +24,11 @@ The autolr chains are built exactly as the daemon builds them
 ``Record(metrics={"loss": ..., "val_loss": ...}, step=step)`` per optimiser step: the rows a
 training log would hold (train loss every step, validation loss every ``--eval-every``
 steps). Before each step the optimiser's LR is base_lr x engine.scale. The daemon runs the same
-decision code and adds only file I/O; ``--check-replay`` also writes one log per autolr
-schedule and checks that ``autolr replay`` (the daemon's code path over a finished log) gives
-the same LR at every row.
+decision code and adds only file I/O; at the end the benchmark also writes a JSONL log of one
+closed-loop run per autolr schedule (mlp, lr=1, seed 0: the guard acts there) and checks that
+``autolr replay`` (the daemon's code path over a finished log) gives the same LR at every row.
+``--schedules auto,autolr:auto:min_window=40`` runs any other autolr chain beside them
+(``autolr:SPEC+SPEC``), for ablations.
 
 Reported per task x LR x schedule: the final validation loss (median over seeds, with the
 range), the steps to reach the task's target validation loss (the 25th percentile of the final
@@ -41,12 +43,14 @@ network killed by a too-high LR ends at the class prior, a hair below its initia
    same LR and seed, or the constant LR at a lower grid value, did not diverge.
 
 Results: ``benchmarks/results/training.md`` (tables), ``training.png`` (validation curves and
-LR traces), ``training.json`` (every run, with autolr's decisions and their reasons).
+LR traces), ``training.json`` (every run, with autolr's decisions and their reasons). When
+``benchmarks/results/training.before.json`` is present (the ``auto`` runs of an earlier
+revision of the policy, ``--baseline``), a before/after section compares them with this run's.
 
 Usage::
 
-    python benchmarks/bench_training.py                 # 3 tasks x 3 LRs x 6 schedules x 3 seeds, 2 workers
-    python benchmarks/bench_training.py --tasks mlp --seeds 1 --check-replay
+    python benchmarks/bench_training.py          # 3 tasks x 3 LRs x 6 schedules x 3 seeds: ~480 CPU-s, 2 workers
+    python benchmarks/bench_training.py --tasks mlp --seeds 1 --no-check-replay      # ~20 s
 """
 from __future__ import annotations
 
@@ -302,8 +306,22 @@ def run_one(task_name: str, lr: float, schedule: str, seed: int, steps: int, eva
             "vals": vals, "train": train_curve, "lrs": lrs, "decisions": decisions, "wall": wall, "cpu": cpu}
 
 
-def slim(run: dict) -> dict:
-    """A run for the JSON file: floats to 5 significant digits."""
+def slim(run: dict, every: int = 25) -> dict:
+    """A run for the JSON file: the LR sampled every ``every`` steps, warmup-ramp decisions
+    counted rather than listed, no training curve, floats to 5 significant digits."""
+    run = dict(run)
+    trace, sampled, k = run["lrs"], [], 0
+    for step in range(0, run["steps"], every):
+        while k + 1 < len(trace) and trace[k + 1][0] <= step:
+            k += 1
+        if trace and (not sampled or sampled[-1][1] != trace[k][1]):
+            sampled.append((step, trace[k][1]))
+    run["lrs"] = sampled
+    ramp = [d for d in run["decisions"] if d["reason"].startswith(f"{run['schedule']}: factor ")]
+    run["decisions"] = [d for d in run["decisions"] if d not in ramp]
+    run["ramp_decisions"] = len(ramp)
+    run.pop("train", None)
+
     def r(x):
         if isinstance(x, float):
             return float(f"{x:.5g}") if math.isfinite(x) else None
@@ -459,6 +477,11 @@ def report(runs, res, args, wall, tasks) -> str:
         lines.append(f"   - {s['task']} lr={s['lr']:g} seed {s['seed']}: {how}; not diverged: "
                      f"{', '.join(s['saved_by'])}")
     lines += ["", "## autolr decisions (seed 0)", ""]
+    for s in [s for s in schedules_of(runs) if s not in TORCH_SCHEDULES]:
+        rs = [r for r in runs if r["schedule"] == s]
+        acted = sum(any(not d["reason"].startswith(f"{s}: factor ") for d in r["decisions"]) for r in rs)
+        lines.append(f"`{s}` made a decision other than a warmup step in {acted} of its {len(rs)} runs.")
+    lines.append("")
     for t in tasks:
         for lr in TASKS[t].lrs:
             for s in [s for s in schedules_of(runs) if s not in TORCH_SCHEDULES]:
@@ -586,10 +609,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="training", help="basename of the result files")
-    ap.add_argument("--baseline", metavar="JSON",
-                    help="a training.json from an earlier autolr revision: add a before/after section for auto")
-    ap.add_argument("--check-replay", action="store_true",
-                    help="also check autolr replay against the closed loop on one mlp configuration")
+    ap.add_argument("--baseline", metavar="JSON", default=str(RESULTS / "training.before.json"),
+                    help="auto runs from an earlier autolr revision, for a before/after section "
+                         "(default: %(default)s, when present; '' to skip)")
+    ap.add_argument("--no-check-replay", dest="check_replay", action="store_false",
+                    help="skip checking `autolr replay` against the closed loop (mlp, lr=1, seed 0)")
     args = ap.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     schedules = [s for s in args.schedules.split(",") if s]
@@ -615,7 +639,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     res = analyse(runs, tasks)
     text = report(runs, res, args, wall, tasks)
-    if args.baseline:
+    if args.baseline and Path(args.baseline).exists():
         text += compare(runs, res, json.loads(Path(args.baseline).read_text()), tasks)
     if args.check_replay:
         lines = check_replay("mlp", 1.0, TASKS["mlp"].steps, args.eval_every)
@@ -625,7 +649,7 @@ def main(argv=None) -> int:
     (out / f"{args.name}.md").write_text(text)
     plot(runs, res, tasks, out / f"{args.name}.png")
     (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "revision": git_revision(), "wall": wall,
-                                                      "runs": [slim(r) for r in runs]}))
+                                                      "runs": [slim(r, args.eval_every) for r in runs]}))
     print(text)
     return 0
 
