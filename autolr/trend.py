@@ -21,6 +21,7 @@ rejection rate stays at or below the nominal level: see tests/test_trend.py.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -66,6 +67,21 @@ def _xy(y, x=None) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _median(a: np.ndarray) -> float:
+    """np.median of a 1-D float array without NaNs, by partition (several times faster)."""
+    n = a.size
+    k = n // 2
+    if n % 2:
+        return float(np.partition(a, k)[k])
+    part = np.partition(a, (k - 1, k))
+    return 0.5 * (float(part[k - 1]) + float(part[k]))
+
+
+def _mad(r: np.ndarray) -> float:
+    """Median absolute deviation from the median."""
+    return _median(np.abs(r - _median(r)))
+
+
 def robust_slope(y, x=None, confidence: float = 0.95) -> Slope:
     """Theil–Sen slope (median of pairwise slopes) with its ``confidence`` interval."""
     x, y = _xy(y, x)
@@ -83,7 +99,9 @@ def noise_level(y) -> float:
     if len(y) < 3:
         return 0.0
     d = np.diff(y)
-    return float(MAD_SCALE * np.median(np.abs(d - np.median(d))) / math.sqrt(2))
+    if not np.all(np.isfinite(d)):
+        return float(MAD_SCALE * np.median(np.abs(d - np.median(d))) / math.sqrt(2))
+    return MAD_SCALE * _mad(d) / math.sqrt(2)
 
 
 def winsorise(x: np.ndarray, y: np.ndarray, clip: float = 3.0) -> np.ndarray:
@@ -131,7 +149,7 @@ def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, cli
     # [0, 1], so no value (1e300 losses included) can overflow the fits; rescale the results.
     top = float(np.max(np.abs(y)))
     y1 = y / top if top > 0 else y
-    center = float(np.median(y1))
+    center = _median(y1)
     spread = float(np.max(np.abs(y1 - center)))
     span = float(x[-1] - x[0])
     if not (spread > 0 and span > 0):
@@ -149,41 +167,54 @@ def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, cli
 
 def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, clip: float,
                  confidence: float) -> TrendTest:
-    """:func:`improvement_test` on a normalised window (y in [-1, 1], x in [0, 1])."""
+    """:func:`improvement_test` on a normalised window (y in [-1, 1], x in [0, 1]).
+
+    The least-squares fits are closed forms over centred / orthogonalised columns (the same
+    fitted values as a Vandermonde least-squares solve, several times faster).
+    """
     n = len(y)
     sign = 1.0 if mode == "min" else -1.0
-    xs = x
-    vander = np.column_stack([np.ones(n), xs, xs * xs])
-    line = vander[:, :2] @ np.linalg.lstsq(vander[:, :2], y, rcond=None)[0]
+    xc = x - x.mean()
+    sxx = float(xc @ xc)
+    # Line: mean + slope · xc.
+    ym = float(y.mean())
+    line = ym + (float(xc @ y) / sxx) * xc
     yw = y
     if clip:  # winsorise around the least-squares line
         r = y - line
-        s = MAD_SCALE * float(np.median(np.abs(r - np.median(r))))
+        s = MAD_SCALE * _mad(r)
         if s > 0:
             yw = line + np.clip(r, -clip * s, clip * s)
-    quad = vander @ np.linalg.lstsq(vander, yw, rcond=None)[0]
+    # Quadratic: add xc² orthogonalised against 1 and xc.
+    q = xc * xc
+    q -= q.mean()
+    q -= (float(q @ xc) / sxx) * xc
+    qq = float(q @ q)
+    slope_w = float(xc @ yw) / sxx
+    quad = float(yw.mean()) + slope_w * xc
+    if qq > 0:
+        quad = quad + (float(q @ yw) / qq) * q
     phi = ar1(yw - quad)
     yp = yw[1:] - phi * yw[:-1]
     xp = x[1:] - phi * x[:-1]
-    design = np.column_stack([np.full(n - 1, 1.0 - phi), xp])
-    beta, *_ = np.linalg.lstsq(design, yp, rcond=None)
-    resid = yp - design @ beta
+    # Prewhitened regression of yp on (1 - phi, xp): slope from centred sums.
+    xpc = xp - xp.mean()
+    sxp = float(xpc @ xpc)
     dof = n - 3
-    s2 = float(resid @ resid) / dof
-    gram = design.T @ design
-    det = float(gram[0, 0] * gram[1, 1] - gram[0, 1] * gram[1, 0])
-    if det <= 0:
+    if sxp <= 0:
         return TrendTest(1.0, 0.0, -math.inf, math.inf, phi, n, noise_level(y))
-    se = math.sqrt(max(s2 * float(gram[0, 0]) / det, 0.0))
+    beta1 = float(xpc @ yp) / sxp
+    resid = (yp - yp.mean()) - beta1 * xpc
+    s2 = float(resid @ resid) / dof
+    se = math.sqrt(max(s2 / sxp, 0.0))
     # The plain least-squares slope is what is reported: with phi near 1 the prewhitened
     # estimate of a curved series can even flip sign. Improvement needs both to agree.
-    xc = x - x.mean()
-    slope = float(xc @ yw) / float(xc @ xc)
+    slope = slope_w
     rate = -sign * slope - min_rate
-    if se == 0 or rate <= 0 or -sign * float(beta[1]) - min_rate <= 0:
+    if se == 0 or rate <= 0 or -sign * beta1 - min_rate <= 0:
         p = 0.0 if (se == 0 and rate > 0) else 1.0
     else:
-        p = float(special.stdtr(dof, -(-sign * float(beta[1]) - min_rate) / se))
+        p = float(special.stdtr(dof, -(-sign * beta1 - min_rate) / se))
     half = float(special.stdtrit(dof, 0.5 + confidence / 2)) * se
     noise = noise_level(y)
     span = float(x[-1] - x[0])
@@ -191,6 +222,219 @@ def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, cl
     if sigmas > DECLINE_SIGMAS:
         p = 0.0
     return TrendTest(p, slope, slope - half, slope + half, phi, n, noise, float(min(sigmas, 1e9)))
+
+
+@dataclass(frozen=True)
+class Slowdown:
+    """Result of :func:`slowdown_test` for one candidate change point.
+
+    Rates are improvement per unit of x (positive: improving). ``stopped`` is True when the
+    last ``recent`` observations show no significant improvement although, at the rate of the
+    ``ratio``·``recent`` observations before them, they would have shown one with probability
+    at least 1 - ``miss``.
+    """
+
+    stopped: bool
+    recent: int
+    n: int
+    before: float
+    before_se: float
+    after: float
+    after_se: float
+    phi: float
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+def block_ar1(y: np.ndarray, block: int = 200) -> float:
+    """AR(1) phi of ``y`` around a trend that may bend or break: detrended block by block.
+
+    ``y`` is cut into blocks of ``block`` to 2·``block`` - 1 observations (one block when
+    shorter), each detrended by its own least-squares line; the median over blocks of the
+    residuals' lag-1 autocorrelation gets the corrections of :func:`ar1` for the block length
+    (2 fitted parameters) plus two standard errors over all observations (x 1.25 for the
+    median), so that standard errors built on phi are seldom too small (an underestimated
+    phi is what makes a test overconfident; simulated at phi = 0.9, n = 1000 the estimate
+    falls below phi in about 5% of series). A curve or a kink only disturbs the block that
+    holds it, and then upwards (a conservative error).
+    """
+    y = np.asarray(y, dtype=float)
+    n = len(y)
+    if n < 8:
+        return 0.0
+    nb = max(n // block, 1)
+    length = n // nb
+    blocks = y[n - nb * length:].reshape(nb, length)
+    t = np.arange(length) - (length - 1) / 2.0
+    centred = blocks - blocks.mean(axis=1, keepdims=True)
+    resid = centred - np.outer(centred @ t / float(t @ t), t)
+    den = np.sum(resid * resid, axis=1)
+    if not np.all(den > 0):
+        return 0.0
+    rhos = np.sum(resid[:, 1:] * resid[:, :-1], axis=1) / den
+    rho = _median(rhos)
+    phi = rho + (1 + 3 * rho) / length + 2 / length
+    phi += 2.0 * (1.0 if nb < 3 else 1.25) * math.sqrt(max(1 - phi * phi, 0.0) / (nb * length))
+    return float(np.clip(phi, 0.0, 0.98))
+
+
+SLOWDOWN_MISS = 1e-5
+SLOWDOWN_MIN_RECENT = 10
+SLOWDOWN_RATIO = 3
+SLOWDOWN_MEDIAN = 9
+
+
+@functools.lru_cache(maxsize=4096)
+def slowdown_ladder(n: int, min_recent: int = SLOWDOWN_MIN_RECENT, ratio: int = SLOWDOWN_RATIO) -> tuple[int, ...]:
+    """Candidate recent lengths k (about 19% apart: 10, 12, 14, 17, 20, 24, ...) with (ratio + 1)·k <= n."""
+    out: list[int] = []
+    j = 0
+    while True:
+        k = int(round(min_recent * 2 ** (j / 4)))
+        if (ratio + 1) * k > n:
+            return tuple(out)
+        if not out or k > out[-1]:
+            out.append(k)
+        j += 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _critical(dofs: tuple[int, ...], confidence: float, miss: float) -> tuple[list[float], float]:
+    """One-sided t critical values for ``dofs`` and the normal quantile of 1 - ``miss``."""
+    return special.stdtrit(np.maximum(dofs, 1), confidence).tolist(), float(special.ndtri(1.0 - miss))
+
+
+def slowdown_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confidence: float = 0.95,
+                  phi: float | None = None, miss: float = SLOWDOWN_MISS, min_recent: int = SLOWDOWN_MIN_RECENT,
+                  ratio: int = SLOWDOWN_RATIO, clip: float = 3.0) -> Slowdown | None:
+    """Has the metric stopped improving recently, after improving clearly before?
+
+    For each candidate k in :func:`slowdown_ladder` (10, 12, 14, 17, 20, ...) the last
+    (ratio + 1)·k observations are fitted by a continuous curve with a break before the last
+    k: a parabola before it (a decline that may be slowing down, as losses do), a straight
+    line after it. ``before`` is the rate at the break from the left (the parabola's end
+    slope), ``after`` the rate of the line. The candidate says "stopped" when
+
+    * ``after`` is not significantly better than ``min_rate`` (one-sided t test at
+      ``confidence``), and
+    * it had the power to be: the lower confidence bound of ``before`` is at least
+      (t_confidence + z_(1-miss)) standard errors of ``after``, so a decline continuing at
+      the rate it had reached looks flat with probability below ``miss``.
+
+    Short candidates react within a few dozen observations to the end of a steep decline;
+    long ones are needed when the decline is slow against the noise. Fitting the slope at
+    the break, not the mean slope before it, keeps a loss that merely decelerates from
+    looking stopped (a straight line before the break would, on an exponential decay whose
+    time constant is about twice the window). The series is winsorised around its running
+    median (width 9), so spikes and heavy tails do not steer the fits; AR(1) noise is handled
+    as in :func:`improvement_test` (Cochrane–Orcutt with ``phi``, by default
+    :func:`block_ar1` of the winsorised series). All candidates come from one set of suffix
+    sums: O(n) in total.
+
+    Returns the stopped candidate with the fewest recent observations, else the longest
+    candidate (stopped False); None when fewer than (ratio + 1)·min_recent observations.
+    """
+    from scipy import ndimage
+
+    x, y = _xy(y, x)
+    n = len(y)
+    ks = slowdown_ladder(n, min_recent, ratio)
+    if not ks or not (np.all(np.isfinite(y)) and np.all(np.isfinite(x))):
+        return None
+    top = float(np.max(np.abs(y)))
+    y1 = y / top if top > 0 else y
+    center = float(y1.mean())
+    spread = float(np.max(np.abs(y1 - center)))
+    span = float(x[-1] - x[0])
+    if not (spread > 0 and span > 0):
+        return Slowdown(False, ks[-1], (ratio + 1) * ks[-1], 0.0, 0.0, 0.0, 0.0, 0.0)
+    yscale = spread * top if top > 0 else spread
+    sign = 1.0 if mode == "min" else -1.0
+    with np.errstate(all="ignore"):
+        yn = (y1 - center) / spread
+        xn = (x - x[-1]) / span  # in [-1, 0]: the windows all end at 0
+        yw = yn
+        if clip:
+            med = ndimage.median_filter(yn, size=SLOWDOWN_MEDIAN, mode="nearest")
+            r = yn - med
+            s = MAD_SCALE * _mad(r)
+            if s > 0:
+                yw = med + np.clip(r, -clip * s, clip * s)
+        if phi is None:
+            phi = block_ar1(yw)
+        phi = float(min(max(phi, 0.0), 0.98))
+        u = 1.0 - phi
+        # Prewhitened rows t = 1..n-1: z_t = y_t - phi·y_{t-1} regressed on the prewhitened
+        # columns 1 -> u, x -> v_t = x_t - phi·x_{t-1}, the hinge (x - x_c)·[t > c] -> w_t =
+        # (v_t - u·x_c)·[t > c] and the parabola (x - x_c)²·[t <= c] -> g_t = (a_t - 2·x_c·v_t
+        # + u·x_c²)·[t <= c] with a_t = x_t² - phi·x_{t-1}² (row c is the last before the
+        # break). Window sums come from suffix sums, which stay small near the end.
+        base = np.empty((3, n - 1))  # prewhitened rows 1..n-1 at index 0..n-2: v, z, a
+        np.subtract(xn[1:], phi * xn[:-1], out=base[0])
+        np.subtract(yw[1:], phi * yw[:-1], out=base[1])
+        sq = xn * xn
+        np.subtract(sq[1:], phi * sq[:-1], out=base[2])
+        k = np.asarray(ks)
+        c = n - 1 - k  # last row before the break
+        s0 = n - (ratio + 1) * k  # first row of the window; prewhitened rows s0+1..n-1
+        # Sums over rows >= j for j in {c+1, s0+1}: segment sums (reduceat) between those
+        # starts, accumulated from the end.
+        starts = np.unique(np.concatenate([c, s0]))  # row j - 1 = index of row j in base
+        singles = np.add.reduceat(base, starts, axis=1)[:, ::-1].cumsum(axis=1)[:, ::-1]
+        pairs = np.add.reduceat(base[:, None, :] * base[None, :, :], starts, axis=2)
+        pairs = pairs[:, :, ::-1].cumsum(axis=2)[:, :, ::-1]
+        ia = np.searchsorted(starts, c)  # rows c+1..n-1
+        iw = np.searchsorted(starts, s0)  # rows s0+1..n-1
+        (sv, sz, sa), (ssv, ssz, ssa) = singles[:, iw], singles[:, ia]
+        pw, pa = pairs[:, :, iw], pairs[:, :, ia]
+        wv, wz = sv, sz  # the whole window
+        wvv, wvz, wzz = pw[0, 0], pw[0, 1], pw[1, 1]
+        bv, bz, bvv, bvz = ssv, ssz, pa[0, 0], pa[0, 1]  # after the break
+        av, az, aa = sv - ssv, sz - ssz, sa - ssa  # before it
+        avv, avz = wvv - bvv, wvz - bvz
+        aaa, aav, aaz = pw[2, 2] - pa[2, 2], pw[2, 0] - pa[2, 0], pw[2, 1] - pa[2, 1]
+        kf = k.astype(float)
+        m = (ratio + 1) * kf - 1.0
+        ma = ratio * kf - 1.0
+        xb = xn[c]
+        xb2 = xb * xb
+        il = -1.0 / xn[s0]  # columns rescaled by the window's length (x/L, parabola/L²)
+        il2 = il * il
+        uu = u * u
+        g = np.empty((len(ks), 4, 4))
+        g[:, 0, 0] = m * uu
+        g[:, 0, 1] = g[:, 1, 0] = u * wv * il
+        g[:, 0, 2] = g[:, 2, 0] = u * (bv - kf * u * xb) * il
+        g[:, 0, 3] = g[:, 3, 0] = u * (aa - 2 * xb * av + ma * u * xb2) * il2
+        g[:, 1, 1] = wvv * il2
+        g[:, 1, 2] = g[:, 2, 1] = (bvv - u * xb * bv) * il2
+        g[:, 1, 3] = g[:, 3, 1] = (aav - 2 * xb * avv + u * xb2 * av) * il * il2
+        g[:, 2, 2] = (bvv - 2 * u * xb * bv + kf * uu * xb2) * il2
+        g[:, 2, 3] = g[:, 3, 2] = 0.0
+        g[:, 3, 3] = (aaa - 4 * xb * aav + 2 * u * xb2 * aa + 4 * xb2 * avv - 4 * u * xb2 * xb * av
+                      + ma * uu * xb2 * xb2) * il2 * il2
+        rhs = np.stack([u * wz, wvz * il, (bvz - u * xb * bz) * il, (aaz - 2 * xb * avz + u * xb2 * az) * il2], axis=1)
+        ok = np.linalg.det(g) > 0
+        g[~ok] = np.eye(4)
+        inv = np.linalg.inv(g)
+        beta = np.einsum("kij,kj->ki", inv, rhs)
+        dof = m - 4.0
+        s2 = np.maximum(wzz - np.einsum("ki,ki->k", beta, rhs), 0.0) / np.maximum(dof, 1.0)
+        v11, v22, v12 = inv[:, 1, 1], inv[:, 2, 2], inv[:, 1, 2]
+        scale = yscale / span
+        b1, b2 = beta[:, 1] * il, beta[:, 2] * il
+        before = -sign * b1 * scale
+        after = -sign * (b1 + b2) * scale
+        se_b = np.sqrt(np.maximum(s2 * v11, 0.0)) * il * scale
+        se_a = np.sqrt(np.maximum(s2 * (v11 + v22 + 2 * v12), 0.0)) * il * scale
+        tcs, zq = _critical(tuple(int(d) for d in dof), float(confidence), float(miss))
+        tc = np.asarray(tcs)
+        stopped = (ok & (dof >= 1) & (v11 > 0) & (after - min_rate < tc * se_a)
+                   & (before - tc * se_b >= (tc + zq) * se_a) & (before > 0))
+    i = int(np.argmax(stopped)) if stopped.any() else len(ks) - 1
+    return Slowdown(bool(stopped[i]), int(ks[i]), int((ratio + 1) * ks[i]), float(before[i]), float(se_b[i]),
+                    float(after[i]), float(se_a[i]), phi)
 
 
 @dataclass(frozen=True)

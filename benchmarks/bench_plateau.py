@@ -113,10 +113,30 @@ def make_curve(rng: np.random.Generator, kind: str, sigma: float, slope: float, 
 
 # ---- detectors -----------------------------------------------------------------------------
 
-def detectors(windows: list[int]) -> list[tuple[str, dict]]:
-    """(label, plateau params) of every detector, trend's default first."""
-    out = [(f"trend w={w}" + (" (default)" if w == 100 else ""), {"window": w} if w != 100 else {})
-           for w in windows]
+def parse_params(text: str) -> dict:
+    """``"window=400,slowdown=false"`` -> {"window": 400, "slowdown": False}."""
+    out: dict = {}
+    for item in filter(None, text.split(",")):
+        key, _, raw = item.partition("=")
+        low = raw.strip().lower()
+        if low in ("true", "false"):
+            out[key.strip()] = low == "true"
+        else:
+            try:
+                out[key.strip()] = int(raw)
+            except ValueError:
+                out[key.strip()] = float(raw)
+    return out
+
+
+OLD_TREND = {"history": 100, "slowdown": False}  # the method before the slowdown test: last 100 rows only
+
+
+def detectors(extra: list[dict]) -> list[tuple[str, dict]]:
+    """(label, plateau params) of every detector: trend's default first, then the old method."""
+    out = [("trend (default)", {}), ("trend, old method (history=100 slowdown=false)", dict(OLD_TREND))]
+    for params in extra:
+        out.append(("trend " + " ".join(f"{k}={v}" for k, v in params.items()), params))
     for thr in (1e-4, 0.0):
         for p in PATIENCES:
             params = {"method": "threshold", "patience": p}
@@ -179,19 +199,18 @@ def first_threshold(ys: list[float], threshold: float, patiences=PATIENCES) -> d
 
 
 def first_trend(y: np.ndarray, params: dict) -> int | None:
-    """Plateau method=trend's first reduction, evaluating only the windows the policy tests."""
-    from autolr import trend
+    """Plateau method=trend's first reduction: the policy's own ``trend_decision`` called only
+    on the rows where it tests (``since % every == 0`` once ``window`` rows are kept), on the
+    rows it keeps then (the last ``history``)."""
     from autolr.policies.plateau import Plateau
 
-    pol = Plateau(**params)
-    w, every, conf = pol.window, pol.every, pol.confidence
+    pol = Plateau.from_params(params)
+    kept, w, every = pol.kept, pol.window, pol.every
     steps = np.arange(len(y), dtype=float)
-    alpha = 1 - conf
     start = w - 1 + (-w) % every  # first row i with i + 1 >= w and (i + 1) % every == 0
     for i in range(start, len(y), every):
-        res = trend.improvement_test(y[i + 1 - w:i + 1], steps[i + 1 - w:i + 1], mode="min",
-                                     confidence=conf, min_rate=0.0)
-        if res.p >= alpha:
+        lo = max(0, i + 1 - kept)
+        if pol.trend_decision(y[lo:i + 1], steps[lo:i + 1], "min") is not None:
             return i
     return None
 
@@ -200,7 +219,7 @@ def first_trend(y: np.ndarray, params: dict) -> int | None:
 
 def run_chunk(task: dict) -> dict:
     kind, sigma, slope = task["kind"], task["sigma"], task["slope"]
-    dets = detectors(task["windows"])
+    dets = detectors(task["extra"])
     firsts = {label: [] for label, _ in dets}
     t0s = []
     mismatches = []
@@ -254,18 +273,11 @@ def fmt_delay(s: dict, after: int) -> str:
     return f">={after}" if s["censored"] else f"{s['median']:.0f}"
 
 
-def wilson_hi(k: int, n: int, z: float = 1.96) -> float:
-    if n == 0:
-        return 1.0
-    p = k / n
-    return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
-
-
-def judge(stats: dict[str, dict], default_label: str) -> dict:
-    """Best eligible threshold configuration and whether trend's default meets the target."""
+def judge(stats: dict[str, dict], label_trend: str) -> dict:
+    """Best eligible threshold configuration and whether the trend detector meets the target."""
     eligible = [(s["median"], label) for label, s in stats.items()
                 if label.startswith("threshold") and s["fpr"] <= FPR_MAX and not math.isnan(s["median"])]
-    tr = stats[default_label]
+    tr = stats[label_trend]
     out = {"trend": tr, "best": None, "best_label": None}
     if eligible:
         med, label = min(eligible)
@@ -280,23 +292,31 @@ def judge(stats: dict[str, dict], default_label: str) -> dict:
 
 # ---- cost of one trend evaluation ----------------------------------------------------------
 
-def eval_cost(reps: int) -> tuple[float, float]:
+def eval_cost(reps: int) -> list[tuple[str, float]]:
+    """Median µs of one trend evaluation and of numpy.polyfit on the same window."""
     from autolr import trend
+    from autolr.policies.plateau import Plateau
 
+    pol = Plateau()
     rng = np.random.default_rng(0)
-    x = np.arange(100, dtype=float)
-    y = 1.0 + 0.001 * (100 - x) + 0.01 * rng.standard_normal(100)
     out = []
-    for f in (lambda: trend.improvement_test(y, x), lambda: np.polyfit(x, y, 1)):
-        for _ in range(50):
-            f()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-        out.append(float(np.median(ts)) * 1e6)
-    return out[0], out[1]
+    for n in (100, pol.kept):
+        x = np.arange(n, dtype=float)
+        y = 1.0 + 0.001 * (n - x) + 0.01 * rng.standard_normal(n)
+        cases = [(f"`trend.improvement_test`, n={n}", lambda: trend.improvement_test(y, x)),
+                 (f"`trend.slowdown_test`, n={n}", lambda: trend.slowdown_test(y, x)),
+                 (f"`Plateau.trend_decision` (both), n={n}", lambda: pol.trend_decision(y, x, "min")),
+                 (f"`numpy.polyfit(x, y, 1)`, n={n}", lambda: np.polyfit(x, y, 1))]
+        for label, f in cases:
+            for _ in range(20):
+                f()
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t)
+            out.append((label, float(np.median(ts)) * 1e6))
+    return out
 
 
 # ---- main ----------------------------------------------------------------------------------
@@ -307,7 +327,8 @@ def main() -> int:
     ap.add_argument("--kinds", default=",".join(KINDS), help="noise kinds, comma-separated")
     ap.add_argument("--sigmas", default="0.01,0.05", help="noise standard deviations (L = 1)")
     ap.add_argument("--slopes", default="1e-4,3e-4,1e-3", help="slopes just before the onset, per step")
-    ap.add_argument("--windows", default="100,50,300", help="trend windows; 100 is the default (headline)")
+    ap.add_argument("--trend", action="append", default=[], metavar="PARAMS",
+                    help="an extra method=trend detector, e.g. 'window=400' (repeatable)")
     ap.add_argument("--t0-min", type=int, default=1000)
     ap.add_argument("--t0-max", type=int, default=3000)
     ap.add_argument("--after", type=int, default=1500, help="rows after the onset")
@@ -323,46 +344,48 @@ def main() -> int:
     kinds = [k for k in args.kinds.split(",") if k]
     sigmas = [float(v) for v in args.sigmas.split(",") if v]
     slopes = [float(v) for v in args.slopes.split(",") if v]
-    windows = [int(v) for v in args.windows.split(",") if v]
-    if 100 not in windows:
-        windows.insert(0, 100)
-    windows = [100] + [w for w in windows if w != 100]
-    dets = detectors(windows)
+    extra = [parse_params(t) for t in args.trend]
+    dets = detectors(extra)
     default_label = dets[0][0]
     cells = [(k, s, sl) for k in kinds for s in sigmas for sl in slopes]
 
     t_start = time.perf_counter()
-    cost_trend, cost_polyfit = eval_cost(args.cost_reps)
+    load_before = os.getloadavg()[0]
+    costs = eval_cost(args.cost_reps)
     tasks = []
     for ci, (kind, sigma, slope) in enumerate(cells):
         for start in range(0, args.curves, args.chunk):
             tasks.append({"cell": ci, "kind": kind, "sigma": sigma, "slope": slope, "start": start,
                           "stop": min(start + args.chunk, args.curves), "seed": args.seed,
                           "t0_min": args.t0_min, "t0_max": args.t0_max, "after": args.after,
-                          "engine": args.engine, "windows": windows,
+                          "engine": args.engine, "extra": extra,
                           "verify": args.verify if args.engine == "fast" else 0})
-    # Slow tasks first (long windows, low SNR run longest) would need a model; interleave cells.
-    tasks.sort(key=lambda t: (t["start"], t["cell"]))
+    tasks.sort(key=lambda t: (t["start"], t["cell"]))  # interleave cells: even load on the workers
     t0s = {ci: [] for ci in range(len(cells))}
     firsts = {ci: {label: [] for label, _ in dets} for ci in range(len(cells))}
-    parts: dict[int, list] = {ci: [] for ci in range(len(cells))}
     mismatches, verified = [], 0
+    cpu0 = os.times()
     ctx = mp.get_context("fork")
     with ctx.Pool(args.workers) as pool:
         for res in pool.imap_unordered(run_chunk, tasks):
-            parts[res["cell"]].append(res)
             mismatches += res["mismatches"]
             verified += res["verified"]
-    for ci, chunks in parts.items():
-        for r in chunks:
-            t0s[ci] += r["t0s"]
+            ci = res["cell"]
+            t0s[ci] += res["t0s"]
             for label in firsts[ci]:
-                firsts[ci][label] += r["firsts"][label]
+                firsts[ci][label] += res["firsts"][label]
+        pool.close()
+        pool.join()
+    cpu1 = os.times()
+    cpu = (cpu1.children_user + cpu1.children_system) - (cpu0.children_user + cpu0.children_system)
     elapsed = time.perf_counter() - t_start
+    load_after = os.getloadavg()[0]
 
     stats = {ci: {label: summarise(t0s[ci], firsts[ci][label], args.after) for label, _ in dets}
              for ci in range(len(cells))}
+    old_label = dets[1][0]
     verdicts = {ci: judge(stats[ci], default_label) for ci in range(len(cells))}
+    old_verdicts = {ci: judge(stats[ci], old_label) for ci in range(len(cells))}
 
     cmd = "python benchmarks/bench_plateau.py " + " ".join(sys.argv[1:])
     lines = ["# Plateau detection on synthetic curves with a known onset", "",
@@ -372,41 +395,40 @@ def main() -> int:
              f"(tau = T0/2); engine {args.engine}"
              + (f", {verified} curves x {len(dets)} detectors checked against the real chain: "
                 f"{'all identical' if not mismatches else f'{len(mismatches)} MISMATCHES'}" if args.engine == "fast" else "")
-             + f"; {elapsed:.0f} s with {args.workers} workers.", "",
-             f"One trend evaluation (`trend.improvement_test`, window 100): {cost_trend:.0f} µs median; "
-             f"`numpy.polyfit(x, y, 1)` on the same window: {cost_polyfit:.0f} µs "
-             f"({cost_trend / cost_polyfit:.1f}x).", "",
+             + f". {elapsed:.0f} s wall with {args.workers} workers ({cpu:.0f} s CPU in the workers; "
+             f"load average {load_before:.1f} before, {load_after:.1f} after).", "",
+             "Cost of one evaluation (median of repetitions, this run):", "",
+             md_table(["call", "µs"], [(label, f"{us:.0f}") for label, us in costs]), "",
              "FPR: share of curves whose first LR reduction comes before the onset. Delay: first reduction - T0, "
              "median over the curves without a false positive; misses (no reduction in the run) are censored at "
-             f"{args.after}. Target: trend's default (window 100) has FPR <= 5% and a median delay <= half the "
-             "best median delay among the threshold configurations with FPR <= 5%.", ""]
+             f"{args.after}. Target: trend's default has FPR <= 5% and a median delay <= half the "
+             "best median delay among the threshold configurations with FPR <= 5% (\"no baseline\": none has; "
+             "then met when trend's FPR <= 5%). \"old method\" is method=trend as it was before the slowdown "
+             "test and the long history (`history=100,slowdown=false`: the plain test over the last 100 rows).", ""]
 
-    # Summary.
-    lines += ["## Summary (trend default vs the best threshold configuration with FPR <= 5%)", ""]
+    lines += ["## Summary", ""]
     rows = []
     for ci, (kind, sigma, slope) in enumerate(cells):
-        v = verdicts[ci]
-        tr, best = v["trend"], v["best"]
+        v, o = verdicts[ci], old_verdicts[ci]
+        tr, best, old = v["trend"], v["best"], o["trend"]
         rows.append([kind, f"{sigma:g}", f"{slope:g}", f"{slope * 100 / sigma:.2g}",
                      f"{tr['fpr']:.1%}", fmt_delay(tr, args.after),
+                     f"{old['fpr']:.1%}", fmt_delay(old, args.after),
                      v["best_label"].replace("threshold ", "") if best else "none",
                      f"{best['fpr']:.1%}" if best else "-", fmt_delay(best, args.after) if best else "-",
-                     f"{0.5 * best['median']:.0f}" if best else "-", v["verdict"]])
-    lines.append(md_table(["noise", "sigma", "slope", "decline/100 steps (sigma)", "trend FPR", "trend delay",
-                           "best threshold", "its FPR", "its delay", "target delay", "target"], rows,
-                          "llrrrrlrrrl"))
+                     f"{0.5 * best['median']:.0f}" if best else "-", v["verdict"], o["verdict"]])
+    lines.append(md_table(["noise", "sigma", "slope", "decline per 100 rows (sigma)", "trend FPR", "trend delay",
+                           "old FPR", "old delay", "best threshold", "its FPR", "its delay", "target delay",
+                           "target (trend)", "target (old method)"], rows, "llrrrrrrlrrrll"))
     lines += ["", "Target met, by noise kind:", ""]
     rows = []
-    for kind in kinds:
-        cis = [ci for ci, c in enumerate(cells) if c[0] == kind]
-        met = sum(verdicts[ci]["met"] for ci in cis)
-        nob = sum(verdicts[ci]["best"] is None for ci in cis)
-        rows.append([kind, f"{met}/{len(cis)}", nob])
-    total = sum(v["met"] for v in verdicts.values())
-    rows.append(["all", f"{total}/{len(cells)}", sum(v["best"] is None for v in verdicts.values())])
-    lines.append(md_table(["noise", "cells meeting the target", "cells without a threshold baseline"], rows))
+    for kind in kinds + ["all"]:
+        cis = [ci for ci, c in enumerate(cells) if kind in ("all", c[0])]
+        rows.append([kind, f"{sum(verdicts[ci]['met'] for ci in cis)}/{len(cis)}",
+                     f"{sum(old_verdicts[ci]['met'] for ci in cis)}/{len(cis)}",
+                     sum(verdicts[ci]["best"] is None for ci in cis)])
+    lines.append(md_table(["noise", "trend (default)", "old method", "cells without a threshold baseline"], rows))
 
-    # Per-kind detail tables: rows = detectors, columns = cells.
     lines += ["", "## Per cell: FPR / median delay (miss rate when > 0)", ""]
     for kind in kinds:
         cis = [ci for ci, c in enumerate(cells) if c[0] == kind]

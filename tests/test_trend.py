@@ -126,3 +126,148 @@ def test_curve_fit_recovers_an_asymptote_and_forecasts_the_gain():
     power = 0.1 + 3.0 * (x + 1) ** -0.7
     assert trend.fit_curve(power).kind == "power"
     assert trend.fit_curve([1.0, float("nan")] * 10) is None
+
+
+# ---- slowdown test: has a clear decline stopped? ---------------------------------------------
+
+def _hinge_direct(y, x, k, phi, ratio=trend.SLOWDOWN_RATIO):
+    """The slowdown model fitted by plain least squares (no winsorising): before / after rates and SEs."""
+    n = (ratio + 1) * k
+    y, x = np.asarray(y[-n:], float), np.asarray(x[-n:], float)
+    c = x[n - k - 1]
+    design = np.column_stack([np.ones(n), x - c, np.maximum(x - c, 0), np.where(x <= c, (x - c) ** 2, 0)])
+    dp, yp = design[1:] - phi * design[:-1], y[1:] - phi * y[:-1]
+    beta, *_ = np.linalg.lstsq(dp, yp, rcond=None)
+    resid = yp - dp @ beta
+    cov = float(resid @ resid) / (n - 5) * np.linalg.inv(dp.T @ dp)
+    return -beta[1], math.sqrt(cov[1, 1]), -(beta[1] + beta[2]), math.sqrt(cov[1, 1] + cov[2, 2] + 2 * cov[1, 2])
+
+
+@pytest.mark.parametrize("k", [10, 17, 40, 113])
+def test_slowdown_sums_match_a_direct_least_squares_fit(k):
+    rng = np.random.default_rng(k)
+    n = (trend.SLOWDOWN_RATIO + 1) * k
+    x = np.cumsum(rng.integers(1, 30, n)).astype(float) + 5e5  # uneven steps far from 0
+    y = 3.0 + 0.002 * np.maximum(x[-k - 20] - x, 0) + 0.05 * rng.standard_normal(n)
+    got = trend.slowdown_test(y, x, phi=0.4, clip=0, min_recent=k)
+    assert got.recent == k and got.n == n
+    assert (got.before, got.before_se, got.after, got.after_se) == pytest.approx(_hinge_direct(y, x, k, 0.4), rel=1e-7)
+
+
+def test_slowdown_sees_a_decline_that_stops():
+    rng = np.random.default_rng(7)
+    x = np.arange(900.0)
+    y = 1 + 1e-3 * np.maximum(850 - x, 0) + 0.01 * rng.standard_normal(900)  # flat for the last 50
+    res = trend.slowdown_test(y, x)
+    assert res.stopped and res.recent <= 50 and abs(res.after) < 3 * res.after_se
+    assert res.before == pytest.approx(1e-3, rel=0.3)
+    assert not trend.slowdown_test(y[:850], x[:850]).stopped  # before the stop: still declining
+    assert trend.slowdown_test(-y, x, mode="max").stopped  # mirrored for accuracy-like metrics
+
+
+@pytest.mark.parametrize("tau", [100.0, 300.0, 1000.0, 3000.0])
+@pytest.mark.parametrize("noise", [0.0, 0.002])
+def test_slowdown_is_not_fooled_by_a_loss_that_only_decelerates(tau, noise):
+    """Exponential decay: the slope keeps falling but never stops. A straight line before the
+    break would call it stopped once the time constant is about twice the window."""
+    x = np.arange(1200.0)
+    y = 1 + np.exp(-x / tau) + noise * np.random.default_rng(int(tau)).standard_normal(1200)
+    for end in range(400, 1201, 100):
+        res = trend.slowdown_test(y[:end], x[:end])
+        decline = np.exp(-(end - 100) / tau) - np.exp(-end / tau)  # over the last 100 rows
+        if decline > 20 * max(noise, 1e-6):  # clearly still improving
+            assert not res.stopped, (end, res)
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("df", [None, 3])
+def test_slowdown_rarely_stops_a_continuing_decline(phi, df):
+    """A steady decline in AR(1) noise (Gaussian or Student t): 'stopped' in at most 1% of 300
+    windows of 600 at each of three rates (nominal: 1e-5 per candidate and evaluation)."""
+    rng = np.random.default_rng(int(phi * 10) + (df or 0))
+    x = np.arange(600.0)
+    for rate in (0.01, 0.05, 0.2):
+        stops = sum(trend.slowdown_test(-rate * x + ar1(rng, 600, phi, math.sqrt(1 - phi * phi), df), x).stopped
+                    for _ in range(300))
+        assert stops <= 3, (rate, stops)
+
+
+def test_slowdown_is_shift_and_scale_invariant():
+    rng = np.random.default_rng(11)
+    x = np.arange(700.0)
+    y = 2 + 1e-3 * np.maximum(640 - x, 0) + 0.01 * ar1(rng, 700, 0.3)
+    ref = trend.slowdown_test(y, x)
+    for shift, scale in [(100.0, 1.0), (-3.0, 1e-4), (7.0, 1e3)]:
+        got = trend.slowdown_test(shift + scale * y, x * 50.0 + 1000)
+        assert (got.stopped, got.recent) == (ref.stopped, ref.recent)
+        assert got.phi == pytest.approx(ref.phi, rel=1e-9)
+        assert got.after / got.after_se == pytest.approx(ref.after / ref.after_se, rel=1e-6)
+
+
+def test_slowdown_short_flat_or_broken_input():
+    assert trend.slowdown_test(np.arange(30.0)) is None  # fewer than (ratio + 1) * 10
+    assert not trend.slowdown_test(np.full(200, 3.0)).stopped
+    assert trend.slowdown_test([1.0, math.nan] * 50) is None
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.5, 0.9])
+def test_block_ar1_is_conservative_and_ignores_a_kink(phi):
+    rng = np.random.default_rng(int(phi * 10) + 40)
+    x = np.arange(1000.0)
+    trend_line = 0.05 * np.maximum(900 - x, 0)  # a kink: one block of five sees it
+    est = [trend.block_ar1(trend_line + ar1(rng, 1000, phi)) for _ in range(100)]
+    assert np.mean(np.array(est) < phi) <= 0.15
+    assert np.median(est) < phi + 0.1
+
+
+# ---- plateau method=trend: the policy around both tests --------------------------------------
+
+def _first_cut(values, **params):
+    from autolr.chain import build_chain
+    from autolr.plugins import policy_classes
+    from autolr.records import Record
+
+    chain = build_chain([("plateau", params)], policy_classes(), base_lr=1.0)
+    state = chain.init()
+    for t, v in enumerate(values):
+        state, d = chain.update(state, Record(metrics={"loss": float(v)}, step=t))
+        if d is not None:
+            return t, d
+    return None, None
+
+
+def test_plateau_cuts_soon_after_a_steep_decline_stops():
+    rng = np.random.default_rng(3)
+    x = np.arange(2000)
+    y = 1 + 1e-3 * np.maximum(1500 - x, 0) + 0.01 * rng.standard_normal(2000)
+    t, d = _first_cut(y)
+    assert 1500 <= t <= 1560
+    assert d.evidence["plateau"]["test"] == "slowdown" and "stopped improving" in d.reason
+    t_old, _ = _first_cut(y, history=100, slowdown=False)
+    assert t_old > t  # the plain 100-row test waits until the window is mostly flat
+
+
+def test_plateau_waits_on_a_slow_steady_decline():
+    """0.6 noise sigmas per 100 rows: the plain 100-row test cuts at once, the default does not."""
+    rng = np.random.default_rng(5)
+    y = 1 + 3e-4 * (3000 - np.arange(3000)) + 0.05 * rng.standard_normal(3000)
+    assert _first_cut(y)[0] is None
+    t_old, d = _first_cut(y, history=100, slowdown=False)
+    assert t_old is not None and t_old < 300 and d.evidence["plateau"]["test"] == "trend"
+
+
+def test_plateau_cuts_a_flat_series_without_waiting_for_the_whole_history():
+    rng = np.random.default_rng(6)
+    t, d = _first_cut(1 + 0.05 * rng.standard_normal(3000))
+    assert t is not None and t < 400
+    assert d.evidence["plateau"]["window"] < 1500
+
+
+def test_plateau_history_equal_to_window_is_the_plain_test():
+    """history == window and slowdown off: exactly the improvement test over the last window."""
+    rng = np.random.default_rng(8)
+    y = 1 + 2e-4 * (2000 - np.arange(2000)) + 0.02 * rng.standard_normal(2000)
+    t, _ = _first_cut(y, history=100, slowdown=False)
+    x = np.arange(2000.0)
+    expect = next(i for i in range(99, 2000, 10) if trend.improvement_test(y[i - 99:i + 1], x[i - 99:i + 1]).p >= 0.05)
+    assert t == expect

@@ -1,11 +1,25 @@
 """Reduce the learning rate when the monitored metric stops improving.
 
-``method=trend`` (default): keep a window of the last ``window`` observations; every
-``every`` observations, test whether the metric still improves significantly
-(:func:`autolr.trend.improvement_test`: an AR(1)-corrected one-sided slope test at
-``confidence``, faster than ``min_improvement`` · |level| over the window). If it does not,
-lr ← max(lr · factor, min_lr). After a reduction the window starts empty: data taken at the
-old LR says nothing about the new one.
+``method=trend`` (default): keep the last ``history`` observations (default 1000; at least
+``window``). Every ``every`` observations, once ``window`` (default 100) have been seen since
+the last reduction, two questions are asked; a "yes" to either means lr <- max(lr · factor,
+min_lr), and the kept observations are dropped (data taken at the old LR says nothing about
+the new one):
+
+1. Did a clear decline just stop? (:func:`autolr.trend.slowdown_test`, when ``slowdown``.)
+   The last k observations show no significant improvement although, at the rate of the 3k
+   before them, a continuing decline would have shown one with probability above 1 - 1e-5;
+   k runs over 10, 14, 20, 28, ... so a steep decline that stops is seen within a few dozen
+   observations, a slow one within as many as it takes to see it at all.
+2. Is there no significant improvement over everything kept?
+   (:func:`autolr.trend.improvement_test`: AR(1)-corrected one-sided slope test at
+   ``confidence``, faster than ``min_improvement`` · |level| over the observations tested.)
+   With h observations kept out of ``history``, the rate seen so far, continued over
+   ``history`` observations, would give a t statistic (h/history)^-1.5 times larger: before
+   the history is full, a reduction needs t below t_confidence · (h/history)^1.5, i.e. an
+   improvement too slow to become significant even then (conditional power under the
+   current trend). With ``history == window`` this is the plain test over the last
+   ``window`` observations.
 
 ``method=threshold``: PyTorch's ReduceLROnPlateau exactly: an observation is better when
 below best · (1 - threshold) (rel) or best - threshold (abs), mirrored for max; after more
@@ -21,7 +35,11 @@ from ..hookspecs import hookimpl
 from ..policy import Note, Observation, Policy, State, check, default_mode
 
 THRESHOLD_ONLY = ("patience", "threshold", "threshold_mode")
-TREND_ONLY = ("window", "confidence", "min_improvement", "every", "log")
+#: Before the history is full, a plateau needs at least this many effectively independent
+#: observations, n·(1 - phi)/(1 + phi): with fewer, under strong autocorrelation, even the sign
+#: of the slope is a coin toss.
+MIN_EFFECTIVE = 20
+TREND_ONLY = ("window", "history", "slowdown", "confidence", "min_improvement", "every", "log")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +62,8 @@ class Plateau(Policy):
     threshold_mode: Literal["rel", "abs"] = "rel"
     # method=trend
     window: int = 100
+    history: int = 1500
+    slowdown: bool = True
     confidence: float = 0.95
     min_improvement: float = 0.0
     every: int = 10
@@ -57,6 +77,7 @@ class Plateau(Policy):
         check(self.min_lr >= 0, self.name, "min_lr must be >= 0")
         check(self.eps >= 0, self.name, "eps must be >= 0")
         check(self.window >= 8, self.name, "window must be >= 8")
+        check(self.history >= 8, self.name, "history must be >= 8")
         check(0.5 <= self.confidence < 1, self.name, "confidence must be in [0.5, 1)")
         check(self.min_improvement >= 0, self.name, "min_improvement must be >= 0")
         check(self.every >= 1, self.name, "every must be >= 1")
@@ -99,45 +120,97 @@ class Plateau(Policy):
         return state["factor"] * (target / lr)
 
     # ---- method=trend ------------------------------------------------------------------
-    def _update_trend(self, state, obs, metric, current, mode):
+    @property
+    def kept(self) -> int:
+        """Observations kept and tested: ``history``, at least ``window``."""
+        return max(self.history, self.window)
+
+    def trend_decision(self, values, times, mode: str) -> tuple[str, object, float] | None:
+        """Why the kept ``values`` (at ``times``) call for a reduction, or None.
+
+        Returns ("slowdown", :class:`autolr.trend.Slowdown`, miss) or ("trend",
+        :class:`autolr.trend.TrendTest`, the p-value threshold). Pure: the policy calls it every
+        ``every`` observations once ``window`` are kept.
+        """
+        import numpy as np
+
         from .. import trend  # numpy/scipy only when this method is used
 
+        y = np.asarray(values, dtype=float)
+        x = np.asarray(times, dtype=float)
+        if self.log:
+            y = np.log(y)
+        n = len(y)
+        min_rate = 0.0
+        if self.min_improvement:
+            level = abs(float(np.partition(y, n // 2)[n // 2])) or 1.0
+            min_rate = self.min_improvement * level / max(float(x[-1] - x[0]), 1e-12)
+        result = trend.improvement_test(y, x, mode=mode, confidence=self.confidence, min_rate=min_rate)
+        alpha = 1 - self.confidence
+        if n < self.kept:
+            if n * (1 - result.phi) < MIN_EFFECTIVE * (1 + result.phi):
+                alpha = math.inf  # too few effectively independent observations to stop early
+            elif result.p < 0.5:
+                # Conditional power: would the rate seen so far be significant over the full history?
+                from scipy import special
+
+                dof = n - 3
+                t_c = float(special.stdtrit(dof, self.confidence))
+                alpha = float(special.stdtr(dof, -t_c * (n / self.kept) ** 1.5))
+        if result.p >= alpha:
+            return "trend", result, alpha
+        if self.slowdown:
+            slow = trend.slowdown_test(y, x, mode=mode, confidence=self.confidence, min_rate=min_rate)
+            if slow is not None and slow.stopped:
+                return "slowdown", slow, trend.SLOWDOWN_MISS
+        return None
+
+    def _update_trend(self, state, obs, metric, current, mode):
         if not math.isfinite(current) or (self.log and current <= 0):
             return dict(state, seen=state["seen"] + 1), None
         t = obs.time("auto")
         t = obs.row if t is None else t
-        new = dict(state, seen=state["seen"] + 1, since=state["since"] + 1,
-                   values=(state["values"] + [current])[-self.window:],
-                   times=(state["times"] + [t])[-self.window:])
+        keep = self.kept - 1
+        values, times = state["values"][-keep:], state["times"][-keep:]  # copies: states stay immutable
+        values.append(current)
+        times.append(t)
+        new = dict(state, seen=state["seen"] + 1, since=state["since"] + 1, values=values, times=times)
         if new["cooldown_counter"] > 0:
             new["cooldown_counter"] -= 1
             return new, None
         if len(new["values"]) < self.window or new["since"] % self.every:
             return new, None
-        values = [math.log(v) for v in new["values"]] if self.log else new["values"]
-        level = abs(sorted(values)[len(values) // 2]) or 1.0
-        span = max(new["times"][-1] - new["times"][0], 1e-12)
-        result = trend.improvement_test(values, new["times"], mode=mode, confidence=self.confidence,
-                                        min_rate=self.min_improvement * level / span)
-        if result.p < 1 - self.confidence:
+        verdict = self.trend_decision(new["values"], new["times"], mode)
+        if verdict is None:
             return new, None
         factor = self._reduce(new, obs.lr)
         if factor is None:
             return new, None
+        from .. import trend
+
+        values = [math.log(v) for v in new["values"]] if self.log else new["values"]
         gain = trend.forecast_gain(values, new["times"], mode=mode)
         new.update(factor=factor, values=[], times=[], since=0, cooldown_counter=self.cooldown)
-        stats = result.as_dict()
-        note = {
-            "reason": (
+        kind, result, threshold = verdict
+        forecast = f", forecast gain {gain:.3g} over the window" if gain is not None else ""
+        if kind == "slowdown":
+            reason = (
+                f"{metric} stopped improving: over the last {result.recent} observations the rate is "
+                f"{result.after:.3g}/unit (se {result.after_se:.3g}), not significant at {self.confidence:.0%}, "
+                f"after {result.before:.3g}/unit (se {result.before_se:.3g}) over the {result.n - result.recent} "
+                f"before, at which a continuing decline would have shown with probability > {1 - threshold:.6g} "
+                f"(AR(1) phi={result.phi:.2f}"
+                f"{forecast}): lr x{factor / state['factor']:.6g}"
+            )
+        else:
+            reason = (
                 f"{metric} shows no significant improvement over the last {result.n} observations "
                 f"(slope {result.slope:.3g}/unit, {self.confidence:.0%} CI [{result.lo:.3g}, {result.hi:.3g}], "
-                f"p={result.p:.3g} >= {1 - self.confidence:.3g}, AR(1) phi={result.phi:.2f}"
-                + (f", forecast gain {gain:.3g} over the window" if gain is not None else "")
-                + f"): lr x{factor / state['factor']:.6g}"
-            ),
-            "method": "trend", "metric": metric, "value": current, "window": result.n,
-            "forecast_gain": gain, **stats,
-        }
+                f"p={result.p:.3g} >= {threshold:.3g}, AR(1) phi={result.phi:.2f}{forecast}): "
+                f"lr x{factor / state['factor']:.6g}"
+            )
+        note = {"reason": reason, "method": "trend", "test": kind, "metric": metric, "value": current,
+                "window": result.n, "forecast_gain": gain, **result.as_dict()}
         return new, note
 
     # ---- method=threshold (PyTorch's rule) ------------------------------------------------
