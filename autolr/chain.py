@@ -126,11 +126,11 @@ class Chain:
             monitor=state["monitor"],
             unit=state["unit"],
         )
-        held = any(p.holds(obs) for p in self.policies)
+        holders = [p for p in self.policies if p.holds(obs)]
         old_values = [p.value(s) for p, s in zip(self.policies, state["policies"])]
         new_states, notes = [], []
         for policy, pstate in zip(self.policies, state["policies"]):
-            if policy.stateful and held:
+            if policy.stateful and any(h is not policy for h in holders):  # another one's warmup
                 new_states.append(pstate)
                 notes.append(None)
                 continue
