@@ -18,6 +18,13 @@ false-positive rate under AR(1) noise:
 
 Simulated under the null (AR(1) with phi up to 0.9, Gaussian or Student-t noise) the
 rejection rate stays at or below the nominal level: see tests/test_trend.py.
+
+"Did a clear decline just stop?" is :func:`slowdown_test`: a continuous fit with a break
+before the last k observations (a parabola before it, a line after it), for k on a ladder;
+stopped when the line after the break is not significantly improving although, at the rate
+the parabola had reached at the break, it would have been with probability 1 - ``miss``. Its
+AR(1) coefficient comes from :func:`block_ar1` (blocks detrended separately, so a kink or a
+curve does not pass for autocorrelation).
 """
 from __future__ import annotations
 
@@ -54,6 +61,7 @@ class TrendTest:
     n: int
     noise: float
     decline_sigmas: float = 0.0
+    se: float = math.nan  # standard error of the prewhitened slope (the t test's denominator)
 
     def as_dict(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in asdict(self).items()}
@@ -162,7 +170,7 @@ def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, cli
     except (np.linalg.LinAlgError, ValueError, FloatingPointError, ZeroDivisionError):
         return none
     k = yscale / span
-    return TrendTest(r.p, r.slope * k, r.lo * k, r.hi * k, r.phi, n, r.noise * yscale, r.decline_sigmas)
+    return TrendTest(r.p, r.slope * k, r.lo * k, r.hi * k, r.phi, n, r.noise * yscale, r.decline_sigmas, r.se * k)
 
 
 def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, clip: float,
@@ -221,7 +229,7 @@ def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, cl
     sigmas = rate * span / noise if noise > 0 else (math.inf if rate > 0 else 0.0)
     if sigmas > DECLINE_SIGMAS:
         p = 0.0
-    return TrendTest(p, slope, slope - half, slope + half, phi, n, noise, float(min(sigmas, 1e9)))
+    return TrendTest(p, slope, slope - half, slope + half, phi, n, noise, float(min(sigmas, 1e9)), se)
 
 
 @dataclass(frozen=True)

@@ -7,23 +7,28 @@ afterwards, plus noise; one row per step, ``T0 + --after`` rows::
     exponential:  y(t) = L + s · tau · (exp(max(T0 - t, 0) / tau) - 1),   tau = T0 / 2
 
 so ``s`` is the slope (loss per step) just before the onset for both shapes; the exponential
-curve is steeper earlier (7.4·s at t = 0). L = 1, T0 uniform in [--t0-min, --t0-max], shapes
-alternate within a cell. Noise of standard deviation ``sigma`` (relative to L = 1):
+curve is steeper earlier (7.4·s at t = 0) and decelerates all the way to the onset. L = 1,
+T0 uniform in [--t0-min, --t0-max], shapes alternate within a cell. Noise of standard
+deviation ``sigma`` (relative to L = 1):
 
 * ``gauss``: Gaussian;
 * ``t3``: Student t with 3 degrees of freedom, scaled to standard deviation sigma;
 * ``ar0.5``, ``ar0.9``: stationary AR(1) with phi 0.5 / 0.9, marginal standard deviation sigma;
 * ``spikes``: Gaussian plus, on 1% of the steps, an upward spike of U(5, 10)·sigma.
 
-A cell is (noise kind, sigma, s); ``s·100/sigma`` (the decline over the last 100 steps before
+A cell is (noise kind, sigma, s); ``s·100/sigma`` (the decline over the last 100 rows before
 the onset, in noise sigmas) is what makes a cell easy or hard.
 
 Detectors: autolr's ``plateau`` policy, built by ``autolr.chain.build_chain`` with base LR 1:
 
-* ``method=threshold`` (PyTorch's ReduceLROnPlateau rule) at patience 10, 50, 100, 200, 400 with
-  PyTorch's default ``threshold=1e-4`` (rel), and the same with ``threshold=0``;
-* ``method=trend`` at its defaults (window 100, every 10, confidence 0.95): the headline row;
-  plus other windows, labelled, to show the trade-off.
+* ``method=trend`` at its defaults (window 100, history 1500, slowdown on, every 10,
+  confidence 0.95): the headline row;
+* ``method=trend`` with ``history=100,slowdown=false``: the method as it was before the
+  slowdown / faded tests and the long history (the plain test over the last 100 rows), for
+  before/after numbers in the same run;
+* ``--trend PARAMS`` adds other ``method=trend`` settings (e.g. ``window=300``), labelled;
+* ``method=threshold`` (PyTorch's ReduceLROnPlateau rule) at patience 10, 50, 100, 200, 400
+  with PyTorch's default ``threshold=1e-4`` (rel), and the same with ``threshold=0``.
 
 Per curve and detector the benchmark records the first step at which the LR is reduced. A
 reduction before ``T0`` is a false positive; otherwise the delay is (first reduction - T0). A
@@ -37,22 +42,24 @@ smallest median delay; the target is met when trend's default has FPR <= 5% and 
 met when trend's FPR <= 5%.
 
 Engines. ``--engine chain`` feeds every curve row by row through ``Chain.update`` for every
-detector (the real policies, slow: ~7 µs/row threshold, ~30 µs/row trend). ``--engine fast``
-(default) computes the same first-reduction steps faster: the threshold rule by one pass of
-PyTorch's recurrence per threshold value (all patiences at once), the trend method by calling
-``trend.improvement_test`` only on the windows the policy evaluates (the rows where
-``since % every == 0`` once the window is full), with the same arguments. ``--verify K`` (default
-2) also runs the real chain on the first K curves of every cell for every detector and stops
-with an error if any first-reduction step differs.
+detector (the real policies: ~7 µs/row for threshold, ~10 µs/row plus the tests for trend).
+``--engine fast`` (default) computes the same first-reduction steps with less overhead: the
+threshold rule by one pass of PyTorch's recurrence per threshold value (all patiences at
+once), the trend method by calling the policy's own ``Plateau.trend_decision`` only on the rows
+where the policy tests (``since % every == 0`` once ``window`` rows are kept) with the rows it
+keeps then. ``--verify K`` (default 1) also runs the real chain on the first K curves of every
+cell for every detector and stops with an error if any first-reduction step differs.
 
-Also measured: the cost of one trend evaluation (``trend.improvement_test`` on a window of 100)
-beside ``numpy.polyfit`` (degree 1) on the same window, median of repetitions.
+Also measured, in the same run: the cost of one trend evaluation (``improvement_test``,
+``slowdown_test`` and the policy's whole decision at n = 100 and n = history) beside
+``numpy.polyfit`` (degree 1) on the same window, median of repetitions.
 
 Usage::
 
-    python benchmarks/bench_plateau.py                     # 5 kinds x 6 cells x 200 curves, 2 workers
-    python benchmarks/bench_plateau.py --curves 50 --kinds gauss,ar0.9
-    python benchmarks/bench_plateau.py --engine chain --curves 20
+    python benchmarks/bench_plateau.py                       # 30 cells x 60 curves, 2 workers (~5 min)
+    python benchmarks/bench_plateau.py --curves 200          # the results file (~15 min)
+    python benchmarks/bench_plateau.py --curves 50 --kinds gauss,ar0.9 --trend window=300
+    python benchmarks/bench_plateau.py --engine chain --curves 10
 """
 from __future__ import annotations
 
@@ -323,7 +330,7 @@ def eval_cost(reps: int) -> list[tuple[str, float]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--curves", type=int, default=200, help="curves per cell (default 200)")
+    ap.add_argument("--curves", type=int, default=60, help="curves per cell (default 60: ~5 min on 2 cores)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="noise kinds, comma-separated")
     ap.add_argument("--sigmas", default="0.01,0.05", help="noise standard deviations (L = 1)")
     ap.add_argument("--slopes", default="1e-4,3e-4,1e-3", help="slopes just before the onset, per step")
@@ -333,9 +340,9 @@ def main() -> int:
     ap.add_argument("--t0-max", type=int, default=3000)
     ap.add_argument("--after", type=int, default=1500, help="rows after the onset")
     ap.add_argument("--engine", choices=("fast", "chain"), default="fast")
-    ap.add_argument("--verify", type=int, default=2, help="curves per cell checked against the real chain (fast engine)")
+    ap.add_argument("--verify", type=int, default=1, help="curves per cell checked against the real chain (fast engine)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=25, help="curves per task")
+    ap.add_argument("--chunk", type=int, default=10, help="curves per task")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--cost-reps", type=int, default=2000)
     ap.add_argument("--out", default=str(RESULTS), help="markdown output ('' to skip)")

@@ -271,3 +271,15 @@ def test_plateau_history_equal_to_window_is_the_plain_test():
     x = np.arange(2000.0)
     expect = next(i for i in range(99, 2000, 10) if trend.improvement_test(y[i - 99:i + 1], x[i - 99:i + 1]).p >= 0.05)
     assert t == expect
+
+
+def test_plateau_cuts_a_decay_that_dies_out_gradually():
+    """An exponential approach to the floor: cut about when the plain 100-row test would
+    (the long history alone would wait until its 1500 rows showed no decline)."""
+    rng = np.random.default_rng(9)
+    x = np.arange(3000)
+    y = 1 + np.exp(-x / 100) + 0.01 * rng.standard_normal(3000)
+    t, d = _first_cut(y)
+    t_old, _ = _first_cut(y, history=100, slowdown=False)
+    assert d.evidence["plateau"]["test"] == "faded" and "stopped improving" in d.reason
+    assert abs(t - t_old) <= 50 and t < 700

@@ -1,25 +1,32 @@
 """Reduce the learning rate when the monitored metric stops improving.
 
-``method=trend`` (default): keep the last ``history`` observations (default 1000; at least
+``method=trend`` (default): keep the last ``history`` observations (default 1500; at least
 ``window``). Every ``every`` observations, once ``window`` (default 100) have been seen since
-the last reduction, two questions are asked; a "yes" to either means lr <- max(lr · factor,
+the last reduction, three questions are asked; a "yes" to any means lr <- max(lr · factor,
 min_lr), and the kept observations are dropped (data taken at the old LR says nothing about
 the new one):
 
-1. Did a clear decline just stop? (:func:`autolr.trend.slowdown_test`, when ``slowdown``.)
-   The last k observations show no significant improvement although, at the rate of the 3k
-   before them, a continuing decline would have shown one with probability above 1 - 1e-5;
-   k runs over 10, 14, 20, 28, ... so a steep decline that stops is seen within a few dozen
-   observations, a slow one within as many as it takes to see it at all.
-2. Is there no significant improvement over everything kept?
-   (:func:`autolr.trend.improvement_test`: AR(1)-corrected one-sided slope test at
-   ``confidence``, faster than ``min_improvement`` · |level| over the observations tested.)
-   With h observations kept out of ``history``, the rate seen so far, continued over
-   ``history`` observations, would give a t statistic (h/history)^-1.5 times larger: before
-   the history is full, a reduction needs t below t_confidence · (h/history)^1.5, i.e. an
-   improvement too slow to become significant even then (conditional power under the
-   current trend). With ``history == window`` this is the plain test over the last
-   ``window`` observations.
+1. No significant improvement over everything kept? (:func:`autolr.trend.improvement_test`:
+   AR(1)-corrected one-sided slope test at ``confidence``, faster than ``min_improvement`` ·
+   |level| over the observations tested.) Until ``history`` observations are kept, a
+   non-significant slope is not enough: the rate seen so far, continued over ``history``
+   observations, would give a t statistic (h/history)^-1.5 times larger, so a reduction needs
+   t below t_confidence · (h/history)^1.5 (conditional power under the current trend: an
+   improvement too slow to become significant even then), and at least ``MIN_EFFECTIVE``
+   effectively independent observations, h·(1 - phi)/(1 + phi). A slow but steady decline is
+   not cut after ``window`` observations just because ``window`` observations cannot see it.
+2. Did the decline fade? (when ``slowdown``) No significant improvement over the last
+   ``window`` observations, although they had the power (1 - 1e-5) to see half the pace kept
+   up over everything kept: a decay that died out gradually.
+3. Did a clear decline stop? (when ``slowdown``; :func:`autolr.trend.slowdown_test`) The last
+   k observations show no significant improvement although, at the rate the 3k before them
+   had reached (a parabola's end slope, so a decelerating loss is not taken for a stopped
+   one), they would have shown one with probability above 1 - 1e-5; k runs over 10, 12, 14,
+   17, ... up to history/4, so a steep decline that stops is seen within a few dozen
+   observations and a slow one within as many as it takes to see it at all.
+
+With ``history == window`` and ``slowdown=false`` this is the plain test over the last
+``window`` observations (the method before 2 and 3 and the long history existed).
 
 ``method=threshold``: PyTorch's ReduceLROnPlateau exactly: an observation is better when
 below best · (1 - threshold) (rel) or best - threshold (abs), mirrored for max; after more
@@ -39,6 +46,9 @@ THRESHOLD_ONLY = ("patience", "threshold", "threshold_mode")
 #: observations, n·(1 - phi)/(1 + phi): with fewer, under strong autocorrelation, even the sign
 #: of the slope is a coin toss.
 MIN_EFFECTIVE = 20
+#: A decline "faded" when the last ``window`` observations show no significant improvement
+#: although they had the power (1 - 1e-5) to see this fraction of the pace over all kept.
+FADED_FRACTION = 0.5
 TREND_ONLY = ("window", "history", "slowdown", "confidence", "min_improvement", "every", "log")
 
 
@@ -159,6 +169,18 @@ class Plateau(Policy):
                 alpha = float(special.stdtr(dof, -t_c * (n / self.kept) ** 1.5))
         if result.p >= alpha:
             return "trend", result, alpha
+        if self.slowdown and n >= 2 * self.window:
+            # Faded: no significant improvement over the last window, which had the power to
+            # see half the pace kept up over everything kept (a decline that died out gradually).
+            recent = trend.improvement_test(y[-self.window:], x[-self.window:], mode=mode,
+                                            confidence=self.confidence, min_rate=min_rate)
+            if recent.p >= 1 - self.confidence:
+                sign = 1.0 if mode == "min" else -1.0
+                (t_all, t_recent), z_miss = trend._critical((n - 3, self.window - 3), self.confidence,
+                                                            trend.SLOWDOWN_MISS)
+                past = -sign * result.slope - t_all * result.se  # lower confidence bound of the pace
+                if FADED_FRACTION * past >= (t_recent + z_miss) * recent.se:
+                    return "faded", (recent, result), trend.SLOWDOWN_MISS
         if self.slowdown:
             slow = trend.slowdown_test(y, x, mode=mode, confidence=self.confidence, min_rate=min_rate)
             if slow is not None and slow.stopped:
@@ -193,7 +215,17 @@ class Plateau(Policy):
         new.update(factor=factor, values=[], times=[], since=0, cooldown_counter=self.cooldown)
         kind, result, threshold = verdict
         forecast = f", forecast gain {gain:.3g} over the window" if gain is not None else ""
-        if kind == "slowdown":
+        if kind == "faded":
+            recent, overall = result
+            result = recent
+            reason = (
+                f"{metric} stopped improving: no significant improvement over the last {recent.n} observations "
+                f"(slope {recent.slope:.3g}/unit, {self.confidence:.0%} CI [{recent.lo:.3g}, {recent.hi:.3g}], "
+                f"p={recent.p:.3g}), though it would have seen half the slope {overall.slope:.3g}/unit over the "
+                f"last {overall.n} (AR(1) phi={recent.phi:.2f}"
+                f"{forecast}): lr x{factor / state['factor']:.6g}"
+            )
+        elif kind == "slowdown":
             reason = (
                 f"{metric} stopped improving: over the last {result.recent} observations the rate is "
                 f"{result.after:.3g}/unit (se {result.after_se:.3g}), not significant at {self.confidence:.0%}, "
