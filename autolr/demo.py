@@ -21,12 +21,13 @@ from .control import Control
 from .spawn import stop_watch
 
 DEMO_CONFIG = """\
-# autolr demo settings: warmup, then cut the LR by 0.3 when the noisy per-step training loss
-# shows no significant improvement over its last 100 steps (AR(1)-corrected trend test).
+# autolr demo settings: the default policy, auto: a warmup, then a cut when the noisy
+# per-step training loss shows no significant improvement (AR(1)-corrected trend test),
+# and a divergence guard.
 base_lr = {base_lr}
 min_lr = {min_lr}
 metric = "loss"
-policy = ["warmup:steps=100,start_factor=0.1", "plateau:factor=0.3,window=100"]
+policy = ["auto"]
 """
 
 
@@ -47,7 +48,8 @@ def simulate(run_dir: Path, ctl: Control, *, steps: int, base_lr: float, seed: i
             if ctl.seq != seq:
                 seq = ctl.seq
                 rec = ctl.record() or {}
-                quiet = rec.get("policy") == "warmup" and 1 < len(applied) and lr < base_lr
+                quiet = "warmup" in (rec.get("reason") or "") or (
+                    "factor" in (rec.get("reason") or "") and lr < base_lr and 1 < len(applied) and step <= 101)
                 if not quiet:  # warmup moves every step: show its first and last change
                     echo(f"  step {step:5d}: lr {applied[-1][1]:.4g} -> {lr:.4g}   ({rec.get('reason')})")
                 applied.append((step, lr))
@@ -84,7 +86,7 @@ def run_demo(folder: Path, *, steps: int = 1500, seed: int = 0, base_lr: float =
         if daemon.poll() is not None:
             raise SystemExit(f"the daemon exited early:\n{(folder / 'daemon.log').read_text()}")
         echo(f"autolr demo: daemon watching {folder} (pid {daemon.pid}); simulated training in {run_dir}")
-        echo(f"  chain: warmup 100 steps, then plateau (trend test) on the training loss; "
+        echo(f"  policy: auto (warmup 100 steps, trend-test decay, divergence guard) on the training loss; "
              f"base lr {base_lr}, min lr {base_lr / 100}")
         applied = simulate(run_dir, Control(run_dir), steps=steps, base_lr=base_lr, seed=seed, echo=echo)
     finally:
