@@ -68,6 +68,8 @@ class Daemon:
         # New folders are walked again shortly after their creation event: files created in
         # them before the observer watched them send no event of their own.
         self.rechecks: list[tuple[float, Path]] = []
+        self.catching_up = False
+        self._progress = (0.0, 0, 0.0)  # (start, rows, last report) while catching up
 
     # ---- discovery -----------------------------------------------------------------------
     def inside_root(self, path: Path) -> bool:
@@ -183,6 +185,8 @@ class Daemon:
                     self.multi_state[str(path)] = {"reader": reader.name, "state": reader.get_state()}
                 else:
                     self.runs[reader.run_dir(path)].feed(reader, records)
+            if self.catching_up and records:
+                self._report_progress(len(records))
             if not reader.more or self.stop_event.is_set():
                 break
 
@@ -236,6 +240,16 @@ class Daemon:
             if self.stop_event.is_set():
                 return
             self.process(path)
+
+    def _report_progress(self, rows: int) -> None:
+        """A progress line at most once a second while reading large existing logs."""
+        start, total, last = self._progress
+        now = time.monotonic()
+        total += rows
+        if now - last >= 1.0:
+            self.on_event("progress", {"rows": total, "rate": total / max(now - start, 1e-9)})
+            last = now
+        self._progress = (start, total, last)
 
     def rescan(self) -> None:
         self.discover()
@@ -334,7 +348,10 @@ class Daemon:
         self.discover()
         self.on_event("ready", {"runs": len(self.runs), "sources": len(self.sources), "mode": self.mode})
         try:
+            now = time.monotonic()
+            self.catching_up, self._progress = True, (now, 0, now)
             self.catch_up()
+            self.catching_up = False
             self.flush()
             self.on_event("caught_up", {"runs": len(self.runs)})
             if self.options.once:

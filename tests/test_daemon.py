@@ -267,3 +267,18 @@ def test_one_log_kind_per_run(tmp_path):
     daemon.run()
     assert len(daemon.runs[run].sources) == 1 and daemon.runs[run].rows == 10
     assert len([e for e in events if e[0] == "ignored"]) == 2
+
+
+def test_catching_up_reports_progress(tmp_path, monkeypatch):
+    import autolr.daemon as daemon_mod
+    import autolr.readers.base as base
+
+    monkeypatch.setattr(base, "READ_BLOCK", 4096)  # many reads for a small log
+    clock = iter(range(0, 10_000, 2))  # every clock read is 2 s later
+    monkeypatch.setattr(daemon_mod.time, "monotonic", lambda: float(next(clock)))
+    write_jsonl(tmp_path / "run" / "m.jsonl", flat_then_flat(range(2000)))
+    daemon, events = make_daemon(tmp_path, policy=("constant",))
+    daemon.run()
+    progress = [d for k, d in events if k == "progress"]
+    assert len(progress) >= 3 and progress[-1]["rows"] <= 2000
+    assert [d["rows"] for d in progress] == sorted(d["rows"] for d in progress)
