@@ -10,6 +10,8 @@ the used LR; with ``apply_margin`` each change lands exactly at its ``apply_at_s
 """
 from __future__ import annotations
 
+import json
+
 import math
 import time
 from pathlib import Path
@@ -108,14 +110,21 @@ def train(run: Path, opt_name: str, sched_name: str | None, *, steps: int = 100,
             sched.step()
         autolr.log(step, loss=loss.detach())
         if sync and step % STEP_SIZE == STEP_SIZE - 1:
-            wait_until(lambda: any(e.get("step") == step for e in read_journal(run)),
-                       what=f"the decision after step {step}")
+            # the control file, not the journal: the journal is written first, by design
+            wait_until(lambda: _control_step(run) == step, what=f"the decision after step {step}")
         if not sync:
             time.sleep(0.002)
         step += 1
     rec.update(opt=opt, sched=sched, base=base, handle=handle, steps=step)
     handle.detach()
     return rec
+
+
+def _control_step(run: Path):
+    try:
+        return json.loads((run / "autolr.json").read_text()).get("step")
+    except (OSError, ValueError):
+        return None
 
 
 def _lr_from_update(p, before, grad) -> float:
