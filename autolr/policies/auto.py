@@ -16,8 +16,9 @@ factor = warmup(t) · decay · guard · boost, where
   robust sigmas that also doubles the largest value of the guard window (a spike of the size
   the window already holds is noise, not divergence); on a level shift: the median of the last
   ``every`` values doubles the lowest such median in the window, by ``spike_sigmas`` standard
-  errors of a median; or on a sustained rise of the monitored metric (p < 1e-3 and more than
-  ``rise`` · |level| over the window). Then ``guard_cooldown`` observations in which only an
+  errors of a median; or on a sustained rise of the monitored metric (p < ``rise_p`` and more
+  than ``rise`` · |level| over the window; tested every ``every`` rows, thousands of times in
+  a long run, hence the small default). Then ``guard_cooldown`` observations in which only an
   escalation fires again (a non-finite value, or double the value that fired); never below
   ``min_factor`` together with decay;
 - boost ← boost · increase_factor (at most ``max_boost``) when ``increase`` is on and the
@@ -68,6 +69,7 @@ class Auto(Policy):
     guard_cooldown: int = 50
     spike_sigmas: float = 8.0
     rise: float = 0.1
+    rise_p: float = 1e-6
     increase: bool = False
     increase_factor: float = 1.25
     increase_p: float = 1e-4
@@ -86,6 +88,7 @@ class Auto(Policy):
         check(self.guard_cooldown >= 0, self.name, "guard_cooldown must be >= 0")
         check(self.spike_sigmas > 0, self.name, "spike_sigmas must be > 0")
         check(self.rise > 0, self.name, "rise must be > 0")
+        check(0 < self.rise_p < 1, self.name, "rise_p must be in (0, 1)")
         check(self.increase_factor > 1, self.name, "increase_factor must be > 1")
         check(0 < self.increase_p < 1, self.name, "increase_p must be in (0, 1)")
         check(self.max_boost >= 1, self.name, "max_boost must be >= 1")
@@ -249,7 +252,7 @@ class Auto(Policy):
                                            confidence=self.confidence)
             level = abs(sorted(values)[len(values) // 2]) or 1.0
             rise = abs(worse.slope) * (times[-1] - times[0])
-            if worse.p < 1e-3 and rise > self.rise * level:
+            if worse.p < self.rise_p and rise > self.rise * level:
                 # Significantly getting worse over a whole window: a slow divergence.
                 state.update(guard=state["guard"] * self.guard_factor, cooldown=self.guard_cooldown, quiet=0,
                              **_EMPTY_WINDOW, trigger=None)
