@@ -1,9 +1,11 @@
 """``autolr watch``: watch a tree of runs, tail their logs, decide and publish.
 
-The watchdog handler only enqueues paths. The worker (the main thread) reads each changed
-file from its stored position, so duplicate, coalesced or dropped events do no harm; a slow
-rescan runs as a safety net. ``--poll`` uses watchdog's polling observer (NFS, SMB, Lustre);
-the daemon falls back to it by itself when the inotify limits are reached.
+The event side only enqueues paths: on Linux autolr's own inotify reader (``inotify.py``:
+many events per read, one set of paths per batch), elsewhere or when it cannot start
+watchdog's observer. The worker (the main thread) reads each changed file from its stored
+position, so duplicate, coalesced or dropped events do no harm; a slow rescan runs as a safety
+net. ``--poll`` uses watchdog's polling observer (NFS, SMB, Lustre); the daemon falls back to
+it by itself when the inotify limits are reached.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import errno
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -38,6 +41,7 @@ class Options:
     rescan: float = 30.0
     flush: float = 2.0
     fsync: bool = True
+    native_inotify: bool = True  # Linux: autolr's own inotify reader; False: watchdog's
 
 
 class Daemon:
@@ -60,7 +64,10 @@ class Daemon:
         self.multi_state: dict[str, Any] = {}
         self.stop_event = threading.Event()
         self.wake = threading.Event()
-        self.pending: set[Path] = set()
+        self.pending: set[str] = set()
+        self.overflowed = False  # the event queue overflowed: rescan everything
+        self._paths: dict[str, Path] = {}  # Path objects of event paths, built once
+        self.by_dir: defaultdict[Path, set[Path]] = defaultdict(set)  # sources per folder
         self.lock = threading.Lock()
         self.observer = None
         self.mode = "once" if self.options.once else ("poll" if self.options.poll else "inotify")
@@ -131,11 +138,12 @@ class Daemon:
                     return None
                 for old in list(run.sources):
                     self.ignored[old] = reader.name
-                    self.sources.pop(old, None)
+                    self._forget_source(old)
                     run.sources.pop(old)
                     self.on_event("ignored", {"path": str(old), "reader": kind.name, "kept": reader.name})
             run.add_source(reader, self.saved_sources.get(run.folder, {}).get(str(path)))
         self.sources[path] = reader
+        self.by_dir[path.parent].add(path)
         self.on_event("source", {"path": str(path), "reader": cls.name})
         return reader
 
@@ -165,15 +173,18 @@ class Daemon:
         reader = self.sources.get(path)
         if reader is None:
             return
-        if not path.exists():
-            self.drop_source(path)
-            return
         multi = getattr(reader, "multi_run", False)
         while True:
             try:
                 records = reader.read()
             except Exception as exc:  # a reader bug must never kill the daemon
+                if not os.path.exists(path):
+                    self.drop_source(path)
+                    return
                 self.count(f"reader {reader.name} error", path, exc)
+                return
+            if not records and not reader.more and not os.path.exists(path):
+                self.drop_source(path)  # checked only when nothing came: one stat less per row
                 return
             if records:
                 if multi:
@@ -190,8 +201,17 @@ class Daemon:
             if not reader.more or self.stop_event.is_set():
                 break
 
-    def drop_source(self, path: Path) -> None:
+    def _forget_source(self, path: Path) -> Reader | None:
         reader = self.sources.pop(path, None)
+        known = self.by_dir.get(path.parent)
+        if known is not None:
+            known.discard(path)
+            if not known:
+                del self.by_dir[path.parent]
+        return reader
+
+    def drop_source(self, path: Path) -> None:
+        reader = self._forget_source(path)
         if reader is None:
             return
         self.on_event("vanished", {"path": str(path)})
@@ -219,7 +239,7 @@ class Daemon:
             return
         if path.is_dir():
             if self.inside_root(path):
-                for p in [p for p in self.sources if p.parent == path and not p.exists()]:
+                for p in [p for p in self.by_dir.get(path, ()) if not p.exists()]:
                     self.drop_source(p)  # renamed or deleted away
                 for p in self.discover(path):  # files already known have events of their own
                     self.process(p)
@@ -280,16 +300,34 @@ class Daemon:
         if name.startswith(".autolr") or (is_own_file(Path(path)) and name != CONTROL_NAME):
             return
         with self.lock:
-            self.pending.add(Path(path))
+            self.pending.add(path)
+        self.wake.set()
+
+    def enqueue_many(self, paths: set[str], overflowed: bool = False) -> None:
+        """Called from the inotify thread with one batch of changed paths (already filtered)."""
+        with self.lock:
+            self.pending |= paths
+            self.overflowed |= overflowed
         self.wake.set()
 
     def drain(self) -> None:
+        """Handle every path enqueued since the last drain, each once, in path order."""
         with self.lock:
             batch, self.pending = self.pending, set()
+            overflowed, self.overflowed = self.overflowed, False
         self.wake.clear()
-        for path in sorted(batch):
+        if overflowed:
+            log.warning("the inotify queue overflowed; rescanning every log")
+            self.rescan()
+        cache = self._paths
+        if len(cache) > 100_000:
+            cache.clear()
+        for name in sorted(batch):
             if self.stop_event.is_set():
                 return
+            path = cache.get(name)
+            if path is None:
+                path = cache[name] = Path(name)
             try:
                 self.handle(path)
             except Exception as exc:  # never die on a log
@@ -328,6 +366,14 @@ class Daemon:
             start(PollingObserver(timeout=self.options.poll))
             return
         try:
+            if self.options.native_inotify and sys.platform.startswith("linux"):
+                try:
+                    self.start_native()
+                    return
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EMFILE, errno.ENFILE):
+                        raise
+                    log.warning("own inotify reader unavailable (%s); using watchdog's", exc)
             start(Observer())
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EMFILE, errno.ENFILE):
@@ -336,6 +382,15 @@ class Daemon:
                         "fs.inotify.max_user_watches / max_user_instances to use inotify.", exc)
             self.mode = "poll (inotify limit)"
             start(PollingObserver(timeout=1.0))
+
+    def start_native(self) -> None:
+        """autolr's own inotify reader (Linux): batches of changed paths, coalesced per file."""
+        from .inotify import InotifyWatcher
+
+        watcher = InotifyWatcher(self.root, self.enqueue_many, follow_symlinks=self.options.follow_symlinks)
+        watcher.start()
+        self.observer = watcher
+        self.mode = "inotify"
 
     def stop(self, *_: Any) -> None:
         self.stop_event.set()

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (IN_MOVED_TO, Daemon, Inotify, cpu_seconds, daemon_cmd, inotify_limits,  # noqa: E402
+from _common import (IN_MOVED_TO, Daemon, Inotify, PySpy, cpu_seconds, daemon_cmd, inotify_limits,  # noqa: E402
                      machine_line, md_table, median, mem_kb, percentile, read_control, run_delay_seconds)
 
 POLICY = "step:step_size=1,gamma=0.9999"
@@ -160,6 +160,7 @@ def run_config(tmp: Path, n_runs: int, fsync: bool, args, cmd) -> dict:
             path.write_text(json.dumps(spec))
             specs.append(spec)
         k0 = len(sampler.samples) - 1
+        spy = PySpy(daemon.pid, tmp / f"{name}.pyspy", rate=100) if args.profile else None
         for spec_i, spec in enumerate(specs):
             writers.append(subprocess.Popen([sys.executable, __file__, "--writer", str(tmp / f"{name}-w{spec_i}.spec.json")]))
         next_sample = time.monotonic() + 1.0
@@ -184,6 +185,10 @@ def run_config(tmp: Path, n_runs: int, fsync: bool, args, cmd) -> dict:
         t_stop = time.monotonic()
         sampler.sample()
         out["write"] = sampler.since(k0)
+        if spy is not None:
+            spy.stop()
+            out["profile"] = {t: spy.top(25, strip=str(Path(__file__).resolve().parents[1]) + "/", thread=t)
+                              for t in ("MainThread", None)}
         results = [json.loads(Path(s["out"]).read_text()) for s in specs]
         written = sum(r["written"] for r in results)
         elapsed = max(r["elapsed"] for r in results)
@@ -298,6 +303,8 @@ def main() -> int:
     ap.add_argument("--policy", default=POLICY,
                     help="daemon policy; lag needs a decision on every row (the default); with a policy that "
                          "rarely decides only CPU and memory are meaningful")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the daemon during the write phase; print the top frames (worker, all threads)")
     ap.add_argument("--dir", help="where the temporary run folders go; default $TMPDIR")
     ap.add_argument("--daemon-cmd", help="command prefix instead of 'python -m autolr.cli'")
     args = ap.parse_args()
@@ -357,6 +364,9 @@ def main() -> int:
             prow.append([f"`{spec}`", f"{kib:.0f} KiB", f"{kib * 100 / 1024:.0f} MB", f"{kib * 1000 / 1024:.0f} MB"])
         print(md_table(["policy", "per run", "x 100 runs", "x 1000 runs"], prow))
     print()
+    for r in results:
+        for thread, text in r.get("profile", {}).items():
+            print(f"\n**py-spy, {r['name']}, {thread or 'all threads'}:**\n\n```\n{text}\n```\n")
     for r in results:
         if r["runs"] != 1000:
             continue

@@ -238,16 +238,24 @@ def test_bad_lines_are_counted_not_fatal(tmp_path):
     assert summary["rows"] == 3 and sum(summary["skipped"].values()) == 2
 
 
-def test_inotify_limit_falls_back_to_polling(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("native", [True, False], ids=["own-inotify", "watchdog"])
+def test_inotify_limit_falls_back_to_polling(tmp_path, monkeypatch, caplog, native):
     import watchdog.observers
+
+    import autolr.inotify
 
     class Exhausted(watchdog.observers.Observer):
         def schedule(self, *a, **k):
             raise OSError(errno.ENOSPC, "inotify watch limit reached")
 
+    def exhausted(self, *a, **k):
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
     monkeypatch.setattr(watchdog.observers, "Observer", Exhausted)
+    monkeypatch.setattr(autolr.inotify.InotifyWatcher, "add_tree", exhausted)
     daemon, _ = make_daemon(tmp_path)
     daemon.options.once = False
+    daemon.options.native_inotify = native
     daemon.start_observer()
     try:
         assert "poll" in daemon.mode

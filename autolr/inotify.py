@@ -1,0 +1,231 @@
+"""A recursive Linux inotify watcher without watchdog: many events per read, coalesced per path.
+
+Why: at thousands of appended rows a second, watchdog builds several Python objects per
+inotify event, dispatches them one by one, and turns every temporary file of the daemon's own
+atomic writes into a "folder modified" event. Here one ``os.read`` returns up to 256 KiB of
+``struct inotify_event`` records (16-byte header ``wd, mask, cookie, len`` + name); they are
+parsed with ``struct``, the daemon's own files and hidden files are dropped by name, and the
+rest is handed over as one *set* of paths: a log that got five events is read once.
+
+Only paths are reported; the daemon re-reads from its stored offsets, so a lost, duplicated or
+coalesced event does no harm. A queue overflow (``IN_Q_OVERFLOW``) is reported so that the
+daemon rescans everything. Folders created or moved in are watched as they appear.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import select
+import struct
+import threading
+from typing import Callable
+
+log = logging.getLogger("autolr.inotify")
+
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+IN_DONT_FOLLOW = 0x02000000
+IN_EXCL_UNLINK = 0x04000000
+IN_ISDIR = 0x40000000
+
+#: Changes only: opens and plain closes (our own reads) are left out, and so are attribute changes.
+MASK = (IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+        | IN_DELETE_SELF | IN_MOVE_SELF)
+_HEADER = struct.Struct("iIII")
+_READ_SIZE = 256 << 10
+#: Names never reported: the daemon's own files (``autolr.json`` only when written in place,
+#: as a client outside the protocol might; its atomic replaces by us arrive as moves).
+_OWN = frozenset({b"autolr.decisions.jsonl", b"autolr.state.json", b"autolr.lock", b"autolr.toml"})
+_CONTROL = b"autolr.json"
+_WRITTEN = IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE
+
+Sink = Callable[[set, bool], None]  # (changed paths as str, overflowed)
+
+
+class InotifyWatcher:
+    """Watches ``root`` recursively in a thread; ``sink(paths, overflowed)`` gets each batch.
+
+    ``start()`` raises OSError when inotify is unavailable or its limits are reached
+    (ENOSPC: ``max_user_watches``, EMFILE: ``max_user_instances``), for the caller to fall back.
+    """
+
+    def __init__(self, root: str | os.PathLike, sink: Sink, *, follow_symlinks: bool = False):
+        self.root = os.fspath(root).rstrip("/") or "/"
+        self.sink = sink
+        self.follow_symlinks = follow_symlinks
+        self.paths: dict[int, str] = {}  # wd -> folder
+        self.wds: dict[str, int] = {}  # folder -> wd
+        self.fd = -1
+        self._wake_r = self._wake_w = -1
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._libc = None
+        self.watch_errors = 0
+
+    # ---- watches -------------------------------------------------------------------------
+    def start(self) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        try:
+            self._init1, self._add, self._rm = libc.inotify_init1, libc.inotify_add_watch, libc.inotify_rm_watch
+        except AttributeError as exc:  # not Linux
+            raise OSError(errno.ENOSYS, "inotify is not available") from exc
+        self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        fd = self._init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.fd = fd
+        try:
+            self.add_tree(self.root, strict=True)
+        except OSError:
+            self.close()
+            raise
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._loop, name="autolr-inotify", daemon=True)
+        self._thread.start()
+
+    def add_tree(self, top: str, *, strict: bool = False) -> None:
+        """Watch ``top`` and every folder below it (``.autolr*`` folders excepted)."""
+        self._watch(top, strict)
+        for dirpath, dirnames, _ in os.walk(top, followlinks=self.follow_symlinks):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".autolr")]
+            for d in dirnames:
+                self._watch(os.path.join(dirpath, d), strict)
+
+    def _watch(self, folder: str, strict: bool) -> None:
+        flags = MASK | IN_ONLYDIR | IN_EXCL_UNLINK | (0 if self.follow_symlinks else IN_DONT_FOLLOW)
+        wd = self._add(self.fd, os.fsencode(folder), flags)
+        if wd < 0:
+            err = ctypes.get_errno()
+            if err in (errno.ENOENT, errno.ENOTDIR, errno.EACCES) and not (strict and folder == self.root):
+                return  # gone already, or not ours to read; the rescan covers it
+            if strict:
+                raise OSError(err, f"inotify_add_watch {folder}: {os.strerror(err)}")
+            self.watch_errors += 1
+            if self.watch_errors <= 3:
+                log.warning("cannot watch %s (%s); it is covered by the periodic rescan only", folder, os.strerror(err))
+            return
+        old = self.paths.get(wd)
+        if old is not None and self.wds.get(old) == wd:
+            del self.wds[old]
+        self.paths[wd] = folder
+        self.wds[folder] = wd
+
+    def remove_tree(self, top: str) -> None:
+        """Stop watching ``top`` and below (moved away: its watch descriptors now name other paths)."""
+        prefix = top + "/"
+        for folder in [f for f in self.wds if f == top or f.startswith(prefix)]:
+            wd = self.wds.pop(folder)
+            if self.paths.get(wd) == folder:
+                del self.paths[wd]
+                self._rm(self.fd, wd)
+
+    # ---- events --------------------------------------------------------------------------
+    def parse(self, buf: bytes) -> tuple[set[str], bool]:
+        """The changed paths in a buffer of inotify events, and whether the queue overflowed."""
+        changed: set[str] = set()
+        overflow = False
+        unpack, paths, fsdecode = _HEADER.unpack_from, self.paths, os.fsdecode
+        i, end = 0, len(buf)
+        while i < end:
+            wd, mask, _, n = unpack(buf, i)
+            name = buf[i + 16 : i + 16 + n].rstrip(b"\0")
+            i += 16 + n
+            if mask & IN_Q_OVERFLOW:
+                overflow = True
+                continue
+            folder = paths.get(wd)
+            if folder is None:
+                continue
+            if mask & IN_IGNORED:
+                del paths[wd]
+                if self.wds.get(folder) == wd:
+                    del self.wds[folder]
+                continue
+            if not name:  # the watched folder itself was deleted or moved
+                changed.add(folder)
+                continue
+            if mask & IN_ISDIR:
+                if name.startswith(b".autolr"):
+                    continue
+                path = folder + "/" + fsdecode(name)
+                if mask & (IN_CREATE | IN_MOVED_TO):
+                    self.add_tree(path)
+                elif mask & IN_MOVED_FROM:
+                    self.remove_tree(path)
+                changed.add(path)
+                continue
+            if name[0] == 46 or name in _OWN or (name == _CONTROL and not mask & _WRITTEN):
+                continue  # hidden and temporary files, our own files and atomic replaces
+            changed.add(folder + "/" + fsdecode(name))
+        return changed, overflow
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stopping:
+            try:
+                poller.poll()
+            except InterruptedError:
+                continue
+            if self._stopping:
+                break
+            changed: set[str] = set()
+            overflow = False
+            while True:  # everything queued now, as one batch
+                try:
+                    buf = os.read(self.fd, _READ_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    log.error("inotify read failed: %s; rescanning", exc)
+                    overflow = True
+                    break
+                try:
+                    more, over = self.parse(buf)
+                except Exception as exc:  # never die on an event: rescan instead
+                    log.exception("inotify event parsing failed: %s", exc)
+                    more, over = set(), True
+                changed |= more
+                overflow |= over
+                if len(buf) < _READ_SIZE // 2:
+                    break
+            if changed or overflow:
+                self.sink(changed, overflow)
+
+    # ---- lifecycle (the observer interface the daemon uses) ------------------------------
+    def stop(self) -> None:
+        self._stopping = True
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self.close()
+
+    def close(self) -> None:
+        for fd in (self.fd, self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fd = self._wake_r = self._wake_w = -1

@@ -1,0 +1,113 @@
+"""autolr's own inotify reader: batches of changed paths, own files filtered, new folders watched."""
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
+
+from autolr.inotify import IN_CREATE, IN_ISDIR, IN_MODIFY, IN_MOVED_TO, IN_Q_OVERFLOW, InotifyWatcher  # noqa: E402
+
+
+class Collector:
+    def __init__(self):
+        self.paths: set[str] = set()
+        self.overflows = 0
+        self.cond = threading.Condition()
+
+    def __call__(self, paths, overflowed):
+        with self.cond:
+            self.paths |= paths
+            self.overflows += overflowed
+            self.cond.notify_all()
+
+    def wait_for(self, path, timeout=5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while str(path) not in self.paths:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            return True
+
+
+@pytest.fixture
+def watched(tmp_path):
+    sink = Collector()
+    watcher = InotifyWatcher(tmp_path, sink)
+    watcher.start()
+    yield tmp_path, sink, watcher
+    watcher.stop()
+    watcher.join(5)
+
+
+def test_appends_new_folders_and_own_files(watched):
+    root, sink, _ = watched
+    log = root / "a" / "m.jsonl"
+    log.parent.mkdir()
+    assert sink.wait_for(root / "a")
+    log.write_text('{"step": 1}\n')  # in a folder created after the start: watched by now
+    assert sink.wait_for(log)
+    deep = root / "b" / "c" / "d"
+    deep.mkdir(parents=True)  # created faster than the watches are added: walked, then watched
+    (deep / "x.csv").write_text("step\n1\n")
+    assert sink.wait_for(root / "b")
+    with open(log, "a") as f:
+        f.write('{"step": 2}\n')
+    (deep / "x.csv").write_text("step\n1\n2\n")
+    assert sink.wait_for(deep / "x.csv")
+    for name in ("autolr.decisions.jsonl", "autolr.state.json", "autolr.lock", ".autolr-1.tmp", ".hidden"):
+        (root / "a" / name).write_text("{}")
+    os.replace(root / "a" / ".autolr-1.tmp", root / "a" / "autolr.json")  # our atomic replace: not reported
+    marker = root / "a" / "after.jsonl"
+    marker.write_text("")
+    assert sink.wait_for(marker)
+    reported = {os.path.basename(p) for p in sink.paths}
+    assert not reported & {"autolr.decisions.jsonl", "autolr.state.json", "autolr.lock", ".autolr-1.tmp",
+                           ".hidden", "autolr.json"}
+
+
+def test_folder_moved_in_and_out(watched, tmp_path_factory):
+    root, sink, watcher = watched
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "run").mkdir()
+    (outside / "run" / "m.jsonl").write_text("")
+    os.rename(outside / "run", root / "run")
+    assert sink.wait_for(root / "run")
+    (root / "run" / "m.jsonl").write_text('{"step": 1}\n')
+    assert sink.wait_for(root / "run" / "m.jsonl")
+    os.rename(root / "run", outside / "back")
+    deadline = time.monotonic() + 5
+    while str(root / "run") in watcher.wds and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert str(root / "run") not in watcher.wds
+
+
+def test_parse_coalesces_and_flags_overflow(tmp_path):
+    watcher = InotifyWatcher(tmp_path, lambda *a: None)
+    watcher.paths[1] = str(tmp_path)
+
+    def event(wd, mask, name=b""):
+        padded = name + b"\0" * (-len(name) % 16) if name else b""
+        return struct.pack("iIII", wd, mask, 0, len(padded)) + padded
+
+    buf = b"".join([event(1, IN_MODIFY, b"m.jsonl")] * 5 + [event(1, IN_CREATE, b".autolr-x.tmp"),
+                   event(1, IN_MOVED_TO, b"autolr.json"), event(-1, IN_Q_OVERFLOW), event(7, IN_MODIFY, b"z")])
+    changed, overflow = watcher.parse(buf)
+    assert changed == {str(tmp_path / "m.jsonl")} and overflow
+    watcher.add_tree = lambda path: None  # no real watches in this test
+    changed, _ = watcher.parse(event(1, IN_CREATE | IN_ISDIR, b"new") + event(1, IN_CREATE | IN_ISDIR, b".autolr-x"))
+    assert changed == {str(tmp_path / "new")}
+
+
+def test_start_fails_cleanly_without_root(tmp_path):
+    watcher = InotifyWatcher(tmp_path / "missing", lambda *a: None)
+    with pytest.raises(OSError):
+        watcher.start()
+    assert watcher.fd == -1
