@@ -29,8 +29,11 @@ monitored metric. After any change the decision window starts empty.
 """
 from __future__ import annotations
 
+import bisect
+import importlib
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +44,11 @@ from ..policy import Note, Observation, Policy, State, check, default_mode
 #: The decision window, emptied after every change: data taken at the old LR says nothing about the new.
 #: ``at`` holds each observation's row count, ``rows`` the rows seen, ``tested`` the rows at the last test.
 _EMPTY_WINDOW = {"values": [], "times": [], "at": [], "since": 0, "rows": 0, "tested": 0}
+
+
+def _trend():
+    """``autolr.trend``, imported on first use (it loads scipy); one dict lookup after that."""
+    return sys.modules.get("autolr.trend") or importlib.import_module("autolr.trend")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,7 +158,7 @@ class Auto(Policy):
         # The window: the last `window` observations or, for a metric logged on fewer rows (a
         # validation loss every N steps), those of the last `window` rows, and at least
         # `min_window` of them. Tested every `every` rows.
-        recent = sum(1 for a in new["at"] if a > new["rows"] - self.window)
+        recent = len(new["at"]) - bisect.bisect_right(new["at"], new["rows"] - self.window)  # `at` ascends
         n = min(max(recent, self.min_window), self.window)  # min_window above window: window
         if len(new["values"]) < n or new["rows"] < self.window or new["rows"] - new["tested"] < self.every:
             return new, None
@@ -159,8 +167,7 @@ class Auto(Policy):
 
     def _guard(self, state: State, obs: Observation, metric: str, value: float) -> tuple[State, Note | None]:
         """O(window) per row at most: robust (median, sigma, extreme) refreshed every ``every`` values."""
-        from .. import trend
-
+        trend = _trend()
         mode = self.mode or default_mode(metric)
         worse = (lambda a, b: a > b) if mode == "min" else (lambda a, b: a < b)
         state["quiet"] += 1
@@ -196,8 +203,7 @@ class Auto(Policy):
 
     def _level_shift(self, state: State, value: float, mode: str, worse) -> str | None:
         """The median of the last ``every`` values against the best such median of the window."""
-        from .. import trend
-
+        trend = _trend()
         levels = state["levels"]
         recent = state["guard_values"][-(self.every - 1):] + [value] if self.every > 1 else [value]
         if not levels or len(recent) < self.every or state["guard_ref"] is None:
@@ -241,11 +247,9 @@ class Auto(Policy):
         }
 
     def _decide(self, state: State, obs: Observation, metric: str, mode: str, n: int) -> tuple[State, Note | None]:
-        from .. import trend
-
+        trend = _trend()
         values, times = state["values"][-n:], state["times"][-n:]
         result = trend.improvement_test(values, times, mode=mode, confidence=self.confidence)
-        stats = result.as_dict()
         sign = 1.0 if mode == "min" else -1.0
         if sign * result.slope > 0 and state["cooldown"] == 0:  # heading the wrong way: diverging?
             worse = trend.improvement_test(values, times, mode="max" if mode == "min" else "min",
@@ -285,7 +289,7 @@ class Auto(Policy):
                     + (f", forecast gain {gain:.3g}" if gain is not None else "")
                     + f"; median of the later half {late:.6g} vs the earlier {early:.6g}): lr x{step:.6g}"
                 ),
-                "kind": "decay", "metric": metric, "forecast_gain": gain, **stats,
+                "kind": "decay", "metric": metric, "forecast_gain": gain, **result.as_dict(),
             }
         if (self.increase and result.p < self.increase_p and state["quiet"] >= 2 * self.window
                 and state["boost"] * self.increase_factor <= self.max_boost):
@@ -293,7 +297,7 @@ class Auto(Policy):
             return state, {
                 "reason": f"{metric} improves steadily (p={result.p:.2g} < {self.increase_p:g} over "
                           f"{result.n} observations, slope {result.slope:.3g}): lr x{self.increase_factor:g}",
-                "kind": "increase", "metric": metric, **stats,
+                "kind": "increase", "metric": metric, **result.as_dict(),
             }
         return state, None
 
