@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from autolr.readers import text as textmod
+from autolr.readers import base as basemod, text as textmod
 from autolr.readers.base import MAX_LINE
 from autolr.readers.text import TextReader
 
@@ -353,7 +353,7 @@ def test_over_long_lines_are_skipped_and_counted(tmp_path: Path):
 
 
 def test_small_read_block(monkeypatch, tmp_path: Path):
-    monkeypatch.setattr(textmod, "READ_BLOCK", 50)
+    monkeypatch.setattr(basemod, "READ_BLOCK", 50)  # the tailer is base.TextTailer
     content = b"".join(b"iter %d: loss 1.5\n" % i for i in range(100))
     path = tmp_path / "train.log"
     path.write_bytes(content)

@@ -1,11 +1,14 @@
 """Reader interface and the byte-offset tailer shared by the text formats."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
+
+import numpy as np
 
 from ..records import Record
 
@@ -64,6 +67,15 @@ class Reader:
     def set_state(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the reader keeps open (a file descriptor); reading again reopens.
+
+        The daemon calls it when it drops the source. The default closes ``self.tailer`` if any.
+        """
+        tailer = getattr(self, "tailer", None)
+        if tailer is not None and hasattr(tailer, "close"):
+            tailer.close()
+
     def skip(self, what: str, detail: str = "") -> None:
         """Count and log one skipped piece of bad input."""
         self.skipped[what] += 1
@@ -78,6 +90,11 @@ class TextTailer:
     inode) changed, that shrank below the offset, or whose bytes just before the offset are no
     longer the ones already read (truncated and rewritten past the offset between two reads) is
     read again from the start.
+
+    The file stays open between reads (``os.pread`` from the offset); each read still stats the
+    path to notice a replaced or deleted file, and ``close()`` releases the descriptor. When the
+    process is out of descriptors a read opens and closes the file as before. Subclasses change
+    how the bytes become lines by overriding ``_split``.
     """
 
     def __init__(self, path: Path, reader: Reader):
@@ -87,6 +104,8 @@ class TextTailer:
         self.identity: tuple[int, int] | None = None
         self.skipping = False  # inside an over-long line, discarding up to its newline
         self.mark = b""  # the last MARK bytes before the offset, as read
+        self.fd: int | None = None
+        self.fd_identity: tuple[int, int] | None = None
 
     def get_state(self) -> dict[str, Any]:
         return {"offset": self.offset, "identity": self.identity, "skipping": self.skipping,
@@ -108,38 +127,131 @@ class TextTailer:
         self.offset, self.skipping, self.mark = 0, False, b""
         self.reader.restarted = True
 
-    def read_lines(self) -> list[bytes]:
-        """Complete lines (without line ends) from the offset, at most READ_BLOCK bytes."""
+    def close(self) -> None:
+        """Release the kept descriptor (the next read opens the file again)."""
+        fd, self.fd, self.fd_identity = self.fd, None, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def _sync(self) -> os.stat_result | None:
+        """Stat the path and (re)open it when it names another file than the kept one.
+
+        None when the path is gone (the descriptor is released then). Raises other OSErrors.
+        """
+        try:
+            st = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            self.close()
+            return None
+        if self.fd is None or (st.st_dev, st.st_ino) != self.fd_identity:
+            self.close()
+            try:
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+            except FileNotFoundError:
+                return None
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                os.close(fd)
+                raise
+            self.fd, self.fd_identity = fd, (st.st_dev, st.st_ino)
+        return st
+
+    def head(self, size: int) -> bytes | None:
+        """Up to ``size`` bytes from the start of the file the path names now (None: gone)."""
+        if self._sync() is None:
+            return None
+        return _pread(self.fd, size, 0)
+
+    def _fetch(self) -> bytes:
+        """The bytes from the offset (at most READ_BLOCK), after the restart checks."""
         self.reader.more = False
         try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                identity = (st.st_dev, st.st_ino)
-                if self.identity is not None and identity != self.identity:
-                    self.restart()
-                elif st.st_size < self.offset:
-                    self.restart()
-                elif self.mark and len(self.mark) <= self.offset:
-                    f.seek(self.offset - len(self.mark))
-                    if f.read(len(self.mark)) != self.mark:
-                        self.restart()
-                self.identity = identity
-                if st.st_size == self.offset:
-                    return []
-                f.seek(self.offset)
-                data = f.read(READ_BLOCK)
+            st = self._sync()
+            if st is None:
+                return b""
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            return self._fetch_unkept()
+        return self._fetch_from(self.fd, st)
+
+    def _fetch_unkept(self) -> bytes:
+        """``_fetch`` with a descriptor opened for this read only (out of descriptors)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
         except FileNotFoundError:
-            return []
-        start = self.offset
-        lines = self._split(data)
+            return b""
+        try:
+            return self._fetch_from(fd, os.fstat(fd))
+        finally:
+            os.close(fd)
+
+    def _fetch_from(self, fd: int, st: os.stat_result) -> bytes:
+        identity = (st.st_dev, st.st_ino)
+        if self.identity is not None and identity != self.identity:
+            self.restart()
+        elif st.st_size < self.offset:
+            self.restart()
+        elif self.mark and len(self.mark) <= self.offset:
+            if _pread(fd, len(self.mark), self.offset - len(self.mark)) != self.mark:
+                self.restart()
+        self.identity = identity
+        if st.st_size == self.offset:
+            return b""
+        data = _pread(fd, READ_BLOCK, self.offset)
+        self.reader.more = len(data) >= READ_BLOCK
+        return data
+
+    def _remember(self, data: bytes, start: int) -> None:
+        """Keep the last MARK bytes consumed (the offset moved from ``start``)."""
         n = self.offset - start
         if n >= MARK:
             self.mark = data[n - MARK : n]
         elif n > 0:
             self.mark = ((self.mark if start else b"") + data[:n])[-MARK:]
+
+    def read_block(self) -> bytes:
+        """The complete lines from the offset as one block (each ending with ``\\n``, line ends
+        left as written), over-long lines left out and counted; at most READ_BLOCK bytes."""
+        data = self._fetch()
+        if not data:
+            return b""
+        start = self.offset
+        block = self._block(data)
+        self._remember(data, start)
+        return block
+
+    def read_lines(self) -> list:
+        """Complete lines (without line ends) from the offset, at most READ_BLOCK bytes."""
+        data = self._fetch()
+        if not data:
+            return []
+        start = self.offset
+        lines = self._split(data)
+        self._remember(data, start)
         return lines
 
-    def _split(self, data: bytes) -> list[bytes]:
+    def _split(self, data: bytes) -> list:
+        block = self._block(data)
+        if not block:
+            return []
+        if b"\r" in block:
+            block = block.replace(b"\r\n", b"\n")
+        lines = block.split(b"\n")
+        lines.pop()
+        return lines
+
+    def _block(self, data: bytes) -> bytes:
         end = data.rfind(b"\n")
         if end < 0:
             if len(data) > MAX_LINE:  # no newline in sight: discard, bounded
@@ -147,24 +259,53 @@ class TextTailer:
                 if not self.skipping:
                     self.reader.skip("over-long line", f"> {MAX_LINE} bytes")
                 self.skipping = True
-                self.reader.more = len(data) >= READ_BLOCK
-            return []
+            return b""
         self.offset += end + 1
-        self.reader.more = len(data) >= READ_BLOCK
-        lines = data[: end + 1].split(b"\n")
-        lines.pop()
+        block = data[: end + 1]
         if self.skipping:  # the first piece is the tail of an over-long line
-            lines.pop(0)
+            block = block[block.find(b"\n") + 1 :]
             self.skipping = False
-        out = []
-        for line in lines:
-            if len(line) > MAX_LINE:
-                self.reader.skip("over-long line", f"{len(line)} bytes")
-                continue
-            out.append(line[:-1] if line.endswith(b"\r") else line)
+        if len(block) > MAX_LINE + 1:
+            block = self._drop_long(block)
         tail = len(data) - (end + 1)
         if tail > MAX_LINE:  # the unfinished last line is already over-long: discard it now
             self.offset += tail
             self.skipping = True
             self.reader.skip("over-long line", f"> {MAX_LINE} bytes")
-        return out
+        return block
+
+    def _drop_long(self, block: bytes) -> bytes:
+        """``block`` without its lines longer than MAX_LINE (each one counted)."""
+        ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+        sizes = np.diff(ends, prepend=-1) - 1
+        long = np.flatnonzero(sizes > MAX_LINE)
+        if not long.size:
+            return block
+        pieces, pos = [], 0
+        for i in long.tolist():
+            first = int(ends[i] - sizes[i])
+            self.reader.skip("over-long line", f"{int(sizes[i])} bytes")
+            pieces.append(block[pos:first])
+            pos = int(ends[i]) + 1
+        pieces.append(block[pos:])
+        return b"".join(pieces)
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes at ``offset`` (fewer at the end of the file)."""
+    parts = []
+    while size > 0:
+        if _HAS_PREAD:
+            chunk = os.pread(fd, size, offset)
+        else:
+            os.lseek(fd, offset, os.SEEK_SET)
+            chunk = os.read(fd, size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+_HAS_PREAD = hasattr(os, "pread")

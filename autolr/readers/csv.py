@@ -21,6 +21,8 @@ MISSING = frozenset({"", "NA", "N/A", "None", "null"})
 BAD_ROW: list[str] = ["<malformed>"]
 #: Lines looked at for the header row when checking for a rewrite.
 HEADER_SCAN = 100
+#: Bytes of the head read to find the header row (longer heads take the slow way).
+HEAD_BYTES = 64 << 10
 
 
 class CsvReader(Reader):
@@ -114,20 +116,45 @@ class CsvReader(Reader):
     def _header_changed(self) -> bool:
         """True when the file's header row (its first non-blank line) is no longer ours."""
         try:
+            head = self.tailer.head(HEAD_BYTES)  # through the tailer's kept descriptor
+        except OSError:
+            return False
+        if head is None:
+            return False
+        pos = 0
+        for _ in range(HEADER_SCAN):
+            end = head.find(b"\n", pos)
+            if end < 0:
+                return len(head) >= HEAD_BYTES and self._header_changed_long()
+            line, pos = head[pos:end], end + 1
+            verdict = self._header_verdict(line)
+            if verdict is not None:
+                return verdict
+        return False
+
+    def _header_changed_long(self) -> bool:
+        """``_header_changed`` for a file whose first lines exceed HEAD_BYTES."""
+        try:
             with open(self.path, "rb") as f:
                 for _ in range(HEADER_SCAN):
                     line = f.readline(base.MAX_LINE + 2)
                     if not line.endswith(b"\n"):
                         return False  # being rewritten right now (or absurd): look again next time
-                    line = line[:-1]
-                    if len(line) > base.MAX_LINE:
-                        continue  # the tailer skipped it too
-                    row = self._row(line[:-1] if line.endswith(b"\r") else line)
-                    if row is not None and row is not BAD_ROW:
-                        return [c.strip() for c in row] != self.header
+                    verdict = self._header_verdict(line[:-1])
+                    if verdict is not None:
+                        return verdict
         except OSError:
             return False
         return False
+
+    def _header_verdict(self, line: bytes) -> bool | None:
+        """For one line of the head: None when it cannot be the header, else whether it differs."""
+        if len(line) > base.MAX_LINE:
+            return None  # the tailer skipped it too
+        row = self._row(line[:-1] if line.endswith(b"\r") else line)
+        if row is None or row is BAD_ROW:
+            return None
+        return [c.strip() for c in row] != self.header
 
     def _parse(self, row: list[str]) -> Record | None:
         header = self.header

@@ -30,14 +30,13 @@ folder, so it is a second source of the run whose ``.wandb`` file the W&B reader
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
 from ..hookspecs import hookimpl
 from ..records import STEP_KEYS, Record, split_counters
-from .base import MARK, MAX_LINE, READ_BLOCK, Reader
+from .base import MAX_LINE, Reader, TextTailer
 from .jsonl import numeric_items
 
 #: A redraw kept in the state while its line is unfinished is at most this long.
@@ -89,72 +88,31 @@ def final_state(line: bytes) -> str:
     return ""
 
 
-class RedrawTailer:
+class RedrawTailer(TextTailer):
     """Byte-offset tailer that consumes up to the last ``\\n`` or ``\\r``.
 
     Yields the final state of every line finished by ``\\n``; the latest redraw of the
-    unfinished line is kept in ``pending``. Like ``TextTailer`` it starts over when the file
-    was replaced, shrank, or no longer holds the bytes read just before the offset (truncated
-    and rewritten past it), and skips (counting) pieces longer than ``MAX_LINE``.
+    unfinished line is kept in ``pending``. Restarts, the mark and the kept descriptor are
+    ``TextTailer``'s; pieces longer than ``MAX_LINE`` are skipped and counted.
     """
 
     def __init__(self, path: Path, reader: Reader):
-        self.path = path
-        self.reader = reader
-        self.offset = 0
-        self.identity: tuple[int, int] | None = None
-        self.skipping = False  # inside an over-long piece, discarding up to its \r or \n
-        self.pending = ""
-        self.mark = b""  # the last MARK bytes before the offset, as read
+        super().__init__(path, reader)
+        self.pending = ""  # the latest redraw of the unfinished line
 
     def get_state(self) -> dict[str, Any]:
-        return {"offset": self.offset, "identity": self.identity, "skipping": self.skipping,
-                "pending": self.pending, "mark": self.mark.hex()}
+        return {**super().get_state(), "pending": self.pending}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.offset = int(state.get("offset", 0))
-        ident = state.get("identity")
-        self.identity = tuple(ident) if ident else None
-        self.skipping = bool(state.get("skipping", False))
+        super().set_state(state)
         self.pending = str(state.get("pending", ""))
-        try:
-            self.mark = bytes.fromhex(state.get("mark") or "")[-MARK:]
-        except (TypeError, ValueError):
-            self.mark = b""
-        if len(self.mark) > self.offset:
-            self.mark = b""
 
     def restart(self) -> None:
-        self.offset, self.skipping, self.pending, self.mark = 0, False, "", b""
-        self.reader.restarted = True
+        super().restart()
+        self.pending = ""
 
-    def read_lines(self) -> list[str]:
-        """Final states of the lines finished since the offset, from at most READ_BLOCK bytes."""
-        self.reader.more = False
-        try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                identity = (st.st_dev, st.st_ino)
-                if (self.identity is not None and identity != self.identity) or st.st_size < self.offset:
-                    self.restart()
-                elif self.mark and len(self.mark) <= self.offset:
-                    f.seek(self.offset - len(self.mark))
-                    if f.read(len(self.mark)) != self.mark:
-                        self.restart()
-                self.identity = identity
-                if st.st_size == self.offset:
-                    return []
-                f.seek(self.offset)
-                data = f.read(READ_BLOCK)
-        except FileNotFoundError:
-            return []
-        self.reader.more = len(data) >= READ_BLOCK
-        start = self.offset
-        lines = self._take(data)
-        n = self.offset - start  # the bytes of data consumed
-        if n:
-            self.mark = ((self.mark if start else b"") + data[max(0, n - MARK):n])[-MARK:]
-        return lines
+    def _split(self, data: bytes) -> list[str]:
+        return self._take(data)
 
     def _take(self, data: bytes) -> list[str]:
         end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
