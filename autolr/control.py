@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import datetime as _dt
+import itertools
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -56,8 +56,16 @@ class ControlWriteError(OSError):
         self.records = records
 
 
+_second: list = [None, ""]  # the last whole second formatted, and its text
+
+
 def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """ISO 8601 UTC with microseconds; the date part is formatted once per second."""
+    us = time.time_ns() // 1000
+    sec, frac = divmod(us, 1_000_000)
+    if _second[0] != sec:
+        _second[:] = [sec, _dt.datetime.fromtimestamp(sec, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second[1]}.{frac:06d}Z"
 
 
 def control_path(run: str | os.PathLike) -> Path:
@@ -112,14 +120,20 @@ def atomic_write_json(path: Path, obj: Any, *, fsync: bool = True, allow_nan: bo
     never carry a non-finite number.
     """
     data = (json.dumps(obj, allow_nan=allow_nan, separators=(", ", ": ")) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=".autolr-", suffix=".tmp", dir=path.parent)
+    fd, tmp = _open_temp(path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, f"short write to {tmp}")
+                view = view[n:]
             if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
+                os.fsync(fd)
+            os.fchmod(fd, FILE_MODE)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -127,6 +141,24 @@ def atomic_write_json(path: Path, obj: Any, *, fsync: bool = True, allow_nan: bo
         raise
     if fsync:
         _fsync_dir(path.parent)
+
+
+_tmp_names = itertools.count()
+
+
+def _open_temp(folder: Path) -> tuple[int, str]:
+    """A new ``.autolr-PID-N.tmp`` in ``folder``, created exclusively (never through a link).
+
+    Cheaper than ``tempfile.mkstemp`` (no random names); a name left by a killed process with
+    the same pid is skipped.
+    """
+    pid = os.getpid()
+    while True:
+        tmp = os.path.join(folder, f".autolr-{pid}-{next(_tmp_names)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:
+            continue
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -211,6 +243,9 @@ class ControlWriter:
         self.path = self.run_dir / CONTROL_NAME
         self.journal = self.run_dir / JOURNAL_NAME
         self.fsync = fsync
+        self._paths = (os.fspath(self.journal), os.fspath(self.path))
+        # (files' signature, record): current() skips reading files that have not changed
+        self._known: tuple[tuple, dict[str, Any] | None] | None = None
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -218,15 +253,49 @@ class ControlWriter:
         if fcntl is None:  # pragma: no cover
             yield
             return
-        fd = os.open(self.run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        lock = os.path.join(self.run_dir, LOCK_NAME)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        except FileNotFoundError:
+            # Not world-writable even under umask 0: whoever can write the folder can replace the file.
+            self.run_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
 
+    def _signature(self) -> tuple:
+        """(inode, size, mtime) of the journal and the control file.
+
+        Every protocol writer appends to the journal (its size grows) and replaces the control
+        file (a new inode, never the one of the file it replaces, which is alive until the
+        rename): an equal signature means neither changed since it was taken.
+        """
+        out = []
+        for p in self._paths:
+            try:
+                st = _stat(p)
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                out.append(None)
+        return tuple(out)
+
     def current(self) -> dict[str, Any] | None:
-        """The control record in force: the control file, or the journal when it is ahead."""
+        """The control record in force: the control file, or the journal when it is ahead.
+
+        Two ``stat`` calls when nothing changed since the last call or our last publish.
+        """
+        signature = self._signature()
+        known = self._known
+        if known is not None and known[0] == signature:
+            return known[1]
+        record = self._read_current()
+        self._known = (signature, record)  # taken before reading: a later change shows
+        return record
+
+    def _read_current(self) -> dict[str, Any] | None:
         record = None
         with contextlib.suppress(FileNotFoundError, ControlError):
             record = validate_control(read_json(self.path))
@@ -257,10 +326,9 @@ class ControlWriter:
         records = [self._record(**d) for d in decisions]
         if not records:
             return []
-        # Not world-writable even under umask 0: whoever can write the folder can replace the file.
-        self.run_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         with self.locked():
             current = self.current()
+            self._known = None
             seq = current["seq"] if current else 0
             entries = []
             scheduled = list(schedule or [])
@@ -280,6 +348,7 @@ class ControlWriter:
                 atomic_write_json(self.path, records[-1], fsync=self.fsync)
             except OSError as exc:
                 raise ControlWriteError(records, exc) from exc
+            self._known = (self._signature(), dict(records[-1]))  # still under the lock
         return records
 
     @staticmethod
@@ -307,16 +376,17 @@ class ControlWriter:
             with contextlib.suppress(FileNotFoundError, ControlError):
                 on_disk = validate_control(read_json(self.path))
             if current is not None and (on_disk is None or on_disk["seq"] < current["seq"]):
+                self._known = None
                 atomic_write_json(self.path, current, fsync=self.fsync)
             return current
 
     def _append_journal(self, entries: list[dict[str, Any]]) -> None:
         line = b"".join((json.dumps(e, allow_nan=False, default=_json_default) + "\n").encode() for e in entries)
-        fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        fd = os.open(self.journal, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             # A crash may have left a torn last line: start on a fresh line.
             size = os.fstat(fd).st_size
-            if size and not _ends_with_newline(self.journal):
+            if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line
             try:
                 written = os.write(fd, line)
@@ -332,10 +402,7 @@ class ControlWriter:
             os.close(fd)
 
 
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+_stat = os.stat  # bound once: tests count the client's os.stat calls
 
 
 def _plain(obj: Any) -> Any:

@@ -10,9 +10,10 @@ rewind further back than the window restores the oldest checkpoint and says so.
 """
 from __future__ import annotations
 
+import base64
 import logging
+from array import array
 from collections import deque
-from dataclasses import replace
 from typing import Any, Sequence
 
 from .chain import Chain, Decision
@@ -20,6 +21,135 @@ from .policy import State
 from .records import Record
 
 log = logging.getLogger("autolr.engine")
+
+
+class History:
+    """The kept rows, column-wise: about 35 bytes a row with one metric, not ~400 as tuples.
+
+    ``steps`` (int64), ``epochs`` (float64) and ``flags`` (bit 0: a step, bit 1: an epoch) have
+    one entry per row; the metric values of all rows follow each other in ``values``, row i's
+    starting at ``offsets[i] - base``; its names are ``keysets[keys[i]]`` (a log has few
+    distinct name sets). A row that does not fit (a step beyond int64, a value that is not a
+    float) is kept whole in ``odd``, by its index among the rows ever appended.
+    """
+
+    def __init__(self) -> None:
+        self.steps = array("q")
+        self.epochs = array("d")
+        self.flags = bytearray()
+        self.keys = array("I")
+        self.offsets = array("Q")
+        self.values = array("d")
+        self.base = 0  # offset of values[0]
+        self.keysets: list[tuple[str, ...]] = []
+        self.keyset_ids: dict[tuple[str, ...], int] = {}
+        self.odd: dict[int, tuple] = {}
+        self.first = 0  # index of row 0 among the rows ever appended
+
+    def __len__(self) -> int:
+        return len(self.flags)
+
+    def append(self, step: int | None, epoch: float | None, metrics: dict[str, float]) -> None:
+        vals = tuple(metrics.values())
+        index = self.first + len(self.flags)
+        try:
+            if not (all(type(v) is float for v in vals) and (step is None or type(step) is int)
+                    and (epoch is None or type(epoch) is float)):
+                raise TypeError("kept whole")
+            self.steps.append(0 if step is None else step)
+        except (TypeError, OverflowError):
+            self.odd[index] = (step, epoch, dict(metrics))
+            self.steps.append(0)
+            vals = ()
+            names: tuple[str, ...] = ()
+        else:
+            names = tuple(metrics)
+        kid = self.keyset_ids.get(names)
+        if kid is None:
+            kid = self.keyset_ids[names] = len(self.keysets)
+            self.keysets.append(names)
+        self.epochs.append(0.0 if epoch is None else epoch)
+        self.flags.append((step is not None) | (epoch is not None) << 1)
+        self.keys.append(kid)
+        self.offsets.append(self.base + len(self.values))
+        self.values.extend(vals)
+
+    def row(self, i: int) -> tuple[int | None, float | None, dict[str, float]]:
+        odd = self.odd.get(self.first + i)
+        if odd is not None:
+            return odd
+        f = self.flags[i]
+        names = self.keysets[self.keys[i]]
+        at = self.offsets[i] - self.base
+        return (self.steps[i] if f & 1 else None, self.epochs[i] if f & 2 else None,
+                dict(zip(names, self.values[at : at + len(names)])))
+
+    def key(self, i: int, unit: str | None) -> float | None:
+        """Row i's epoch (unit "epoch") or step, None when it has none."""
+        odd = self.odd.get(self.first + i)
+        if odd is not None:
+            return odd[1] if unit == "epoch" else odd[0]
+        if unit == "epoch":
+            return self.epochs[i] if self.flags[i] & 2 else None
+        return self.steps[i] if self.flags[i] & 1 else None
+
+    def drop_front(self, n: int) -> None:
+        if n <= 0:
+            return
+        cut = self.offsets[n] if n < len(self.flags) else self.base + len(self.values)
+        del self.values[: cut - self.base]
+        self.base = cut
+        for a in (self.steps, self.epochs, self.flags, self.keys, self.offsets):
+            del a[:n]
+        self.first += n
+        if self.odd:
+            self.odd = {k: v for k, v in self.odd.items() if k >= self.first}
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` rows."""
+        if n >= len(self.flags):
+            return
+        del self.values[self.offsets[n] - self.base :]
+        for a in (self.steps, self.epochs, self.flags, self.keys, self.offsets):
+            del a[n:]
+        if self.odd:
+            end = self.first + n
+            self.odd = {k: v for k, v in self.odd.items() if k < end}
+
+    def get_state(self) -> dict[str, Any]:
+        """Arrays as base64 (little or big endian as in memory; ``byteorder`` says which)."""
+        import sys
+
+        b64 = lambda a: base64.b64encode(bytes(a)).decode("ascii")  # noqa: E731
+        return {"format": 2, "byteorder": sys.byteorder, "keysets": [list(k) for k in self.keysets],
+                "steps": b64(self.steps), "epochs": b64(self.epochs), "flags": b64(self.flags),
+                "keys": b64(self.keys), "values": b64(self.values),
+                "odd": [[i - self.first, *row] for i, row in sorted(self.odd.items())]}
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any]) -> "History":
+        import sys
+
+        h = cls()
+        h.keysets = [tuple(k) for k in data["keysets"]]
+        h.keyset_ids = {k: i for i, k in enumerate(h.keysets)}
+        for name in ("steps", "epochs", "keys", "values"):
+            a = getattr(h, name)
+            a.frombytes(base64.b64decode(data[name]))
+            if data.get("byteorder", sys.byteorder) != sys.byteorder:
+                a.byteswap()
+        h.flags = bytearray(base64.b64decode(data["flags"]))
+        n = len(h.flags)
+        if not (len(h.steps) == len(h.epochs) == len(h.keys) == n) or any(k >= len(h.keysets) for k in h.keys):
+            raise ValueError("inconsistent engine history")
+        at = 0
+        for k in h.keys:
+            h.offsets.append(at)
+            at += len(h.keysets[k])
+        if at != len(h.values):
+            raise ValueError("inconsistent engine history")
+        h.odd = {int(i): (step, epoch, dict(metrics)) for i, step, epoch, metrics in data.get("odd", [])}
+        return h
 
 
 class RunEngine:
@@ -30,9 +160,8 @@ class RunEngine:
         self.history = max(history, checkpoint_every)
         self.checkpoint_every = checkpoint_every
         self.state: State = chain.init()
-        self.rows: deque[tuple] = deque()  # (step, epoch, metrics) of the kept rows, in order
+        self.rows = History()  # the kept rows, in order
         self.checkpoints: deque[tuple[int, State]] = deque([(0, self.state)])  # (rows before, state)
-        self.first_row = 0  # global index of rows[0]
         self.last_key: float | None = None
         self.rewinds = 0
         self.columns: tuple[str, ...] = ()
@@ -45,6 +174,11 @@ class RunEngine:
     @property
     def lr(self) -> float | None:
         return self.chain.lr(self.state)
+
+    @property
+    def first_row(self) -> int:
+        """Index of the oldest kept row among all rows fed."""
+        return self.rows.first
 
     def feed(self, record: Record, columns: Sequence[str] = ()) -> list[Decision]:
         out: list[Decision] = []
@@ -77,22 +211,22 @@ class RunEngine:
         return record.step if record.step is not None else None
 
     def _remember(self, record: Record) -> None:
-        self.rows.append((record.step, record.epoch, record.metrics))
-        n = self.first_row + len(self.rows)
+        rows = self.rows
+        rows.append(record.step, record.epoch, record.metrics)
+        n = rows.first + len(rows)
         if n % self.checkpoint_every == 0:
             self.checkpoints.append((n, self.state))
-        while len(self.rows) > self.history + self.checkpoint_every and len(self.checkpoints) > 1:
+        while len(rows) > self.history + self.checkpoint_every and len(self.checkpoints) > 1:
             drop_to = self.checkpoints[1][0]
-            for _ in range(drop_to - self.first_row):
-                self.rows.popleft()
-            self.first_row = drop_to
+            rows.drop_front(drop_to - rows.first)
             self.checkpoints.popleft()
 
     # ---- rewind ------------------------------------------------------------------------
     def _rewind(self, key: float) -> Decision:
         old_scale, old_key = self.scale, self.last_key
         unit = self.state.get("unit")
-        keys = [(r[1] if unit == "epoch" else r[0]) for r in self.rows]
+        rows = self.rows
+        keys = [rows.key(i, unit) for i in range(len(rows))]
         keep = next((i for i, k in enumerate(keys) if k is not None and k >= key), len(keys))
         cut_row = self.first_row + keep
         base_rows, base_state = self.checkpoints[0]
@@ -101,12 +235,11 @@ class RunEngine:
             if n <= cut_row:
                 base_rows, base_state = n, st
         state = base_state
-        replayed = list(self.rows)[base_rows - self.first_row : keep]
+        replayed = [rows.row(i) for i in range(base_rows - self.first_row, keep)]
         for step, epoch, metrics in replayed:
             state, _ = self.chain.update(state, Record(metrics, step, epoch), self.columns)
         # Forget what came after the cut.
-        for _ in range(len(self.rows) - keep):
-            self.rows.pop()
+        rows.truncate(keep)
         while len(self.checkpoints) > 1 and self.checkpoints[-1][0] > cut_row:
             self.checkpoints.pop()
         self.state = state
@@ -134,7 +267,7 @@ class RunEngine:
     def get_state(self) -> dict[str, Any]:
         return {
             "chain": self.state,
-            "rows": [list(r) for r in self.rows],
+            "history": self.rows.get_state(),
             "checkpoints": [[n, s] for n, s in self.checkpoints],
             "first_row": self.first_row,
             "last_key": self.last_key,
@@ -143,8 +276,15 @@ class RunEngine:
 
     def set_state(self, data: dict[str, Any]) -> None:
         self.state = data["chain"]
-        self.rows = deque(tuple(r) for r in data["rows"])
+        if "history" in data:
+            rows = History.from_state(data["history"])
+        else:  # the first format: a list of [step, epoch, metrics]
+            rows = History()
+            for step, epoch, metrics in data["rows"]:
+                rows.append(step, epoch, metrics)
+        rows.first = int(data["first_row"])
+        rows.odd = {k + rows.first: v for k, v in rows.odd.items()}
+        self.rows = rows
         self.checkpoints = deque((int(n), s) for n, s in data["checkpoints"])
-        self.first_row = int(data["first_row"])
         self.last_key = data["last_key"]
         self.rewinds = int(data.get("rewinds", 0))

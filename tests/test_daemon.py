@@ -290,3 +290,48 @@ def test_catching_up_reports_progress(tmp_path, monkeypatch):
     progress = [d for k, d in events if k == "progress"]
     assert len(progress) >= 3 and progress[-1]["rows"] <= 2000
     assert [d["rows"] for d in progress] == sorted(d["rows"] for d in progress)
+
+
+def test_engine_history_columns_round_trip():
+    """The compact history gives back every row exactly, odd ones (huge step, int values) too."""
+    from autolr.engine import History
+
+    rows = [(1, None, {"loss": 0.5}), (None, 2.0, {"loss": float("nan"), "acc": 0.1}),
+            (2**70, None, {"loss": 1.0}), (3, None, {"loss": 3}), (4, None, {}), (5, 1.5, {"loss": -0.0})]
+    h = History()
+    for r in rows:
+        h.append(*r)
+    same = lambda a, b: repr(a) == repr(b)  # noqa: E731  (NaN-aware, type-exact)
+    assert same([h.row(i) for i in range(len(h))], rows)
+    back = History.from_state(json.loads(json.dumps(h.get_state())))
+    assert same([back.row(i) for i in range(len(back))], rows)
+    h.drop_front(2)
+    assert same([h.row(i) for i in range(len(h))], rows[2:]) and h.first == 2
+    h.truncate(2)
+    assert same([h.row(i) for i in range(len(h))], rows[2:4]) and h.key(0, "step") == 2**70
+    h.append(*rows[5])
+    assert same(h.row(2), rows[5])
+
+
+def test_engine_state_round_trip_then_rewind_is_exact():
+    """Saved mid-run (new and first state formats), restored, rewound: same decisions as never saved."""
+    from autolr.engine import RunEngine
+    from autolr.records import Record
+
+    settings = Settings(policies=parse_policy_options(["step:step_size=7,gamma=0.9"]), base_lr=0.1)
+
+    def feed(engine, steps):
+        return [(d.step, d.scale, d.kind) for s in steps
+                for d in engine.feed(Record({"loss": 1.0 / (1 + s)}, s, None), ["loss"])]
+
+    plain = RunEngine(settings.chain(POLICIES))
+    feed(plain, range(2000))
+    state = json.loads(json.dumps(plain.get_state(), allow_nan=True))
+    first_format = dict(state, rows=[list(plain.rows.row(i)) for i in range(len(plain.rows))])
+    del first_format["history"]
+    expected = feed(plain, [*range(1500, 1700), *range(1100, 1300)])  # two rewinds
+    assert [k for _, _, k in expected].count("rewind") == 2
+    for saved in (state, first_format):
+        engine = RunEngine(settings.chain(POLICIES))
+        engine.set_state(saved)
+        assert feed(engine, [*range(1500, 1700), *range(1100, 1300)]) == expected
