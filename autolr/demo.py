@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -31,35 +31,54 @@ policy = ["auto"]
 """
 
 
-def simulate(run_dir: Path, ctl: Control, *, steps: int, base_lr: float, seed: int,
-             echo: Callable[[str], None], step_seconds: float = 0.01) -> list[tuple[int, float]]:
-    """Train, logging to ``run_dir/metrics.jsonl``; return the (step, lr) changes applied."""
+def train(lr_at: Callable[[int, list[dict]], float], *, steps: int, seed: int) -> Iterator[dict]:
+    """The demo's training: linear regression by minibatch SGD; yields one log row per step.
+
+    ``lr_at(step, rows)`` gives the LR of each step from the rows logged so far (the loss every
+    step, ``val_loss`` every 25), so a chain can drive it in-process (tests) or through a control
+    file (the demo).
+    """
     rng = np.random.default_rng(seed)
     dim, noise, batch = 40, 1.0, 16
     w_true = rng.normal(size=dim)
     x_val = rng.normal(size=(2000, dim))
     y_val = x_val @ w_true + noise * rng.normal(size=2000)
     w = np.zeros(dim)
+    rows: list[dict] = []
+    for step in range(steps):
+        lr = lr_at(step, rows)
+        x = rng.normal(size=(batch, dim))
+        y = x @ w_true + noise * rng.normal(size=batch)
+        err = x @ w - y
+        w -= lr * (x.T @ err) / batch
+        row = {"step": step, "loss": round(float(np.mean(err**2) / 2), 6), "lr": lr}
+        if step % 25 == 24:
+            row["val_loss"] = round(float(np.mean((x_val @ w - y_val) ** 2) / 2), 6)
+        rows.append(row)
+        yield row
+
+
+def simulate(run_dir: Path, ctl: Control, *, steps: int, base_lr: float, seed: int,
+             echo: Callable[[str], None], step_seconds: float = 0.01) -> list[tuple[int, float]]:
+    """Train, logging to ``run_dir/metrics.jsonl``; return the (step, lr) changes applied."""
     applied = [(0, ctl.lr(base_lr))]
     seq = ctl.seq
+
+    def lr_at(step: int, rows: list[dict]) -> float:
+        nonlocal seq
+        lr = ctl.lr(base_lr)
+        if ctl.seq != seq:
+            seq = ctl.seq
+            rec = ctl.record() or {}
+            quiet = "warmup" in (rec.get("reason") or "") or (
+                "factor" in (rec.get("reason") or "") and lr < base_lr and 1 < len(applied) and step <= 101)
+            if not quiet:  # warmup moves every step: show its first and last change
+                echo(f"  step {step:5d}: lr {applied[-1][1]:.4g} -> {lr:.4g}   ({rec.get('reason')})")
+            applied.append((step, lr))
+        return lr
+
     with open(run_dir / "metrics.jsonl", "a", buffering=1) as log:
-        for step in range(steps):
-            lr = ctl.lr(base_lr)
-            if ctl.seq != seq:
-                seq = ctl.seq
-                rec = ctl.record() or {}
-                quiet = "warmup" in (rec.get("reason") or "") or (
-                    "factor" in (rec.get("reason") or "") and lr < base_lr and 1 < len(applied) and step <= 101)
-                if not quiet:  # warmup moves every step: show its first and last change
-                    echo(f"  step {step:5d}: lr {applied[-1][1]:.4g} -> {lr:.4g}   ({rec.get('reason')})")
-                applied.append((step, lr))
-            x = rng.normal(size=(batch, dim))
-            y = x @ w_true + noise * rng.normal(size=batch)
-            err = x @ w - y
-            w -= lr * (x.T @ err) / batch
-            row = {"step": step, "loss": round(float(np.mean(err**2) / 2), 6), "lr": lr}
-            if step % 25 == 24:
-                row["val_loss"] = round(float(np.mean((x_val @ w - y_val) ** 2) / 2), 6)
+        for row in train(lr_at, steps=steps, seed=seed):
             log.write(json.dumps(row) + "\n")
             time.sleep(step_seconds)
     return applied

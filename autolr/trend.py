@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -307,15 +308,34 @@ def slowdown_ladder(n: int, min_recent: int = SLOWDOWN_MIN_RECENT, ratio: int = 
         j += 1
 
 
-@functools.lru_cache(maxsize=4096)
-def _critical(dofs: tuple[int, ...], confidence: float, miss: float) -> tuple[list[float], float]:
-    """One-sided t critical values for ``dofs`` and the normal quantile of 1 - ``miss``."""
-    return special.stdtrit(np.maximum(dofs, 1), confidence).tolist(), float(special.ndtri(1.0 - miss))
+#: One-sided t quantiles are tabulated up to this many degrees of freedom (computed beyond).
+T_TABLE = 4096
+
+
+@functools.lru_cache(maxsize=16)
+def _t_table(confidence: float) -> np.ndarray:
+    """special.stdtrit(dof, confidence) for dof = 0..T_TABLE (dof 0 as 1), computed once."""
+    return special.stdtrit(np.maximum(np.arange(T_TABLE + 1), 1), confidence)
+
+
+def _critical(dofs, confidence: float, miss: float) -> tuple[np.ndarray, float]:
+    """One-sided t critical values for the integer ``dofs`` (below 1: as 1) and the normal
+    quantile of 1 - ``miss``; the same numbers as ``special.stdtrit``, from a table."""
+    d = np.maximum(np.asarray(dofs, dtype=np.int64), 1)
+    table = _t_table(confidence)
+    if d.size and int(d.max()) > T_TABLE:
+        return special.stdtrit(d, confidence), _ndtri(1.0 - miss)
+    return table[d], _ndtri(1.0 - miss)
+
+
+@functools.lru_cache(maxsize=16)
+def _ndtri(p: float) -> float:
+    return float(special.ndtri(p))
 
 
 def slowdown_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confidence: float = 0.95,
                   phi: float | None = None, miss: float = SLOWDOWN_MISS, min_recent: int = SLOWDOWN_MIN_RECENT,
-                  ratio: int = SLOWDOWN_RATIO, clip: float = 3.0) -> Slowdown | None:
+                  ratio: int = SLOWDOWN_RATIO, clip: float = 3.0, prepared=None) -> Slowdown | None:
     """Has the metric stopped improving recently, after improving clearly before?
 
     For each candidate k in :func:`slowdown_ladder` (10, 12, 14, 17, 20, ...) the last
@@ -338,37 +358,22 @@ def slowdown_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confid
     median (width 9), so spikes and heavy tails do not steer the fits; AR(1) noise is handled
     as in :func:`improvement_test` (Cochrane–Orcutt with ``phi``, by default
     :func:`block_ar1` of the winsorised series). All candidates come from one set of suffix
-    sums: O(n) in total.
+    sums: O(n) in total. ``prepared`` is :func:`_normalised` of (y, x) when already computed.
 
     Returns the stopped candidate with the fewest recent observations, else the longest
     candidate (stopped False); None when fewer than (ratio + 1)·min_recent observations.
     """
-    from scipy import ndimage
-
     x, y = _xy(y, x)
     n = len(y)
     ks = slowdown_ladder(n, min_recent, ratio)
     if not ks or not (np.all(np.isfinite(y)) and np.all(np.isfinite(x))):
         return None
-    top = float(np.max(np.abs(y)))
-    y1 = y / top if top > 0 else y
-    center = float(y1.mean())
-    spread = float(np.max(np.abs(y1 - center)))
-    span = float(x[-1] - x[0])
-    if not (spread > 0 and span > 0):
+    norm = _normalised(y, x, clip) if prepared is None else prepared
+    if norm is None:
         return Slowdown(False, ks[-1], (ratio + 1) * ks[-1], 0.0, 0.0, 0.0, 0.0, 0.0)
-    yscale = spread * top if top > 0 else spread
+    yw, xn, yscale, span = norm
     sign = 1.0 if mode == "min" else -1.0
     with np.errstate(all="ignore"):
-        yn = (y1 - center) / spread
-        xn = (x - x[-1]) / span  # in [-1, 0]: the windows all end at 0
-        yw = yn
-        if clip:
-            med = ndimage.median_filter(yn, size=SLOWDOWN_MEDIAN, mode="nearest")
-            r = yn - med
-            s = MAD_SCALE * _mad(r)
-            if s > 0:
-                yw = med + np.clip(r, -clip * s, clip * s)
         if phi is None:
             phi = block_ar1(yw)
         phi = float(min(max(phi, 0.0), 0.98))
@@ -436,13 +441,119 @@ def slowdown_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confid
         after = -sign * (b1 + b2) * scale
         se_b = np.sqrt(np.maximum(s2 * v11, 0.0)) * il * scale
         se_a = np.sqrt(np.maximum(s2 * (v11 + v22 + 2 * v12), 0.0)) * il * scale
-        tcs, zq = _critical(tuple(int(d) for d in dof), float(confidence), float(miss))
-        tc = np.asarray(tcs)
+        tc, zq = _critical(dof.astype(np.int64), float(confidence), float(miss))
         stopped = (ok & (dof >= 1) & (v11 > 0) & (after - min_rate < tc * se_a)
                    & (before - tc * se_b >= (tc + zq) * se_a) & (before > 0))
     i = int(np.argmax(stopped)) if stopped.any() else len(ks) - 1
     return Slowdown(bool(stopped[i]), int(ks[i]), int((ratio + 1) * ks[i]), float(before[i]), float(se_b[i]),
                     float(after[i]), float(se_a[i]), phi)
+
+
+def faded_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confidence: float = 0.95,
+               min_recent: int = 100, min_before: int = 100, fraction: float = 0.5,
+               miss: float = SLOWDOWN_MISS, phi: float | None = None, clip: float = 3.0,
+               block: int = 50, prepared=None) -> Slowdown | None:
+    """Did an improvement die out: the last m observations flat where the pace before them would show?
+
+    For each candidate m (``min_recent``, then about 19% apart, with at least ``min_before``
+    observations before them) a line is fitted to the last m observations and another to all
+    the observations before them (no continuity: a drop after a warmup or a reduction is a
+    level change, not a slope). The candidate says "stopped" when
+
+    * ``after``, the rate of the last m, is not significantly better than ``min_rate``
+      (one-sided t test at ``confidence``), and
+    * ``fraction`` · (``before`` - t·se_before), the lower confidence bound of the earlier
+      pace, is at least (t + z_(1-miss)) standard errors of ``after``: a decline that kept up
+      ``fraction`` of that pace would have shown with probability above 1 - ``miss``.
+
+    Unlike :func:`slowdown_test` (a break before the last k with 3k observations before it)
+    the earlier part is everything kept, so a short decline followed by a long flat stretch,
+    the shape right after a warmup or a reduction, is recognised once the flat stretch is long
+    enough to have seen the decline continue, however long ago the decline was. Winsorising
+    as in :func:`slowdown_test`; phi is :func:`block_ar1` with blocks of ``block``, or n/4
+    when shorter (the median over at least four blocks ignores the one that holds a steep
+    start or the kink); each segment's first
+    row is dropped from the prewhitened fit. All candidates from one set of prefix sums: O(n);
+    ``prepared`` as in :func:`slowdown_test`.
+
+    Returns the stopped candidate with the fewest recent observations, else the longest
+    candidate (stopped False); None when fewer than ``min_recent`` + ``min_before``
+    observations.
+    """
+    x, y = _xy(y, x)
+    n = len(y)
+    ms = [m for m in slowdown_ladder(n - max(min_before, 4), max(min_recent, 4), 0)]
+    if not ms or not (np.all(np.isfinite(y)) and np.all(np.isfinite(x))):
+        return None
+    sign = 1.0 if mode == "min" else -1.0
+    norm = _normalised(y, x, clip) if prepared is None else prepared
+    if norm is None:
+        return Slowdown(False, ms[-1], n, 0.0, 0.0, 0.0, 0.0, 0.0)
+    yw, xn, yscale, span = norm
+    with np.errstate(all="ignore"):
+        if phi is None:
+            phi = block_ar1(yw, min(block, max(n // 4, 10)))  # >= 4 blocks: a kink disturbs one
+        phi = float(min(max(phi, 0.0), 0.98))
+        v = xn[1:] - phi * xn[:-1]  # prewhitened row t at index t - 1
+        z = yw[1:] - phi * yw[:-1]
+        cum = np.zeros((5, n))
+        np.cumsum(np.stack([np.ones(n - 1), v, z, v * v, v * z]), axis=1, out=cum[:, 1:])
+        zz = np.zeros(n)
+        np.cumsum(z * z, out=zz[1:])
+        m = np.asarray(ms)
+        c = n - m  # first recent row
+
+        def segment(a, b):
+            """Slope and its standard error over prewhitened rows a+1..b-1 (indices a..b-2)."""
+            cnt, sv, sz, svv, svz = cum[:, b - 1] - cum[:, a]
+            szz = zz[b - 1] - zz[a]
+            sxx = svv - sv * sv / cnt
+            sxz = svz - sv * sz / cnt
+            beta = sxz / sxx
+            rss = np.maximum(szz - sz * sz / cnt - beta * sxz, 0.0)
+            dof = cnt - 2.0
+            se = np.sqrt(rss / np.maximum(dof, 1.0) / sxx)
+            return beta, se, dof
+
+        b_r, se_r, dof_r = segment(c, np.full_like(c, n))
+        b_b, se_b, dof_b = segment(np.zeros_like(c), c)
+        scale = yscale / span
+        after, before = -sign * b_r * scale, -sign * b_b * scale
+        se_a, se_bf = se_r * scale, se_b * scale
+        tr, zq = _critical(dof_r.astype(np.int64), float(confidence), float(miss))
+        tb, _ = _critical(dof_b.astype(np.int64), float(confidence), float(miss))
+        stopped = ((dof_r >= 1) & (dof_b >= 1) & (after - min_rate < tr * se_a)
+                   & (fraction * (before - tb * se_bf) >= (tr + zq) * se_a) & (before > 0))
+    i = int(np.argmax(stopped)) if stopped.any() else len(ms) - 1
+    return Slowdown(bool(stopped[i]), int(ms[i]), n, float(before[i]), float(se_bf[i]),
+                    float(after[i]), float(se_a[i]), phi)
+
+
+def _normalised(y: np.ndarray, x: np.ndarray, clip: float):
+    """(winsorised y in [-1, 1], x in [-1, 0] ending at 0, y scale, x span), None when flat.
+
+    Winsorised around the running median (width ``SLOWDOWN_MEDIAN``) at ``clip`` robust sigmas.
+    """
+    from scipy import ndimage
+
+    top = float(np.max(np.abs(y)))
+    y1 = y / top if top > 0 else y
+    center = float(y1.mean())
+    spread = float(np.max(np.abs(y1 - center)))
+    span = float(x[-1] - x[0])
+    if not (spread > 0 and span > 0):
+        return None
+    with np.errstate(all="ignore"):
+        yn = (y1 - center) / spread
+        xn = (x - x[-1]) / span
+        yw = yn
+        if clip:
+            med = ndimage.median_filter(yn, size=SLOWDOWN_MEDIAN, mode="nearest")
+            r = yn - med
+            s = MAD_SCALE * _mad(r)
+            if s > 0:
+                yw = med + np.clip(r, -clip * s, clip * s)
+    return yw, xn, (spread * top if top > 0 else spread), span
 
 
 @dataclass(frozen=True)
@@ -482,7 +593,9 @@ def fit_curve(y, x=None) -> CurveFit | None:
     }
     for kind, (func, p0) in guesses.items():
         try:
-            params, _ = optimize.curve_fit(func, x, y, p0=p0, maxfev=400)
+            with warnings.catch_warnings():  # a flat window leaves the covariance undefined: fine
+                warnings.simplefilter("ignore", optimize.OptimizeWarning)
+                params, _ = optimize.curve_fit(func, x, y, p0=p0, maxfev=400)
         except (RuntimeError, ValueError, optimize.OptimizeWarning):
             continue
         if not np.all(np.isfinite(params)):

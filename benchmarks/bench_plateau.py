@@ -46,7 +46,7 @@ detector (the real policies: ~7 µs/row for threshold, ~10 µs/row plus the test
 ``--engine fast`` (default) computes the same first-reduction steps with less overhead: the
 threshold rule by one pass of PyTorch's recurrence per threshold value (all patiences at
 once), the trend method by calling the policy's own ``Plateau.trend_decision`` only on the rows
-where the policy tests (``since % every == 0`` once ``window`` rows are kept) with the rows it
+where the policy tests (every ``every`` rows once ``window`` rows are seen) with the rows it
 keeps then. ``--verify K`` (default 1) also runs the real chain on the first K curves of every
 cell for every detector and stops with an error if any first-reduction step differs.
 
@@ -207,15 +207,14 @@ def first_threshold(ys: list[float], threshold: float, patiences=PATIENCES) -> d
 
 def first_trend(y: np.ndarray, params: dict) -> int | None:
     """Plateau method=trend's first reduction: the policy's own ``trend_decision`` called only
-    on the rows where it tests (``since % every == 0`` once ``window`` rows are kept), on the
-    rows it keeps then (the last ``history``)."""
+    on the rows where it tests (every ``every`` rows once ``window`` rows are seen; one
+    observation per row here), on the rows it keeps then (the last ``history``)."""
     from autolr.policies.plateau import Plateau
 
     pol = Plateau.from_params(params)
     kept, w, every = pol.kept, pol.window, pol.every
     steps = np.arange(len(y), dtype=float)
-    start = w - 1 + (-w) % every  # first row i with i + 1 >= w and (i + 1) % every == 0
-    for i in range(start, len(y), every):
+    for i in range(max(w, every) - 1, len(y), every):
         lo = max(0, i + 1 - kept)
         if pol.trend_decision(y[lo:i + 1], steps[lo:i + 1], "min") is not None:
             return i

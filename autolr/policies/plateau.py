@@ -34,6 +34,7 @@ than ``patience`` observations without one, reduce; then wait ``cooldown`` obser
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, fields
 from typing import Literal
@@ -49,7 +50,10 @@ MIN_EFFECTIVE = 20
 #: A decline "faded" when the last ``window`` observations show no significant improvement
 #: although they had the power (1 - 1e-5) to see this fraction of the pace over all kept.
 FADED_FRACTION = 0.5
-TREND_ONLY = ("window", "history", "slowdown", "confidence", "min_improvement", "every", "log")
+TREND_ONLY = ("window", "min_window", "history", "slowdown", "confidence", "min_improvement", "every", "log")
+#: The kept observations, emptied after every reduction: ``at`` holds each one's row (rows
+#: counted since the reduction), ``rows`` the rows seen, ``tested`` the rows at the last test.
+_EMPTY_HISTORY = {"values": [], "times": [], "at": [], "rows": 0, "tested": 0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +76,7 @@ class Plateau(Policy):
     threshold_mode: Literal["rel", "abs"] = "rel"
     # method=trend
     window: int = 100
+    min_window: int = 20
     history: int = 1500
     slowdown: bool = True
     confidence: float = 0.95
@@ -87,6 +92,7 @@ class Plateau(Policy):
         check(self.min_lr >= 0, self.name, "min_lr must be >= 0")
         check(self.eps >= 0, self.name, "eps must be >= 0")
         check(self.window >= 8, self.name, "window must be >= 8")
+        check(self.min_window >= 8, self.name, "min_window must be >= 8")
         check(self.history >= 8, self.name, "history must be >= 8")
         check(0.5 <= self.confidence < 1, self.name, "confidence must be in [0.5, 1)")
         check(self.min_improvement >= 0, self.name, "min_improvement must be >= 0")
@@ -99,7 +105,7 @@ class Plateau(Policy):
 
     def init(self, base_lr: float = 1.0) -> State:
         if self.method == "trend":
-            return {"factor": 1.0, "values": [], "times": [], "since": 0, "cooldown_counter": 0, "seen": 0}
+            return {"factor": 1.0, **_EMPTY_HISTORY, "cooldown_counter": 0, "seen": 0}
         return {"factor": 1.0, "best": None, "num_bad": 0, "cooldown_counter": 0, "seen": 0}
 
     def value(self, state: State) -> float:
@@ -109,12 +115,14 @@ class Plateau(Policy):
         if self.metric is not None:
             return state  # this policy watches a metric of its own
         if self.method == "trend":
-            return dict(state, values=[], times=[], since=0)
+            return dict(state, **_EMPTY_HISTORY)
         return dict(state, best=None, num_bad=0)
 
     def update(self, state: State, obs: Observation) -> tuple[State, Note | None]:
         metric = self.metric or obs.monitor
         if metric is None or metric not in obs.metrics:
+            if self.method == "trend":  # windows count rows: a sparse metric still ages
+                return dict(state, rows=state["rows"] + 1), None
             return state, None  # this row lacks the metric: wait for one that has it
         current = float(obs.metrics[metric])
         mode = self.mode or default_mode(metric)
@@ -132,15 +140,24 @@ class Plateau(Policy):
     # ---- method=trend ------------------------------------------------------------------
     @property
     def kept(self) -> int:
-        """Observations kept and tested: ``history``, at least ``window``."""
+        """Rows kept and tested: ``history``, at least ``window``."""
         return max(self.history, self.window)
 
-    def trend_decision(self, values, times, mode: str) -> tuple[str, object, float] | None:
+    def recent_count(self, at, rows: int) -> int:
+        """Observations that make up "the last window": those of the last ``window`` rows, at
+        least ``min_window`` (at most ``window``)."""
+        recent = len(at) - bisect.bisect_right(at, rows - self.window)
+        return min(max(recent, self.min_window), self.window)
+
+    def trend_decision(self, values, times, mode: str, *, recent: int | None = None,
+                       covered: int | None = None) -> tuple[str, object, float] | None:
         """Why the kept ``values`` (at ``times``) call for a reduction, or None.
 
-        Returns ("slowdown", :class:`autolr.trend.Slowdown`, miss) or ("trend",
-        :class:`autolr.trend.TrendTest`, the p-value threshold). Pure: the policy calls it every
-        ``every`` observations once ``window`` are kept.
+        ``recent`` is the number of observations in the last window (default ``window``) and
+        ``covered`` the rows since the first kept observation (default: one per observation).
+        Returns ("trend", :class:`autolr.trend.TrendTest`, the p-value threshold), ("faded" or
+        "slowdown", :class:`autolr.trend.Slowdown`, miss). Pure: the policy calls it every
+        ``every`` rows once ``window`` rows and ``recent`` observations are kept.
         """
         import numpy as np
 
@@ -151,13 +168,15 @@ class Plateau(Policy):
         if self.log:
             y = np.log(y)
         n = len(y)
+        recent = self.window if recent is None else recent
+        covered = n if covered is None else covered
         min_rate = 0.0
         if self.min_improvement:
             level = abs(float(np.partition(y, n // 2)[n // 2])) or 1.0
             min_rate = self.min_improvement * level / max(float(x[-1] - x[0]), 1e-12)
         result = trend.improvement_test(y, x, mode=mode, confidence=self.confidence, min_rate=min_rate)
         alpha = 1 - self.confidence
-        if n < self.kept:
+        if covered < self.kept:
             if n * (1 - result.phi) < MIN_EFFECTIVE * (1 + result.phi):
                 alpha = math.inf  # too few effectively independent observations to stop early
             elif result.p < 0.5:
@@ -166,43 +185,44 @@ class Plateau(Policy):
 
                 dof = n - 3
                 t_c = float(special.stdtrit(dof, self.confidence))
-                alpha = float(special.stdtr(dof, -t_c * (n / self.kept) ** 1.5))
+                alpha = float(special.stdtr(dof, -t_c * (covered / self.kept) ** 1.5))
         if result.p >= alpha:
             return "trend", result, alpha
-        if self.slowdown and n >= 2 * self.window:
-            # Faded: no significant improvement over the last window, which had the power to
-            # see half the pace kept up over everything kept (a decline that died out gradually).
-            recent = trend.improvement_test(y[-self.window:], x[-self.window:], mode=mode,
-                                            confidence=self.confidence, min_rate=min_rate)
-            if recent.p >= 1 - self.confidence:
-                sign = 1.0 if mode == "min" else -1.0
-                (t_all, t_recent), z_miss = trend._critical((n - 3, self.window - 3), self.confidence,
-                                                            trend.SLOWDOWN_MISS)
-                past = -sign * result.slope - t_all * result.se  # lower confidence bound of the pace
-                if FADED_FRACTION * past >= (t_recent + z_miss) * recent.se:
-                    return "faded", (recent, result), trend.SLOWDOWN_MISS
-        if self.slowdown:
-            slow = trend.slowdown_test(y, x, mode=mode, confidence=self.confidence, min_rate=min_rate)
-            if slow is not None and slow.stopped:
-                return "slowdown", slow, trend.SLOWDOWN_MISS
+        if not self.slowdown:
+            return None
+        prepared = trend._normalised(y, x, 3.0)  # winsorised once for both tests
+        faded = trend.faded_test(y, x, mode=mode, min_rate=min_rate, confidence=self.confidence,
+                                 min_recent=recent, min_before=recent, fraction=FADED_FRACTION,
+                                 prepared=prepared)
+        if faded is not None and faded.stopped:
+            return "faded", faded, trend.SLOWDOWN_MISS
+        slow = trend.slowdown_test(y, x, mode=mode, confidence=self.confidence, min_rate=min_rate,
+                                   prepared=prepared)
+        if slow is not None and slow.stopped:
+            return "slowdown", slow, trend.SLOWDOWN_MISS
         return None
 
     def _update_trend(self, state, obs, metric, current, mode):
+        rows = state["rows"] + 1
         if not math.isfinite(current) or (self.log and current <= 0):
-            return dict(state, seen=state["seen"] + 1), None
+            return dict(state, rows=rows, seen=state["seen"] + 1), None
         t = obs.time("auto")
         t = obs.row if t is None else t
-        keep = self.kept - 1
-        values, times = state["values"][-keep:], state["times"][-keep:]  # copies: states stay immutable
+        at = state["at"]
+        drop = bisect.bisect_right(at, rows - self.kept)  # observations older than the kept rows
+        values, times, at = state["values"][drop:], state["times"][drop:], at[drop:]  # copies: states stay immutable
         values.append(current)
         times.append(t)
-        new = dict(state, seen=state["seen"] + 1, since=state["since"] + 1, values=values, times=times)
+        at.append(rows)
+        new = dict(state, seen=state["seen"] + 1, rows=rows, values=values, times=times, at=at)
         if new["cooldown_counter"] > 0:
             new["cooldown_counter"] -= 1
             return new, None
-        if len(new["values"]) < self.window or new["since"] % self.every:
+        recent = self.recent_count(at, rows)
+        if rows < self.window or len(values) < recent or rows - new["tested"] < self.every:
             return new, None
-        verdict = self.trend_decision(new["values"], new["times"], mode)
+        new["tested"] = rows
+        verdict = self.trend_decision(values, times, mode, recent=recent, covered=rows - at[0] + 1)
         if verdict is None:
             return new, None
         factor = self._reduce(new, obs.lr)
@@ -210,19 +230,18 @@ class Plateau(Policy):
             return new, None
         from .. import trend
 
-        values = [math.log(v) for v in new["values"]] if self.log else new["values"]
-        gain = trend.forecast_gain(values, new["times"], mode=mode)
-        new.update(factor=factor, values=[], times=[], since=0, cooldown_counter=self.cooldown)
+        values = [math.log(v) for v in values] if self.log else values
+        gain = trend.forecast_gain(values, times, mode=mode)
+        new.update(factor=factor, **_EMPTY_HISTORY, cooldown_counter=self.cooldown)
         kind, result, threshold = verdict
         forecast = f", forecast gain {gain:.3g} over the window" if gain is not None else ""
         if kind == "faded":
-            recent, overall = result
-            result = recent
             reason = (
-                f"{metric} stopped improving: no significant improvement over the last {recent.n} observations "
-                f"(slope {recent.slope:.3g}/unit, {self.confidence:.0%} CI [{recent.lo:.3g}, {recent.hi:.3g}], "
-                f"p={recent.p:.3g}), though it would have seen half the slope {overall.slope:.3g}/unit over the "
-                f"last {overall.n} (AR(1) phi={recent.phi:.2f}"
+                f"{metric} stopped improving: over the last {result.recent} observations the rate is "
+                f"{result.after:.3g}/unit (se {result.after_se:.3g}), not significant at {self.confidence:.0%}, "
+                f"though they would have seen {FADED_FRACTION:g} x the pace {result.before:.3g}/unit "
+                f"(se {result.before_se:.3g}) of the {result.n - result.recent} before them with probability "
+                f"> {1 - threshold:.6g} (AR(1) phi={result.phi:.2f}"
                 f"{forecast}): lr x{factor / state['factor']:.6g}"
             )
         elif kind == "slowdown":
