@@ -51,9 +51,64 @@ MIN_EFFECTIVE = 20
 #: although they had the power (1 - 1e-5) to see this fraction of the pace over all kept.
 FADED_FRACTION = 0.5
 TREND_ONLY = ("window", "min_window", "history", "slowdown", "confidence", "min_improvement", "every", "log")
-#: The kept observations, emptied after every reduction: ``at`` holds each one's row (rows
-#: counted since the reduction), ``rows`` the rows seen, ``tested`` the rows at the last test.
-_EMPTY_HISTORY = {"values": [], "times": [], "at": [], "rows": 0, "tested": 0}
+#: The kept observations, emptied after every reduction: ``values``; ``runs`` their times and
+#: rows (counted since the reduction) as arithmetic runs (see :func:`_push`); ``rows`` the rows
+#: seen, ``tested`` the rows at the last test.
+_EMPTY_HISTORY = {"values": [], "runs": [], "rows": 0, "tested": 0}
+
+
+# ---- times and rows of the kept observations, stored as arithmetic runs -----------------------
+# A run [t0, dt, r0, dr, start, stop] holds the observations k = start..stop-1 at time t0 + dt·k
+# and row r0 + dr·k: one run for a metric logged at a fixed stride (every row, every 25 steps)
+# instead of two numbers per observation. A run only grows when t0 + dt·k reproduces the time
+# exactly, so the expansion gives back the very same floats.
+
+def _push(runs: list, t: float, row: int) -> list:
+    """``runs`` (not modified) with one more observation at time ``t`` and row ``row``."""
+    if runs:
+        t0, dt, r0, dr, start, stop = runs[-1]
+        if stop - start == 1 and start == 0 and row > r0 and t0 + (t - t0) * 1 == t:
+            return runs[:-1] + [[t0, t - t0, r0, row - r0, 0, 2]]
+        if stop - start > 1 and t0 + dt * stop == t and r0 + dr * stop == row:
+            return runs[:-1] + [[t0, dt, r0, dr, start, stop + 1]]
+    return runs + [[t, 0, row, 0, 0, 1]]
+
+
+def _drop_through(runs: list, row: int) -> tuple[list, int]:
+    """``runs`` without the observations at rows <= ``row``, and how many were dropped."""
+    out, dropped = list(runs), 0
+    while out:
+        t0, dt, r0, dr, start, stop = out[0]
+        if r0 + dr * start > row:
+            break
+        k = stop if dr == 0 else min(stop, (row - r0) // dr + 1)  # first k with r0 + dr·k > row
+        dropped += k - start
+        if k >= stop:
+            out.pop(0)
+        else:
+            out[0] = [t0, dt, r0, dr, k, stop]
+            break
+    return out, dropped
+
+
+def _count_after(runs: list, row: int) -> int:
+    """How many observations are at rows > ``row``."""
+    n = 0
+    for t0, dt, r0, dr, start, stop in reversed(runs):
+        if r0 + dr * (stop - 1) <= row:
+            break
+        k = start if dr == 0 or r0 + dr * start > row else (row - r0) // dr + 1
+        n += stop - max(k, start)
+    return n
+
+
+def _times(runs: list):
+    """The times of all observations, as one float array."""
+    import numpy as np
+
+    if not runs:
+        return np.empty(0)
+    return np.concatenate([t0 + dt * np.arange(start, stop, dtype=float) for t0, dt, _, _, start, stop in runs])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,11 +198,10 @@ class Plateau(Policy):
         """Rows kept and tested: ``history``, at least ``window``."""
         return max(self.history, self.window)
 
-    def recent_count(self, at, rows: int) -> int:
+    def recent_count(self, runs: list, rows: int) -> int:
         """Observations that make up "the last window": those of the last ``window`` rows, at
         least ``min_window`` (at most ``window``)."""
-        recent = len(at) - bisect.bisect_right(at, rows - self.window)
-        return min(max(recent, self.min_window), self.window)
+        return min(max(_count_after(runs, rows - self.window), self.min_window), self.window)
 
     def trend_decision(self, values, times, mode: str, *, recent: int | None = None,
                        covered: int | None = None) -> tuple[str, object, float] | None:
@@ -208,21 +262,21 @@ class Plateau(Policy):
             return dict(state, rows=rows, seen=state["seen"] + 1), None
         t = obs.time("auto")
         t = obs.row if t is None else t
-        at = state["at"]
-        drop = bisect.bisect_right(at, rows - self.kept)  # observations older than the kept rows
-        values, times, at = state["values"][drop:], state["times"][drop:], at[drop:]  # copies: states stay immutable
+        runs, drop = _drop_through(state["runs"], rows - self.kept)  # older than the kept rows
+        runs = _push(runs, t, rows)
+        values = state["values"][drop:]  # a copy: states stay immutable
         values.append(current)
-        times.append(t)
-        at.append(rows)
-        new = dict(state, seen=state["seen"] + 1, rows=rows, values=values, times=times, at=at)
+        new = dict(state, seen=state["seen"] + 1, rows=rows, values=values, runs=runs)
         if new["cooldown_counter"] > 0:
             new["cooldown_counter"] -= 1
             return new, None
-        recent = self.recent_count(at, rows)
+        recent = self.recent_count(runs, rows)
         if rows < self.window or len(values) < recent or rows - new["tested"] < self.every:
             return new, None
         new["tested"] = rows
-        verdict = self.trend_decision(values, times, mode, recent=recent, covered=rows - at[0] + 1)
+        times = _times(runs)
+        first_row = runs[0][2] + runs[0][3] * runs[0][4]
+        verdict = self.trend_decision(values, times, mode, recent=recent, covered=rows - first_row + 1)
         if verdict is None:
             return new, None
         factor = self._reduce(new, obs.lr)
