@@ -113,11 +113,13 @@ def _positive(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def atomic_write_json(path: Path, obj: Any, *, fsync: bool = True, allow_nan: bool = False) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically: temp file, fsync, ``os.replace``.
+def atomic_write_json(path: Path, obj: Any, *, fsync: bool = True, allow_nan: bool = False) -> os.stat_result:
+    """Write ``obj`` as JSON to ``path`` atomically: temp file, fsync, ``os.replace``; return its stat.
 
     ``allow_nan`` is for private state files only (metric histories hold NaN); control files
-    never carry a non-finite number.
+    never carry a non-finite number. (A rename over the old file costs ext4 a flush of the new
+    one, ``auto_da_alloc``; swapping with ``renameat2(RENAME_EXCHANGE)`` avoids it but, without
+    fsync, can leave an empty file after a power loss: not done.)
     """
     data = (json.dumps(obj, allow_nan=allow_nan, separators=(", ", ": ")) + "\n").encode()
     fd, tmp = _open_temp(path.parent)
@@ -132,6 +134,7 @@ def atomic_write_json(path: Path, obj: Any, *, fsync: bool = True, allow_nan: bo
             if fsync:
                 os.fsync(fd)
             os.fchmod(fd, FILE_MODE)
+            st = os.fstat(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -141,6 +144,9 @@ def atomic_write_json(path: Path, obj: Any, *, fsync: bool = True, allow_nan: bo
         raise
     if fsync:
         _fsync_dir(path.parent)
+    return st
+
+
 
 
 _tmp_names = itertools.count()
@@ -343,12 +349,14 @@ class ControlWriter:
                 entries.append(entry)
             if "apply_at_step" in records[-1]:
                 records[-1]["schedule"] = scheduled[-MAX_SCHEDULE:]
-            self._append_journal(entries)
+            journal = self._append_journal(entries)
             try:
-                atomic_write_json(self.path, records[-1], fsync=self.fsync)
+                control = atomic_write_json(self.path, records[-1], fsync=self.fsync)
             except OSError as exc:
                 raise ControlWriteError(records, exc) from exc
-            self._known = (self._signature(), dict(records[-1]))  # still under the lock
+            # Still under the lock: nobody wrote in between. A rename keeps the file's times.
+            self._known = (tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (journal, control)),
+                           dict(records[-1]))
         return records
 
     @staticmethod
@@ -380,7 +388,7 @@ class ControlWriter:
                 atomic_write_json(self.path, current, fsync=self.fsync)
             return current
 
-    def _append_journal(self, entries: list[dict[str, Any]]) -> None:
+    def _append_journal(self, entries: list[dict[str, Any]]) -> os.stat_result:
         line = b"".join((json.dumps(e, allow_nan=False, default=_json_default) + "\n").encode() for e in entries)
         fd = os.open(self.journal, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
@@ -398,6 +406,7 @@ class ControlWriter:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, size)  # all or nothing: a retry must not duplicate entries
                 raise
+            return os.fstat(fd)
         finally:
             os.close(fd)
 
