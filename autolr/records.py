@@ -9,7 +9,7 @@ STEP_KEYS = ("step", "global_step", "trainer/global_step", "iter", "iteration", 
 EPOCH_KEYS = ("epoch",)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Record:
     """One log row: numeric metrics plus the step and epoch counters when the log has them.
 
@@ -23,6 +23,20 @@ class Record:
     epoch: float | None = None
     run: str | None = None
     restart: bool = False
+
+    def __init__(self, metrics: dict[str, float] | None = None, step: int | None = None,
+                 epoch: float | None = None, run: str | None = None, restart: bool = False):
+        # The slot setters directly: a frozen dataclass's own __init__ goes through
+        # object.__setattr__ five times, about a third slower.
+        _metrics(self, {} if metrics is None else metrics)
+        _step(self, step)
+        _epoch(self, epoch)
+        _run(self, run)
+        _restart(self, restart)
+
+
+_metrics, _step, _epoch, _run, _restart = (
+    Record.__dict__[name].__set__ for name in ("metrics", "step", "epoch", "run", "restart"))
 
 
 def split_counters(values: dict[str, float]) -> Record:
