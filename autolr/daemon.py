@@ -31,6 +31,12 @@ from .run import Run
 log = logging.getLogger("autolr.daemon")
 
 SOURCES_STATE = ".autolr-sources.json"  # read positions of sources that feed several runs
+#: State files the periodic flush writes a second at most. A save is a file created and renamed
+#: (~0.3 ms of kernel time on ext4 when spread over many folders): with 1000 runs, saving each
+#: every 2 s took 15 % of a core. Saves go oldest first in small slices (every SAVE_TICK s) so
+#: the worker never stalls for long; with few runs each dirty run is still saved every ``flush`` s.
+MAX_SAVES_PER_SECOND = 100
+SAVE_TICK = 0.25
 
 
 @dataclass
@@ -62,6 +68,7 @@ class Daemon:
         self.ignored: dict[Path, str] = {}  # second log kinds of a run (the same metrics again)
         self.saved_sources: dict[Path, dict[str, dict]] = {}
         self.multi_state: dict[str, Any] = {}
+        self._multi_saved_at = 0.0
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.pending: set[str] = set()
@@ -282,11 +289,23 @@ class Daemon:
             if isinstance(data, dict):
                 self.multi_state = data
 
-    def flush(self) -> None:
-        for run in list(self.runs.values()):
+    def flush(self, budget: int | None = None) -> None:
+        """Retry refused publishes; save the dirty runs' state (``budget``: at most that many,
+        only runs unsaved for ``flush`` s, the longest unsaved first)."""
+        runs = list(self.runs.values())
+        for run in runs:
             run.retry()
-            if run.dirty:
-                run.save()
+        if budget is None:
+            due = [r for r in runs if r.dirty]
+        else:
+            before = time.monotonic() - self.options.flush
+            due = sorted((r for r in runs if r.dirty and r.saved_at <= before), key=lambda r: r.saved_at)[:budget]
+        for run in due:
+            run.save()
+        now = time.monotonic()
+        if budget is not None and now - self._multi_saved_at < self.options.flush:
+            return
+        self._multi_saved_at = now
         if self.multi_state:
             with contextlib.suppress(OSError, ValueError):
                 atomic_write_json(self.root / SOURCES_STATE, self.multi_state, fsync=self.options.fsync, allow_nan=True)
@@ -413,8 +432,10 @@ class Daemon:
                 return
             next_rescan = time.monotonic() + self.options.rescan
             next_flush = time.monotonic() + self.options.flush
+            tick = min(SAVE_TICK, self.options.flush)
+            next_save = time.monotonic() + tick
             while not self.stop_event.is_set():
-                due = min([next_rescan, next_flush, *(t for t, _ in self.rechecks)])
+                due = min([next_rescan, next_flush, next_save, *(t for t, _ in self.rechecks)])
                 if self.wake.wait(max(0.0, due - time.monotonic())):
                     self.drain()
                 now = time.monotonic()
@@ -426,8 +447,10 @@ class Daemon:
                 if now >= next_rescan:
                     self.rescan()
                     next_rescan = now + self.options.rescan
+                if now >= next_save:
+                    self.flush(budget=max(1, round(MAX_SAVES_PER_SECOND * tick)))
+                    next_save = now + tick
                 if now >= next_flush:
-                    self.flush()
                     self.on_event("tick", {})
                     next_flush = now + self.options.flush
         finally:

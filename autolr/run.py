@@ -52,6 +52,7 @@ class Run:
         self.last_decision: dict[str, Any] | None = None
         self.rows = 0
         self.dirty = False
+        self.saved_at = 0.0  # time.monotonic() of the last state save
         self.errors: Counter[str] = Counter()
         self.on_decision = on_decision
         self.restored = False
@@ -234,6 +235,7 @@ class Run:
         try:
             atomic_write_json(self.state_path, data, fsync=self.fsync, allow_nan=True)
             self.dirty = False
+            self.saved_at = time.monotonic()
         except (OSError, ValueError) as exc:
             self.errors["state write failed"] += 1
             log.error("%s: could not save state: %s", self.folder, exc)
