@@ -75,6 +75,7 @@ class Daemon:
         self.overflowed = False  # the event queue overflowed: rescan everything
         self._paths: dict[str, Path] = {}  # Path objects of event paths, built once
         self.by_dir: defaultdict[Path, set[Path]] = defaultdict(set)  # sources per folder
+        self.run_for: dict[Path, Run] = {}  # the run of each single-run source, looked up once
         self.lock = threading.Lock()
         self.observer = None
         self.mode = "once" if self.options.once else ("poll" if self.options.poll else "inotify")
@@ -202,7 +203,10 @@ class Daemon:
                         self.open_run(reader.folder_for(run_id)).feed(reader, group)
                     self.multi_state[str(path)] = {"reader": reader.name, "state": reader.get_state()}
                 else:
-                    self.runs[reader.run_dir(path)].feed(reader, records)
+                    run = self.run_for.get(path)
+                    if run is None:
+                        run = self.run_for[path] = self.runs[reader.run_dir(path)]
+                    run.feed(reader, records)
             if self.catching_up and records:
                 self._report_progress(len(records))
             if not reader.more or self.stop_event.is_set():
@@ -210,6 +214,7 @@ class Daemon:
 
     def _forget_source(self, path: Path) -> Reader | None:
         reader = self.sources.pop(path, None)
+        self.run_for.pop(path, None)
         known = self.by_dir.get(path.parent)
         if known is not None:
             known.discard(path)
