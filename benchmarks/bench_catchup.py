@@ -12,8 +12,12 @@ Files (generated in a temporary folder, deleted afterwards):
 
 Measured per format, median of ``--reps`` repetitions:
 
-(a) the reader alone: ``reader.read()`` looped until ``more`` is False, no policy;
-(b) the whole ``autolr watch ROOT --once --policy P --no-fsync`` as a subprocess on the first
+(a) the reader to columns: ``reader.read_batch()`` (a ``Batch``: steps, epochs, one float64
+    array per metric) looped until ``more`` is False, no policy (CSV and JSONL);
+(b) the reader to Records: ``reader.read()`` looped the same way, what the daemon calls today;
+    for CSV and JSONL also with block parsing off (every line parsed alone by ``csv.reader`` /
+    ``json.loads``: the exact path, as the readers worked before block parsing);
+(c) the whole ``autolr watch ROOT --once --policy P --no-fsync`` as a subprocess on the first
     ``--watch-rows`` rows of the same log, for ``P`` = ``plateau`` (its default method) and
     ``plateau:method=threshold``: wall time from spawn to exit, its CPU time and peak RSS;
     "net" subtracts the median wall time of the same command on an empty root (interpreter
@@ -24,7 +28,7 @@ Baselines in the same run, on the same files: ``pandas.read_csv`` and
 ``pandas.read_json(lines=True)``; plain-Python loops ``csv.reader`` + ``float()`` of the
 non-empty cells and ``json.loads`` per line (for TensorBoard: tensorboard's own
 ``EventFileLoader`` iterating events). ``--profile`` adds a cProfile of one reader pass per
-format (top functions by own time).
+format (``read_batch`` where the reader has it; top functions by own time).
 
 Usage::
 
@@ -115,13 +119,20 @@ def write_tensorboard(folder: Path, rows: int, val_every: int) -> tuple[Path, in
 
 # ---- measurements ----------------------------------------------------------------------------
 
-def reader_pass(cls, path: Path) -> int:
+def reader_pass(cls, path: Path, method: str = "read") -> int:
     reader = cls(path)
+    read = getattr(reader, method)
     n = 0
     while True:
-        n += len(reader.read())
+        n += len(read())
         if not reader.more:
+            reader.close()
             return n
+
+
+def exact_path(cls):
+    """The reader with block parsing off: every line parsed alone (the path before it)."""
+    return type(f"Exact{cls.__name__}", (cls,), {"block_parsing": False})
 
 
 def timed(fn, *args):
@@ -211,9 +222,10 @@ def clean_run(folder: Path) -> None:
 
 
 def profile_reader(cls, path: Path, top: int) -> str:
+    method = "read_batch" if hasattr(cls, "read_batch") else "read"
     pr = cProfile.Profile()
     pr.enable()
-    reader_pass(cls, path)
+    reader_pass(cls, path, method)
     pr.disable()
     out = io.StringIO()
     st = pstats.Stats(pr, stream=out)
@@ -233,11 +245,11 @@ def main() -> int:
     ap.add_argument("--val-every", type=int, default=100, help="a val_loss row every N rows")
     ap.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
     ap.add_argument("--formats", default="csv,jsonl,tensorboard", help="comma-separated subset")
-    ap.add_argument("--no-watch", action="store_true", help="skip (b), the whole daemon --once")
+    ap.add_argument("--no-watch", action="store_true", help="skip (c), the whole daemon --once")
     ap.add_argument("--watch-rows", type=int, default=100_000,
-                    help="(b) runs on the first N rows of each log (the policy, not the reader, sets its pace)")
+                    help="(c) runs on the first N rows of each log (the policy, not the reader, sets its pace)")
     ap.add_argument("--policy", action="append", dest="policies", metavar="SPEC",
-                    help="policy for (b), repeat for several variants (default: plateau, and "
+                    help="policy for (c), repeat for several variants (default: plateau, and "
                          "plateau:method=threshold)")
     ap.add_argument("--profile", action="store_true", help="cProfile one reader pass per format")
     ap.add_argument("--top", type=int, default=12, help="functions shown per profile")
@@ -251,7 +263,7 @@ def main() -> int:
     readers = reader_classes()
     tb_shim = False
     if "tensorboard" not in readers:
-        try:  # written but not yet registered as a built-in: use the class, and a plugin file for (b)
+        try:  # written but not yet registered as a built-in: use the class, and a plugin file for (c)
             from autolr.readers.tensorboard import TensorBoardReader
 
             readers["tensorboard"] = TensorBoardReader
@@ -296,7 +308,7 @@ def main() -> int:
                 base = [("tensorboard `EventFileLoader` loop", tb_loader)]
             else:
                 raise SystemExit(f"unknown format {fmt}")
-            # (b)'s log: the first --watch-rows rows, in a run folder of its own
+            # (c)'s log: the first --watch-rows rows, in a run folder of its own
             wroot = tmp / f"{fmt}-watch"
             wrun = wroot / "run"
             wrun.mkdir(parents=True)
@@ -319,14 +331,21 @@ def main() -> int:
         for fmt in formats:
             path, n, base, wroot, wpath, wn = files[fmt]
             cls = readers[fmt]
-            res = {"rows": n, "size": path.stat().st_size, "reader": [], "base": {b: [] for b, _ in base},
-                   "watch": {p: [] for p in args.policies}, "watch_rows": wn}
-            reader_pass(cls, path)  # warm the page cache and imports
+            columnar = hasattr(cls, "read_batch")
+            passes = {"records": (cls, "read")}
+            if columnar:
+                passes = {"columns": (cls, "read_batch"), **passes, "exact": (exact_path(cls), "read")}
+            res = {"rows": n, "size": path.stat().st_size, "reader": {k: [] for k in passes},
+                   "base": {b: [] for b, _ in base}, "watch": {p: [] for p in args.policies}, "watch_rows": wn}
+            for c, m in passes.values():
+                reader_pass(c, path, m)  # warm the page cache and imports
             for rep in range(args.reps):
                 # interleave: every measurement of a repetition sees the same machine state
-                wall, cpu, got = timed(reader_pass, cls, path)
-                res["reader"].append((wall, cpu))
-                res["records"] = got
+                for what, (c, m) in passes.items():
+                    wall, cpu, got = timed(reader_pass, c, path, m)
+                    res["reader"][what].append((wall, cpu))
+                    res[f"n_{what}"] = got
+                res["records"] = res["n_records"]
                 for name, fn in base:
                     wall, cpu, got = timed(fn, path)
                     res["base"][name].append((wall, cpu))
@@ -335,8 +354,9 @@ def main() -> int:
                         clean_run(wpath.parent)
                         res["watch"][pol].append(watch_once(wroot, cmd, ["--policy", pol, "--no-fsync"]))
                     startup.append(watch_once(empty, cmd, ["--policy", args.policies[0], "--no-fsync"]))
-                print(f"  {fmt} rep {rep + 1}: reader {n / res['reader'][-1][0]:,.0f} rows/s, "
-                      f"{n / res['reader'][-1][1]:,.0f} rows/CPU-s", file=sys.stderr)
+                print(f"  {fmt} rep {rep + 1}: " + ", ".join(
+                    f"{what} {n / xs[-1][1]:,.0f} rows/CPU-s" for what, xs in res["reader"].items()),
+                    file=sys.stderr)
             if args.profile:
                 profiles[fmt] = profile_reader(cls, path, args.top)
             results[fmt] = res
@@ -363,9 +383,14 @@ def main() -> int:
                           f"{rate_cpu / TARGET:.2f}", ratio, extra])
             return rate_cpu
 
-        reader_rate = row("**(a) autolr reader alone**", median([w for w, _ in res["reader"]]),
-                          median([c for _, c in res["reader"]]),
-                          f"{res['records']:,} records from {n:,} rows, {mb:.0f} MB")
+        labels = {"columns": "**(a) autolr reader → columns** (`read_batch`)",
+                  "records": "**(b) autolr reader → Records** (`read`)",
+                  "exact": "(b) autolr reader → Records, block parsing off (per-line exact path, as before)"}
+        rates = {}
+        for what, xs in res["reader"].items():
+            rates[what] = row(labels[what], median([w for w, _ in xs]), median([c for _, c in xs]),
+                              f"{res['n_' + what]:,} rows from {n:,} log rows, {mb:.0f} MB")
+        reader_rate = rates.get("columns", rates["records"])
         wn = res["watch_rows"]
         full = []
         for pol, runs in res["watch"].items():
@@ -374,7 +399,7 @@ def main() -> int:
             w = median([x["wall"] for x in runs])
             cpu = median([x["cpu"] for x in runs])
             rss = max(x["rss_mb"] for x in runs)
-            r = row(f"**(b) `autolr watch --once --policy {pol} --no-fsync`**, net of startup",
+            r = row(f"**(c) `autolr watch --once --policy {pol} --no-fsync`**, net of startup",
                     max(w - start_wall, 1e-9), max(cpu - start_cpu, 1e-9),
                     f"first {wn:,} rows; whole process {w:.2f} s wall, {cpu:.2f} s CPU, peak RSS {rss:.0f} MB",
                     rows=wn)
@@ -382,12 +407,13 @@ def main() -> int:
         for name, xs in res["base"].items():
             row(f"baseline: {name}", median([w for w, _ in xs]), median([c for _, c in xs]))
         if fmt in ("csv", "jsonl"):
-            verdicts.append(f"- Target (issue 6) >= 1,000,000 rows/s, {fmt}: reader alone {reader_rate:,.0f} rows "
-                            f"per CPU-s" + (f"; whole daemon {'; '.join(full)}" if full else "")
+            verdicts.append(f"- Target (issue 6) >= 1,000,000 rows/s, {fmt}: reader to columns {reader_rate:,.0f} "
+                            f"rows per CPU-s; to Records {rates['records']:,.0f}"
+                            + (f"; whole daemon {'; '.join(full)}" if full else "")
                             + f" -> {'met' if reader_rate >= TARGET else 'NOT met'}")
     print(md_table(["format", "what", "wall s", "rows/s (wall)", "rows per CPU-s", "vs 1M rows/s target (CPU)",
                     "vs pandas (CPU)", "notes"], table, "llrrrrrl"))
-    print(f"\n(b) is net of the same command on an empty root, measured in the same run: {start_wall:.2f} s "
+    print(f"\n(c) is net of the same command on an empty root, measured in the same run: {start_wall:.2f} s "
           f"wall, {start_cpu:.2f} s CPU (interpreter, imports).\n")
     print("\n".join(verdicts))
     for fmt, text in profiles.items():

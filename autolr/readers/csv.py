@@ -30,6 +30,8 @@ HEAD_BYTES = 64 << 10
 
 class CsvReader(Reader):
     name = "csv"
+    #: Parse whole blocks into columns (False: every line alone, the exact path; for tests).
+    block_parsing = True
 
     def __init__(self, path: str | Path):
         super().__init__(path)
@@ -134,7 +136,10 @@ class CsvReader(Reader):
 
     def _fast(self, block: bytes) -> tuple[Batch, np.ndarray, list[bytes]]:
         """The data rows of ``block`` (complete lines, after the header) that need no csv
-        quoting rules, as columns; the mask of those lines; the lines (for the others)."""
+        quoting rules, as columns; the mask of those lines; the lines (None when all are fast)."""
+        if not self.block_parsing:
+            lines = block.split(b"\n")
+            return Batch.empty(), np.zeros(len(lines) - 1, bool), lines
         header = self.header
         ncols = len(header)
         delim = 9 if self.path.suffix.lower() == ".tsv" else 44
@@ -142,7 +147,6 @@ class CsvReader(Reader):
         ends = np.flatnonzero(buf == 10)
         starts = np.empty_like(ends)
         starts[0], starts[1:] = 0, ends[:-1] + 1
-        lines = block.split(b"\n")
         cuts = np.flatnonzero((buf == delim) | (buf == 10))  # every field's end
         per_line = np.diff(np.searchsorted(cuts, ends, side="right"), prepend=0)
         sizes = ends - starts
@@ -153,6 +157,7 @@ class CsvReader(Reader):
             bad = np.flatnonzero((buf == 34) | (buf == 0) | (buf == 13))
             ok[np.searchsorted(ends, bad)] = False
         rows = int(ok.sum())
+        lines = None if rows == len(ends) else block.split(b"\n")
         if rows == 0:
             return Batch.empty(), ok, lines
         if rows < len(ends):

@@ -44,6 +44,8 @@ def numeric_items(obj: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 class JsonlReader(Reader):
     name = "jsonl"
+    #: Parse whole blocks into columns (False: every line alone, the exact path; for tests).
+    block_parsing = True
 
     def __init__(self, path: str | Path):
         super().__init__(path)
@@ -73,7 +75,10 @@ class JsonlReader(Reader):
             return Batch.empty() if columns else []
         if b"\r" in block:
             block = block.replace(b"\r\n", b"\n")
-        groups, fast, lines = fast_objects(block)
+        if self.block_parsing:
+            groups, fast, lines = fast_objects(block)
+        else:
+            groups, fast, lines = [], np.zeros(block.count(b"\n"), bool), block.split(b"\n")
         slow: list[Record] = []
         at: list[int] = []
         for i in np.flatnonzero(~fast).tolist():
@@ -95,7 +100,7 @@ class JsonlReader(Reader):
             keys, rows, values, steps, epochs = groups[0]
             recs = _records(keys, list(values.T), *_py_counters(steps, epochs))
             return interleave(recs, rows, slow, at)
-        out: list = [None] * len(lines)
+        out: list = [None] * len(fast)
         for keys, rows, values, steps, epochs in groups:
             for i, r in zip(rows.tolist(), _records(keys, list(values.T), *_py_counters(steps, epochs))):
                 out[i] = r
@@ -118,41 +123,50 @@ class JsonlReader(Reader):
 
 
 #: A member of a flat object on one line: ``"key": number`` (the values are cut out first).
-_SKELETON = re.compile(rb'\{(?:[ \t]*"[^"]*"[ \t]*:(?:,[ \t]*"[^"]*"[ \t]*:)*)?[ \t]*\}')
+_SKELETON = re.compile(rb'\{(?:[ \t]*"[^"]*"[ \t]*:[ \t]?(?:,[ \t]*"[^"]*"[ \t]*:[ \t]?)*)?[ \t]*\}')
 _KEY = re.compile(rb'"([^"]*)"')
 #: Bytes a line of the fast path may hold: printable ASCII but for backslash and brackets.
 _PLAIN = np.zeros(256, bool)
 _PLAIN[0x20:0x7F] = True
 _PLAIN[[ord("\\"), ord("["), ord("]")]] = False
+_BRACE, _QUOTE, _COLON, _COMMA, _NL, _ODD = range(1, 7)
+_CODE = np.where(_PLAIN, 0, _ODD).astype(np.uint8)
+_CODE[[ord("{"), ord("}")]] = _BRACE
+_CODE[ord('"')] = _QUOTE
+_CODE[ord(":")] = _COLON
+_CODE[ord(",")] = _COMMA
+_CODE[ord("\n")] = _NL
+_TOKEN = _CODE != 0
 
 
 def fast_objects(block: bytes) -> tuple[list[tuple], np.ndarray, list[bytes]]:
     """The lines of ``block`` that are flat objects of plain numbers (``{"step": 3, "loss":
     0.5}``), parsed at once and grouped by their keys: ``(keys, line numbers, values (rows x
     keys), steps, epochs)`` per group, counters split off as ``split_counters`` does; the mask
-    of those lines; all lines. Any other line is left to the exact path."""
+    of those lines; all lines (None when every line is in a group). Any other line is left
+    to the exact path."""
     buf = np.frombuffer(block, np.uint8)
-    ends = np.flatnonzero(buf == 10)
+    tok = np.flatnonzero(_TOKEN[buf])  # the structural bytes, and those that rule a line out
+    code = _CODE[buf[tok]]
+    newline = code == _NL
+    ends = tok[newline]
     nlines = len(ends)
-    lines = block.split(b"\n")
     starts = np.empty_like(ends)
     starts[0], starts[1:] = 0, ends[:-1] + 1
+    line = np.cumsum(newline) - newline  # the line of each token
     ok = (ends - starts >= 2) & (buf[starts] == 0x7B) & (buf[np.maximum(ends - 1, 0)] == 0x7D)
-    odd = np.flatnonzero(~_PLAIN[buf])
-    ok[np.searchsorted(ends, odd[buf[odd] != 10])] = False
-    braces = np.flatnonzero((buf == 0x7B) | (buf == 0x7D))
-    ok &= np.diff(np.searchsorted(braces, ends), prepend=0) == 2
-    quotes = np.flatnonzero(buf == 0x22)
-    qbase = np.searchsorted(quotes, starts)
-    ok &= (np.diff(np.searchsorted(quotes, ends), prepend=0) & 1) == 0
+    ok &= np.bincount(line[code == _ODD], minlength=nlines) == 0
+    ok &= np.bincount(line[code == _BRACE], minlength=nlines) == 2
+    quote = code == _QUOTE
+    quotes = np.bincount(line[quote], minlength=nlines)
+    ok &= (quotes & 1) == 0
     if not ok.any():
-        return [], ok, lines
-    seps = np.flatnonzero((buf == 0x3A) | (buf == 0x2C))
-    sep_line = np.searchsorted(ends, seps)
-    outside = ((np.searchsorted(quotes, seps) - qbase[sep_line]) & 1) == 0
-    seps, sep_line = seps[outside], sep_line[outside]
-    keep = ok[sep_line]
-    seps, sep_line = seps[keep], sep_line[keep]
+        return [], ok, block.split(b"\n")
+    before = np.cumsum(quote) - quote  # quotes before each token, then before each line
+    qbase = np.cumsum(quotes) - quotes
+    sep = ((code == _COLON) | (code == _COMMA)) & (((before - qbase[line]) & 1) == 0)
+    sep &= ok[line]
+    seps, sep_line = tok[sep], line[sep]
     colon = buf[seps] == 0x3A
     # members alternate ':' ',' ':' ... ':' within a line
     per_line = np.bincount(sep_line, minlength=nlines)
@@ -167,15 +181,20 @@ def fast_objects(block: bytes) -> tuple[list[tuple], np.ndarray, list[bytes]]:
     nxt = np.minimum(c + 1, len(seps) - 1)
     last = (c + 1 >= len(seps)) | (sep_line[nxt] != sep_line[c])
     vend = np.where(last, ends[sep_line[c]] - 1, seps[nxt])
+    vstart += buf[vstart] == 0x20  # the usual space after ':' (spaces are allowed anyway)
     values, kinds = parse_numbers(buf, vstart, vend - vstart, strict_json=True)
     vline = sep_line[c]
     ok[vline[kinds == BAD]] = False
-    cut = np.zeros(len(buf) + 1, np.int8)  # the value bytes, cut out to leave the skeleton
-    np.add.at(cut, vstart, 1)
-    np.add.at(cut, vend, -1)
-    skeleton = buf[np.cumsum(cut[:-1]) == 0].tobytes().split(b"\n")
-    ids: dict[bytes, int] = {}
-    tid = np.fromiter((ids.setdefault(sk, len(ids)) for sk in skeleton[:nlines]), np.int64, nlines)
+    keep = np.ones(len(buf), bool)  # the value bytes cut out leave the line's skeleton
+    vlen = np.where(kinds == BAD, 0, vend - vstart)
+    for k in range(int(vlen.max(initial=0))):
+        keep[vstart[vlen > k] + k] = False
+    skeleton = buf[keep].tobytes().split(b"\n")[:nlines]
+    ids = {sk: i for i, sk in enumerate(dict.fromkeys(skeleton))}
+    if len(ids) == 1:
+        tid = np.zeros(nlines, np.int64)
+    else:
+        tid = np.fromiter(map(ids.__getitem__, skeleton), np.int64, nlines)
     nvals = np.bincount(vline, minlength=nlines)
     vbase = np.cumsum(nvals) - nvals
     groups = []
@@ -197,7 +216,7 @@ def fast_objects(block: bytes) -> tuple[list[tuple], np.ndarray, list[bytes]]:
                 flat[j] = float(block[a:b])
         groups.append((*_members(keys, vals), rows))
     groups = [(keys, rows, vals, steps, epochs) for keys, vals, steps, epochs, rows in groups]
-    return groups, ok, lines
+    return groups, ok, None if ok.all() else block.split(b"\n")
 
 
 def _members(keys: list[str], vals: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
