@@ -102,3 +102,19 @@ def test_every_text_reader_closes(tmp_path: Path, cls, name, data):
     reader.close()
     assert reader.tailer.fd is None
     reader.close()  # twice is fine
+
+
+def test_csv_header_longer_than_the_head_read(tmp_path: Path):
+    from autolr.readers import csv as csvmod
+
+    path = tmp_path / "m.csv"
+    wide = ",".join(f"metric_{i:05d}" for i in range(csvmod.HEAD_BYTES // 10))  # > HEAD_BYTES
+    path.write_bytes(f"step,{wide}\n1{',' * wide.count(',')},2.5\n".encode())
+    reader = CsvReader(path)
+    assert steps(reader.read()) == [1]
+    assert not reader._header_changed()
+    with open(path, "r+b") as f:  # rewritten in place with another (long) header: a new log
+        f.truncate(0)
+        f.write(f"step,other,{wide[1:]}\n7,0.5{',' * (wide.count(',') + 1)}\n".encode())
+    assert reader._header_changed()
+    assert steps(reader.read()) == [7] and reader.restarted
