@@ -284,9 +284,23 @@ def engine_memory(policies: list[str], rows: int, engines: int = 10) -> dict[str
     return out
 
 
+def per_line_daemon(argv: list[str]) -> int:
+    """The daemon with the JSONL reader's per-line path (``block_parsing = False``): a diagnostic
+    that separates the reader's cost on small tail reads from the daemon's own."""
+    from autolr.cli import main as cli_main
+    from autolr.readers.jsonl import JsonlReader
+
+    JsonlReader.block_parsing = False
+    sys.argv = ["autolr", *argv]
+    cli_main()
+    return 0
+
+
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--writer":
         return writer_main(sys.argv[2])
+    if len(sys.argv) > 1 and sys.argv[1] == "--per-line-daemon":
+        return per_line_daemon(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="100,1000", help="comma-separated run counts (with --no-fsync)")
     ap.add_argument("--fsync-runs", default="100", help="run counts also measured with fsync (default daemon); '' for none")
@@ -305,10 +319,15 @@ def main() -> int:
                          "rarely decides only CPU and memory are meaningful")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy the daemon during the write phase; print the top frames (worker, all threads)")
+    ap.add_argument("--per-line-jsonl", action="store_true",
+                    help="diagnostic: the daemon with JsonlReader.block_parsing = False (see per_line_daemon)")
     ap.add_argument("--dir", help="where the temporary run folders go; default $TMPDIR")
     ap.add_argument("--daemon-cmd", help="command prefix instead of 'python -m autolr.cli'")
     args = ap.parse_args()
     cmd = daemon_cmd(args.daemon_cmd)
+    if args.per_line_jsonl:
+        cmd = [*(cmd[:-2] if cmd and cmd[-2:] == ["-m", "autolr.cli"] else cmd or [sys.executable]),
+               str(Path(__file__).resolve()), "--per-line-daemon"]
     configs = [(int(n), False) for n in args.runs.split(",") if n.strip()]
     configs += [(int(n), True) for n in args.fsync_runs.split(",") if n.strip()]
     configs.sort(key=lambda c: (c[0], not c[1]))
@@ -329,10 +348,11 @@ def main() -> int:
 
     print(f"{machine_line()}; load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end. "
           f"inotify limits: max_user_watches {limits['max_user_watches']}, max_user_instances "
-          f"{limits['max_user_instances']}, max_queued_events {limits['max_queued_events']}. Policy `{args.policy}` "
-          f"(a decision per row), {args.rate:g} rows/s per run for {args.duration:g} s from {args.writers} writer "
+          f"{limits['max_user_instances']}, max_queued_events {limits['max_queued_events']}. Policy `{args.policy}`"
+          f"{' (a decision per row)' if args.policy == POLICY else ''}, {args.rate:g} rows/s per run for {args.duration:g} s from {args.writers} writer "
           f"processes, idle baseline {args.idle:g} s"
-          + (f"; daemon: `{args.daemon_cmd}`" if args.daemon_cmd else "") + ".\n")
+          + (f"; daemon: `{args.daemon_cmd}`" if args.daemon_cmd else "")
+          + ("; JSONL reader's per-line path (`--per-line-jsonl`)" if args.per_line_jsonl else "") + ".\n")
     rows = []
     for r in results:
         w, i = r["write"], r["idle"]
