@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from autolr.readers import block
 from autolr.readers.block import BAD, FLOAT, NUMBER, Batch, parse_numbers
 from autolr.readers.csv import CsvReader
 from autolr.readers.jsonl import JsonlReader
@@ -80,7 +81,16 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(points, points[1:])]
 
 
-def check(fast_cls, slow_cls, tmp, data: bytes, cuts: list[int]):
+def check(fast_cls, slow_cls, tmp, data: bytes, cuts: list[int], piece: int = 0):
+    saved = block.PIECE
+    block.PIECE = piece or saved  # small pieces: a block parsed a few lines at a time
+    try:
+        compare(fast_cls, slow_cls, tmp, data, cuts)
+    finally:
+        block.PIECE = saved
+
+
+def compare(fast_cls, slow_cls, tmp, data: bytes, cuts: list[int]):
     ref, ref_calls, ref_reader = feed(slow_cls, tmp / "ref", [data])
     got, calls, reader = feed(fast_cls, tmp / "whole", [data])
     assert [ordered(r) for r in got] == [ordered(r) for r in ref]
@@ -143,34 +153,35 @@ def jsonl_logs(draw):
 
 
 CUTS = st.lists(st.integers(min_value=0), max_size=8)
+PIECES = st.sampled_from([0, 0, 1, 7, 60])
 
 
 @FUZZ
-@given(data=csv_logs(), cuts=CUTS)
-def test_csv_fast_path_equals_exact_path(tmp_path_factory, data, cuts):
-    check(FastCsv, SlowCsv, tmp_path_factory.mktemp("csv"), data, cuts)
+@given(data=csv_logs(), cuts=CUTS, piece=PIECES)
+def test_csv_fast_path_equals_exact_path(tmp_path_factory, data, cuts, piece):
+    check(FastCsv, SlowCsv, tmp_path_factory.mktemp("csv"), data, cuts, piece)
 
 
 @FUZZ
-@given(data=st.binary(max_size=2000), cuts=CUTS, seed=st.booleans())
-def test_csv_any_bytes(tmp_path_factory, data, cuts, seed):
+@given(data=st.binary(max_size=2000), cuts=CUTS, seed=st.booleans(), piece=PIECES)
+def test_csv_any_bytes(tmp_path_factory, data, cuts, seed, piece):
     if seed:
         data = b"epoch,step,loss,val_loss\n0,1,2.5,\n0,2,,1.5\n" + data
-    check(FastCsv, SlowCsv, tmp_path_factory.mktemp("csvb"), data, cuts)
+    check(FastCsv, SlowCsv, tmp_path_factory.mktemp("csvb"), data, cuts, piece)
 
 
 @FUZZ
-@given(data=jsonl_logs(), cuts=CUTS)
-def test_jsonl_fast_path_equals_exact_path(tmp_path_factory, data, cuts):
-    check(FastJsonl, SlowJsonl, tmp_path_factory.mktemp("jsonl"), data, cuts)
+@given(data=jsonl_logs(), cuts=CUTS, piece=PIECES)
+def test_jsonl_fast_path_equals_exact_path(tmp_path_factory, data, cuts, piece):
+    check(FastJsonl, SlowJsonl, tmp_path_factory.mktemp("jsonl"), data, cuts, piece)
 
 
 @FUZZ
-@given(data=st.binary(max_size=2000), cuts=CUTS, seed=st.booleans())
-def test_jsonl_any_bytes(tmp_path_factory, data, cuts, seed):
+@given(data=st.binary(max_size=2000), cuts=CUTS, seed=st.booleans(), piece=PIECES)
+def test_jsonl_any_bytes(tmp_path_factory, data, cuts, seed, piece):
     if seed:
         data = b'{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.25, "lr": 1e-05}\n' + data
-    check(FastJsonl, SlowJsonl, tmp_path_factory.mktemp("jsonlb"), data, cuts)
+    check(FastJsonl, SlowJsonl, tmp_path_factory.mktemp("jsonlb"), data, cuts, piece)
 
 
 # ---- the number parser --------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from ..records import EPOCH_KEYS, STEP_KEYS, Record
 
 #: Fields longer than this are left to the exact path.
 MAX_FIELD = 32
+#: A block is parsed this many bytes at a time (whole lines): bounded temporaries, cache-sized.
+PIECE = 1 << 20
 
 # character classes
 _END, _DIG, _DOT, _PLUS, _MINUS, _EXP, _SPACE, _OTHER, _NIL = range(9)  # _NIL: the digit 0
@@ -298,6 +300,21 @@ def _records(keys: list[str], cols: list[np.ndarray], steps: list, epochs: list)
     else:
         dicts = list(map(dict, map(zip, [keys] * len(steps), zip(*[c.tolist() for c in cols]))))
     return list(map(Record, dicts, steps, epochs))
+
+
+def pieces(block: bytes, size: int | None = None) -> list[bytes]:
+    """``block`` (complete lines) cut after a newline about every ``size`` bytes (PIECE)."""
+    size = size or PIECE
+    if len(block) <= size:
+        return [block] if block else []
+    out, pos = [], 0
+    while pos < len(block):
+        end = block.rfind(b"\n", pos, pos + size)
+        if end < 0:
+            end = block.index(b"\n", pos + size)
+        out.append(block[pos:end + 1])
+        pos = end + 1
+    return out
 
 
 def interleave(fast: list[Record], fast_at: np.ndarray, slow: list[Record], slow_at: list[int]) -> list[Record]:

@@ -17,7 +17,7 @@ import numpy as np
 from ..records import EPOCH_KEYS, STEP_KEYS, Record, split_counters
 from . import base
 from .base import Reader, TextTailer
-from .block import NUMBER, Batch, counters, interleave, parse_numbers
+from .block import NUMBER, Batch, counters, interleave, parse_numbers, pieces
 
 MISSING = frozenset({"", "NA", "N/A", "None", "null"})
 #: A line the csv module cannot parse.
@@ -92,8 +92,15 @@ class CsvReader(Reader):
             self._line(block[pos:end], pre)
             pos = end + 1
         rest = block[pos:] if pos else block
-        if not rest:
-            return Batch.from_records(pre) if columns else pre
+        parts = [self._rows(piece, columns) for piece in pieces(rest)]
+        if columns:
+            return Batch.concat([Batch.from_records(pre), *parts])
+        for part in parts:
+            pre += part
+        return pre
+
+    def _rows(self, rest: bytes, columns: bool):
+        """The data rows of ``rest`` (complete lines after the header), as columns or Records."""
         fast, fast_lines, lines = self._fast(rest)
         slow: list[Record] = []
         at: list[int] = []
@@ -103,12 +110,11 @@ class CsvReader(Reader):
         self.delivered += int(fast_lines.sum())
         fast_at = np.flatnonzero(fast_lines)
         if columns:
-            parts = [fast]
-            if slow:
-                order = np.argsort(np.concatenate([fast_at, at]), kind="stable")
-                parts = [Batch.concat([fast, Batch.from_records(slow)]).take(order)]
-            return Batch.concat([Batch.from_records(pre), *parts])
-        return pre + interleave(fast.records(), fast_at, slow, at)
+            if not slow:
+                return fast
+            order = np.argsort(np.concatenate([fast_at, at]), kind="stable")
+            return Batch.concat([fast, Batch.from_records(slow)]).take(order)
+        return interleave(fast.records(), fast_at, slow, at)
 
     def _line(self, line: bytes, out: list[Record]) -> bool:
         """One line the exact way: header, rows to skip, bad rows. True when a record was added."""

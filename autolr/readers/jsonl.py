@@ -15,7 +15,7 @@ import numpy as np
 
 from ..records import EPOCH_KEYS, STEP_KEYS, Record, split_counters
 from .base import Reader, TextTailer
-from .block import BAD, FLOAT, Batch, _records, counters, interleave, parse_numbers
+from .block import BAD, FLOAT, Batch, _records, counters, interleave, parse_numbers, pieces
 
 
 def numeric_items(obj: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -75,6 +75,13 @@ class JsonlReader(Reader):
             return Batch.empty() if columns else []
         if b"\r" in block:
             block = block.replace(b"\r\n", b"\n")
+        parts = [self._rows(piece, columns) for piece in pieces(block)]
+        if columns:
+            return Batch.concat(parts)
+        return parts[0] if len(parts) == 1 else [r for part in parts for r in part]
+
+    def _rows(self, block: bytes, columns: bool):
+        """The rows of ``block`` (complete lines), as columns or Records."""
         if self.block_parsing:
             groups, fast, lines = fast_objects(block)
         else:
