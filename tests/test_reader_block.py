@@ -255,3 +255,16 @@ def test_block_boundaries_and_long_lines(tmp_path, monkeypatch, cls, name, row):
             break
     assert [r.step for r in out] == [0, 1, 2, 3, 4, 9]
     assert reader.skipped["over-long line"] == 1
+
+
+def test_records_pause_the_collector_only_while_building(tmp_path):
+    import gc
+
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 2.5}\n' * 10)
+    assert len(JsonlReader(path).read()) == 10 and gc.isenabled()
+    gc.disable()
+    try:
+        assert len(JsonlReader(path).read()) == 10 and not gc.isenabled()
+    finally:
+        gc.enable()

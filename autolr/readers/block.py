@@ -10,7 +10,9 @@ anything else is flagged as not a number, for the caller's exact per-line path.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import gc
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -255,6 +257,10 @@ class Batch:
 
     def records(self) -> list[Record]:
         """The rows as Records, metrics in column order."""
+        with paused_gc():
+            return self._records()
+
+    def _records(self) -> list[Record]:
         n = len(self)
         if n == 0:
             return []
@@ -291,7 +297,28 @@ class Batch:
         return out
 
 
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while many Records are built: hundreds of thousands
+    of new dicts trigger collections that walk the whole heap (they make no cycles), which in a
+    process with a large heap costs as much as building them."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def _records(keys: list[str], cols: list[np.ndarray], steps: list, epochs: list) -> list[Record]:
+    """One Record per row."""
+    with paused_gc():
+        return _build(keys, cols, steps, epochs)
+
+
+def _build(keys: list[str], cols: list[np.ndarray], steps: list, epochs: list) -> list[Record]:
     if not keys:
         return [Record({}, s, e) for s, e in zip(steps, epochs)]
     if len(keys) == 1:

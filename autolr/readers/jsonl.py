@@ -15,7 +15,7 @@ import numpy as np
 
 from ..records import EPOCH_KEYS, STEP_KEYS, Record, split_counters
 from .base import Reader, TextTailer
-from .block import BAD, FLOAT, Batch, _records, counters, interleave, parse_numbers, pieces
+from .block import BAD, FLOAT, Batch, _records, counters, interleave, parse_numbers, paused_gc, pieces
 
 
 def numeric_items(obj: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -103,6 +103,12 @@ class JsonlReader(Reader):
                 return Batch.empty()
             batch = Batch.concat(batches)
             return batch.take(np.argsort(np.concatenate(where), kind="stable")) if len(batches) > 1 else batch
+        with paused_gc():
+            return self._assemble(groups, fast, slow, at)
+
+    @staticmethod
+    def _assemble(groups: list[tuple], fast: np.ndarray, slow: list[Record], at: list[int]) -> list[Record]:
+        """The groups' and the exact path's records in line order."""
         if len(groups) == 1:
             keys, rows, values, steps, epochs = groups[0]
             recs = _records(keys, list(values.T), *_py_counters(steps, epochs))
