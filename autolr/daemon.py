@@ -151,6 +151,7 @@ class Daemon:
                     self.on_event("ignored", {"path": str(old), "reader": kind.name, "kept": reader.name})
             run.add_source(reader, self.saved_sources.get(run.folder, {}).get(str(path)))
         self.sources[path] = reader
+        self._paths[os.fspath(path)] = path  # events then look it up by this very object (no __eq__)
         self.by_dir[path.parent].add(path)
         self.on_event("source", {"path": str(path), "reader": cls.name})
         return reader
