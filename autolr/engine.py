@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import sys
 from array import array
 from collections import deque
 from typing import Any, Sequence
@@ -24,23 +25,25 @@ log = logging.getLogger("autolr.engine")
 
 
 class History:
-    """The kept rows, column-wise: about 35 bytes a row with one metric, not ~400 as tuples.
+    """The kept rows, column-wise: 17 bytes a row with one metric, not ~300 as tuples and dicts.
 
-    ``steps`` (int64), ``epochs`` (float64) and ``flags`` (bit 0: a step, bit 1: an epoch) have
-    one entry per row; the metric values of all rows follow each other in ``values``, row i's
-    starting at ``offsets[i] - base``; its names are ``keysets[keys[i]]`` (a log has few
-    distinct name sets). A row that does not fit (a step beyond int64, a value that is not a
-    float) is kept whole in ``odd``, by its index among the rows ever appended.
+    ``steps`` (int64) and ``flags`` (bit 0: a step, bit 1: an epoch) have one entry per row,
+    ``epochs`` (float64) too once a row has an epoch. The metric values of all rows follow each
+    other in ``values``; their names are a shared tuple, ``keysets[0]`` while every row has the
+    same names (a row's values then start at ``i * len(names)``). Once names differ, ``keys``
+    gives each row's name set and ``offsets`` where its values start (minus ``base``, the
+    offset of ``values[0]``). A row that does not fit (a step beyond int64, a value that is not
+    a float) is kept whole in ``odd``, by its index among the rows ever appended.
     """
 
     def __init__(self) -> None:
         self.steps = array("q")
-        self.epochs = array("d")
         self.flags = bytearray()
-        self.keys = array("I")
-        self.offsets = array("Q")
         self.values = array("d")
-        self.base = 0  # offset of values[0]
+        self.epochs: array | None = None
+        self.keys: array | None = None
+        self.offsets: array | None = None
+        self.base = 0
         self.keysets: list[tuple[str, ...]] = []
         self.keyset_ids: dict[tuple[str, ...], int] = {}
         self.odd: dict[int, tuple] = {}
@@ -50,37 +53,56 @@ class History:
         return len(self.flags)
 
     def append(self, step: int | None, epoch: float | None, metrics: dict[str, float]) -> None:
+        n = len(self.flags)
+        fits = (step is None or type(step) is int) and (epoch is None or type(epoch) is float)
         vals = tuple(metrics.values())
-        index = self.first + len(self.flags)
-        try:
-            if not (all(type(v) is float for v in vals) and (step is None or type(step) is int)
-                    and (epoch is None or type(epoch) is float)):
-                raise TypeError("kept whole")
-            self.steps.append(0 if step is None else step)
-        except (TypeError, OverflowError):
-            self.odd[index] = (step, epoch, dict(metrics))
-            self.steps.append(0)
-            vals = ()
-            names: tuple[str, ...] = ()
-        else:
+        for v in vals:
+            if type(v) is not float:
+                fits = False
+        if fits:
+            try:
+                self.steps.append(0 if step is None else step)
+            except OverflowError:
+                fits = False
+        if fits:
             names = tuple(metrics)
+        else:
+            self.odd[self.first + n] = (step, epoch, dict(metrics))
+            self.steps.append(0)
+            names, vals = (), ()
+        if epoch is not None and fits:
+            if self.epochs is None:
+                self.epochs = array("d", bytes(8 * n))
+            self.epochs.append(epoch)
+        elif self.epochs is not None:
+            self.epochs.append(0.0)
         kid = self.keyset_ids.get(names)
         if kid is None:
             kid = self.keyset_ids[names] = len(self.keysets)
             self.keysets.append(names)
-        self.epochs.append(0.0 if epoch is None else epoch)
+        if self.keys is None and kid != 0:  # names differ from now on: per-row name sets
+            width = len(self.keysets[0])
+            self.keys = array("I", bytes(4 * n))
+            self.offsets = array("Q", range(0, n * width, width) if width else bytes(8 * n))
+            self.base = 0
+        if self.keys is not None:
+            self.keys.append(kid)
+            self.offsets.append(self.base + len(self.values))
         self.flags.append((step is not None) | (epoch is not None) << 1)
-        self.keys.append(kid)
-        self.offsets.append(self.base + len(self.values))
         self.values.extend(vals)
+
+    def _span(self, i: int) -> tuple[tuple[str, ...], int]:
+        if self.keys is None:
+            names = self.keysets[0]
+            return names, i * len(names)
+        return self.keysets[self.keys[i]], self.offsets[i] - self.base
 
     def row(self, i: int) -> tuple[int | None, float | None, dict[str, float]]:
         odd = self.odd.get(self.first + i)
         if odd is not None:
             return odd
         f = self.flags[i]
-        names = self.keysets[self.keys[i]]
-        at = self.offsets[i] - self.base
+        names, at = self._span(i)
         return (self.steps[i] if f & 1 else None, self.epochs[i] if f & 2 else None,
                 dict(zip(names, self.values[at : at + len(names)])))
 
@@ -93,13 +115,20 @@ class History:
             return self.epochs[i] if self.flags[i] & 2 else None
         return self.steps[i] if self.flags[i] & 1 else None
 
+    def _columns(self) -> list:
+        return [a for a in (self.steps, self.flags, self.epochs, self.keys, self.offsets) if a is not None]
+
     def drop_front(self, n: int) -> None:
         if n <= 0:
             return
-        cut = self.offsets[n] if n < len(self.flags) else self.base + len(self.values)
-        del self.values[: cut - self.base]
-        self.base = cut
-        for a in (self.steps, self.epochs, self.flags, self.keys, self.offsets):
+        if n < len(self.flags):
+            _, cut = self._span(n)
+        else:
+            cut = len(self.values)
+        del self.values[:cut]
+        if self.keys is not None:
+            self.base += cut
+        for a in self._columns():
             del a[:n]
         self.first += n
         if self.odd:
@@ -109,45 +138,53 @@ class History:
         """Keep the first ``n`` rows."""
         if n >= len(self.flags):
             return
-        del self.values[self.offsets[n] - self.base :]
-        for a in (self.steps, self.epochs, self.flags, self.keys, self.offsets):
+        _, cut = self._span(n)
+        del self.values[cut:]
+        for a in self._columns():
             del a[n:]
         if self.odd:
             end = self.first + n
             self.odd = {k: v for k, v in self.odd.items() if k < end}
 
     def get_state(self) -> dict[str, Any]:
-        """Arrays as base64 (little or big endian as in memory; ``byteorder`` says which)."""
-        import sys
-
-        b64 = lambda a: base64.b64encode(bytes(a)).decode("ascii")  # noqa: E731
+        """The arrays as base64 of their bytes, in the machine's byte order (``byteorder``)."""
+        b64 = lambda a: None if a is None else base64.b64encode(bytes(a)).decode("ascii")  # noqa: E731
         return {"format": 2, "byteorder": sys.byteorder, "keysets": [list(k) for k in self.keysets],
-                "steps": b64(self.steps), "epochs": b64(self.epochs), "flags": b64(self.flags),
+                "steps": b64(self.steps), "flags": b64(self.flags), "epochs": b64(self.epochs),
                 "keys": b64(self.keys), "values": b64(self.values),
                 "odd": [[i - self.first, *row] for i, row in sorted(self.odd.items())]}
 
     @classmethod
     def from_state(cls, data: dict[str, Any]) -> "History":
-        import sys
-
+        """Rebuild from ``get_state()``; ValueError when the parts do not agree."""
         h = cls()
         h.keysets = [tuple(k) for k in data["keysets"]]
         h.keyset_ids = {k: i for i, k in enumerate(h.keysets)}
-        for name in ("steps", "epochs", "keys", "values"):
-            a = getattr(h, name)
-            a.frombytes(base64.b64decode(data[name]))
-            if data.get("byteorder", sys.byteorder) != sys.byteorder:
-                a.byteswap()
         h.flags = bytearray(base64.b64decode(data["flags"]))
         n = len(h.flags)
-        if not (len(h.steps) == len(h.epochs) == len(h.keys) == n) or any(k >= len(h.keysets) for k in h.keys):
+        for name, code in (("steps", "q"), ("values", "d"), ("epochs", "d"), ("keys", "I")):
+            if data.get(name) is None:
+                continue
+            a = array(code, base64.b64decode(data[name]))
+            if data.get("byteorder", sys.byteorder) != sys.byteorder:
+                a.byteswap()
+            setattr(h, name, a)
+        if len(h.steps) != n or (h.epochs is not None and len(h.epochs) != n):
             raise ValueError("inconsistent engine history")
-        at = 0
-        for k in h.keys:
-            h.offsets.append(at)
-            at += len(h.keysets[k])
-        if at != len(h.values):
-            raise ValueError("inconsistent engine history")
+        if h.keys is None:
+            width = len(h.keysets[0]) if h.keysets else 0
+            if len(h.values) != n * width or (n and not h.keysets):
+                raise ValueError("inconsistent engine history")
+        else:
+            if len(h.keys) != n or any(k >= len(h.keysets) for k in h.keys):
+                raise ValueError("inconsistent engine history")
+            h.offsets = array("Q")
+            at = 0
+            for k in h.keys:
+                h.offsets.append(at)
+                at += len(h.keysets[k])
+            if at != len(h.values):
+                raise ValueError("inconsistent engine history")
         h.odd = {int(i): (step, epoch, dict(metrics)) for i, step, epoch, metrics in data.get("odd", [])}
         return h
 

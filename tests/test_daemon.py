@@ -311,6 +311,21 @@ def test_engine_history_columns_round_trip():
     assert same([h.row(i) for i in range(len(h))], rows[2:4]) and h.key(0, "step") == 2**70
     h.append(*rows[5])
     assert same(h.row(2), rows[5])
+    # one name set for a while (no per-row keys), cut at the front, then other names
+    h, plain = History(), [(s, None, {"loss": 1.0 / (s + 1), "acc": 0.5}) for s in range(6)]
+    for r in plain:
+        h.append(*r)
+    assert h.keys is None and h.epochs is None and len(h.values) == 12
+    h.drop_front(2)
+    more = [(6, 0.5, {"val_loss": 0.25}), (7, None, {"loss": 0.1, "acc": 0.6})]
+    for r in more:
+        h.append(*r)
+    expected = plain[2:] + more
+    assert same([h.row(i) for i in range(len(h))], expected)
+    back = History.from_state(json.loads(json.dumps(h.get_state())))
+    assert same([back.row(i) for i in range(len(back))], expected)
+    h.truncate(3)
+    assert same([h.row(i) for i in range(len(h))], expected[:3])
 
 
 def test_engine_state_round_trip_then_rewind_is_exact():
