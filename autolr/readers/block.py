@@ -23,8 +23,8 @@ MAX_FIELD = 32
 #: A block is parsed this many bytes at a time (whole lines): bounded temporaries, cache-sized.
 PIECE = 1 << 20
 
-# character classes
-_END, _DIG, _DOT, _PLUS, _MINUS, _EXP, _SPACE, _OTHER, _NIL = range(9)  # _NIL: the digit 0
+# character classes (a field is read to its length: no class marks its end)
+_DIG, _DOT, _PLUS, _MINUS, _EXP, _SPACE, _OTHER, _NIL = range(1, 9)  # _NIL: the digit 0
 _NCLS = 9
 _CLASS = np.full(256, _OTHER, np.uint8)
 _CLASS[ord("1"):ord("9") + 1] = _DIG
@@ -64,13 +64,12 @@ def _table(strict_json: bool) -> np.ndarray:
     t[_EXPD, _DIG] = _EXPD
     for s in (_ZERO, _INT, _DOT1, _FRAC, _EXPD, _TRAIL):
         t[s, _SPACE] = _TRAIL
-        t[s, _END] = s
     t[:, _NIL] = t[:, _DIG]
     if strict_json:  # -?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?
         t[_START, _PLUS] = t[_START, _DOT] = t[_SIGN, _DOT] = _DEAD
         t[_START, _NIL] = t[_SIGN, _NIL] = _ZERO
         t[_ZERO, _DIG] = t[_ZERO, _NIL] = _DEAD
-        t[_DOT1, _EXP] = t[_DOT1, _SPACE] = t[_DOT1, _END] = _DEAD
+        t[_DOT1, _EXP] = t[_DOT1, _SPACE] = _DEAD
     return t.ravel()
 
 
