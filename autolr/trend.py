@@ -452,7 +452,7 @@ def slowdown_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confid
 def faded_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confidence: float = 0.95,
                min_recent: int = 100, min_before: int = 100, fraction: float = 0.5,
                miss: float = SLOWDOWN_MISS, phi: float | None = None, clip: float = 3.0,
-               block: int = 50, prepared=None) -> Slowdown | None:
+               block: int = 50, min_effective: float = 0.0, prepared=None) -> Slowdown | None:
     """Did an improvement die out: the last m observations flat where the pace before them would show?
 
     For each candidate m (``min_recent``, then about 19% apart, with at least ``min_before``
@@ -475,6 +475,10 @@ def faded_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confidenc
     start or the kink); each segment's first
     row is dropped from the prewhitened fit. All candidates from one set of prefix sums: O(n);
     ``prepared`` as in :func:`slowdown_test`.
+
+    Candidates whose earlier part holds fewer than ``min_effective`` effectively independent
+    observations, n_before·(1 - phi)/(1 + phi), are skipped: under strong autocorrelation a
+    short stretch's slope and standard error are not to be trusted.
 
     Returns the stopped candidate with the fewest recent observations, else the longest
     candidate (stopped False); None when fewer than ``min_recent`` + ``min_before``
@@ -522,7 +526,8 @@ def faded_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confidenc
         se_a, se_bf = se_r * scale, se_b * scale
         tr, zq = _critical(dof_r.astype(np.int64), float(confidence), float(miss))
         tb, _ = _critical(dof_b.astype(np.int64), float(confidence), float(miss))
-        stopped = ((dof_r >= 1) & (dof_b >= 1) & (after - min_rate < tr * se_a)
+        enough = c * (1.0 - phi) >= min_effective * (1.0 + phi)
+        stopped = (enough & (dof_r >= 1) & (dof_b >= 1) & (after - min_rate < tr * se_a)
                    & (fraction * (before - tb * se_bf) >= (tr + zq) * se_a) & (before > 0))
     i = int(np.argmax(stopped)) if stopped.any() else len(ms) - 1
     return Slowdown(bool(stopped[i]), int(ms[i]), n, float(before[i]), float(se_bf[i]),

@@ -476,6 +476,7 @@ def report(runs, res, args, wall, tasks) -> str:
                else f"final val loss {fmt(s['final_val'])}")
         lines.append(f"   - {s['task']} lr={s['lr']:g} seed {s['seed']}: {how}; not diverged: "
                      f"{', '.join(s['saved_by'])}")
+    lines += plateau_section(res, tasks)
     lines += ["", "## autolr decisions (seed 0)", ""]
     for s in [s for s in schedules_of(runs) if s not in TORCH_SCHEDULES]:
         rs = [r for r in runs if r["schedule"] == s]
@@ -500,6 +501,32 @@ def report(runs, res, args, wall, tasks) -> str:
                 if len(rest) > 8:
                     lines.append(f"  - … {len(rest) - 8} more")
     return "\n".join(lines) + "\n"
+
+
+def plateau_section(res, tasks) -> list[str]:
+    """autolr ``plateau`` (defaults) beside ReduceLROnPlateau and the constant LR, per task x LR."""
+    rows, ok = [], 0
+    for t in tasks:
+        for lr in TASKS[t].lrs:
+            p, b, c = (res["cells"].get((t, lr, s)) for s in ("plateau", "rlrop", "constant"))
+            if p is None or b is None:
+                continue
+            fp, fb = p["final"], b["final"]
+            good = math.isfinite(fp) and (not math.isfinite(fb) or fp <= fb * (1 + TOLERANCE))
+            ok += good
+            rows.append([t, f"{lr:g}", f"{fmt(fp, 4)} ({p['diverged']})", f"{fmt(fb, 4)} ({b['diverged']})",
+                         f"{fmt(c['final'], 4)} ({c['diverged']})" if c else "—",
+                         fmt(fp / fb, 3) if math.isfinite(fp) and math.isfinite(fb) else "—",
+                         "yes" if good else "**no**"])
+    if not rows:
+        return []
+    return ["", "## autolr `plateau` (defaults)", "",
+            "Median final validation loss over seeds (diverged seeds). No target of its own: `auto` is the "
+            "default; this shows what `plateau` does on a validation loss logged every "
+            "--eval-every steps.", "",
+            md_table(["task", "LR", "plateau", "ReduceLROnPlateau", "constant", "plateau/RLRoP",
+                      f"plateau ≤ RLRoP·{1 + TOLERANCE:g}"], rows, "llrrrrr"), "",
+            f"`plateau` at least as good as ReduceLROnPlateau in {ok}/{len(rows)} task × LR cases."]
 
 
 def plot(runs, res, tasks, path):

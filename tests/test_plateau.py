@@ -138,13 +138,14 @@ def closed_loop(specs, steps=1500, seed=0):
 
 def test_warmup_then_plateau_on_the_demo_curve():
     """Regression: with a warmup first, plateau's history starts after the steep part of the
-    curve with a short, small decline (about one noise sigma) and then a long flat stretch.
-    The whole-history test stays significant for thousands of rows on such a start and the
-    faded test measured the past pace over everything kept against the last 100 rows only, so
-    the first cut came at step 1189. The faded test now compares the flat stretch, however
-    long, with the pace before it."""
+    curve: a short drop (about 20 rows) and then a long flat stretch with a faint residual
+    decline. The least-squares slope over everything kept showed that drop as improvement for
+    over a thousand rows, and the faded test measured the pace over everything kept (the flat
+    stretch included) against the last 100 rows only: the first cut came at step 1189 (auto:
+    249). The faded test now compares a flat stretch of any length with the pace of the
+    observations before it."""
     with_warmup = closed_loop(["warmup:steps=100,start_factor=0.1", "plateau"])
-    assert with_warmup and 300 <= with_warmup[0] <= 900, with_warmup
+    assert with_warmup and 250 <= with_warmup[0] <= 600, with_warmup
     alone = closed_loop(["plateau"])
     assert alone and alone[0] < 300, alone
 
