@@ -4,9 +4,9 @@ When a record's step (or epoch) is below the last one seen, the job was resumed 
 earlier checkpoint. The history is cut at that step and the chain state rebuilt by replaying
 the kept rows, so the decisions are exactly those of a run that never went past it.
 
-Memory is bounded: the engine keeps the last ``history`` rows, reduced to the counters and the
-metrics the chain reads, plus a chain-state checkpoint every ``checkpoint_every`` rows. A
-rewind further back than the window restores the oldest checkpoint and says so.
+Memory is bounded: the engine keeps the last ``history`` rows in column arrays (``History``,
+17 bytes a row with one metric), plus a chain-state checkpoint every ``checkpoint_every`` rows.
+A rewind further back than the window restores the oldest checkpoint and says so.
 """
 from __future__ import annotations
 
