@@ -35,7 +35,7 @@ SOURCES_STATE = ".autolr-sources.json"  # read positions of sources that feed se
 #: (~0.3 ms of kernel time on ext4 when spread over many folders): with 1000 runs, saving each
 #: every 2 s took 15 % of a core. Saves go oldest first in small slices (every SAVE_TICK s) so
 #: the worker never stalls for long; with few runs each dirty run is still saved every ``flush`` s.
-MAX_SAVES_PER_SECOND = 100
+MAX_SAVES_PER_SECOND = 50
 SAVE_TICK = 0.25
 
 
@@ -78,6 +78,7 @@ class Daemon:
         self.run_for: dict[Path, Run] = {}  # the run of each single-run source, looked up once
         self.lock = threading.Lock()
         self.observer = None
+        self.native_events = False  # our inotify reader runs: it reports control-file changes
         self.mode = "once" if self.options.once else ("poll" if self.options.poll else "inotify")
         self.errors: defaultdict[str, int] = defaultdict(int)
         # New folders are walked again shortly after their creation event: files created in
@@ -169,6 +170,7 @@ class Daemon:
         folder.mkdir(parents=True, exist_ok=True)
         run = Run(folder, settings, self.policies, fsync=self.options.fsync,
                   on_decision=lambda r, rec: self.on_event("decision", {"run": str(r.folder), **rec}))
+        run.manual_by_events = self.native_events
         self.saved_sources[folder] = run.load()
         self.runs[folder] = run
         run.start()
@@ -285,6 +287,9 @@ class Daemon:
         self._progress = (start, total, last)
 
     def rescan(self) -> None:
+        """The safety net: new logs, unread rows and manual overrides that sent no event."""
+        for run in list(self.runs.values()):
+            run.adopt_manual()
         self.discover()
         self.catch_up()
 
@@ -347,7 +352,8 @@ class Daemon:
         cache = self._paths
         if len(cache) > 100_000:
             cache.clear()
-        for name in sorted(batch):
+        # Control files first: a manual override is adopted before the rows that follow it.
+        for name in sorted(batch, key=lambda n: (not n.endswith("/" + CONTROL_NAME), n)):
             if self.stop_event.is_set():
                 return
             path = cache.get(name)
@@ -416,6 +422,9 @@ class Daemon:
         watcher.start()
         self.observer = watcher
         self.mode = "inotify"
+        self.native_events = True
+        for run in self.runs.values():
+            run.manual_by_events = True
 
     def stop(self, *_: Any) -> None:
         self.stop_event.set()

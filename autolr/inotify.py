@@ -45,11 +45,11 @@ MASK = (IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | I
         | IN_DELETE_SELF | IN_MOVE_SELF)
 _HEADER = struct.Struct("iIII")
 _READ_SIZE = 256 << 10
-#: Names never reported: the daemon's own files (``autolr.json`` only when written in place,
-#: as a client outside the protocol might; its atomic replaces by us arrive as moves).
-_OWN = frozenset({b"autolr.decisions.jsonl", b"autolr.state.json", b"autolr.lock", b"autolr.toml"})
-_CONTROL = b"autolr.json"
-_WRITTEN = IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE
+#: Names never reported: the daemon's own files. A change to the control file or the journal
+#: (``autolr set``, and our own publishes) is reported as the control file's path, so that the
+#: daemon adopts a manual override without checking both files before every read.
+_OWN = frozenset({b"autolr.state.json", b"autolr.lock", b"autolr.toml"})
+_CONTROL = frozenset({b"autolr.json", b"autolr.decisions.jsonl"})
 
 Sink = Callable[[set, bool], None]  # (changed paths as str, overflowed)
 
@@ -167,8 +167,11 @@ class InotifyWatcher:
                     self.remove_tree(path)
                 changed.add(path)
                 continue
-            if name[0] == 46 or name in _OWN or (name == _CONTROL and not mask & _WRITTEN):
-                continue  # hidden and temporary files, our own files and atomic replaces
+            if name[0] == 46 or name in _OWN:
+                continue  # hidden and temporary files, our own state
+            if name in _CONTROL:
+                changed.add(folder + "/autolr.json")
+                continue
             changed.add(folder + "/" + fsdecode(name))
         return changed, overflow
 

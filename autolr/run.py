@@ -56,6 +56,9 @@ class Run:
         self.errors: Counter[str] = Counter()
         self.on_decision = on_decision
         self.restored = False
+        # True when the daemon's inotify reader reports every change of the control file and
+        # the journal (it calls adopt_manual() then): feed() need not stat both every time.
+        self.manual_by_events = False
 
     # ---- sources -------------------------------------------------------------------------
     def add_source(self, reader: Reader, saved: dict[str, Any] | None = None) -> None:
@@ -80,7 +83,8 @@ class Run:
         batch is fed, so the stored read positions never run ahead of the engine; a crash
         between the publish and the save is covered by the journal match at restart.
         """
-        self.adopt_manual()
+        if not self.manual_by_events:
+            self.adopt_manual()
         columns = reader.columns()
         batch: list[Decision] = []
         for record in records:

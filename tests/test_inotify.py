@@ -64,15 +64,17 @@ def test_appends_new_folders_and_own_files(watched):
         f.write('{"step": 2}\n')
     (deep / "x.csv").write_text("step\n1\n2\n")
     assert sink.wait_for(deep / "x.csv")
-    for name in ("autolr.decisions.jsonl", "autolr.state.json", "autolr.lock", ".autolr-1.tmp", ".hidden"):
+    for name in ("autolr.state.json", "autolr.lock", ".autolr-1.tmp", ".hidden"):
         (root / "a" / name).write_text("{}")
-    os.replace(root / "a" / ".autolr-1.tmp", root / "a" / "autolr.json")  # our atomic replace: not reported
     marker = root / "a" / "after.jsonl"
     marker.write_text("")
     assert sink.wait_for(marker)
     reported = {os.path.basename(p) for p in sink.paths}
-    assert not reported & {"autolr.decisions.jsonl", "autolr.state.json", "autolr.lock", ".autolr-1.tmp",
-                           ".hidden", "autolr.json"}
+    assert not reported & {"autolr.state.json", "autolr.lock", ".autolr-1.tmp", ".hidden", "autolr.json"}
+    # the journal or the control file changed (autolr set, or a publish): reported as the control file
+    (root / "a" / "autolr.decisions.jsonl").write_text("{}\n")
+    assert sink.wait_for(root / "a" / "autolr.json")
+    assert "autolr.decisions.jsonl" not in {os.path.basename(p) for p in sink.paths}
 
 
 def test_folder_moved_in_and_out(watched, tmp_path_factory):
@@ -100,9 +102,10 @@ def test_parse_coalesces_and_flags_overflow(tmp_path):
         return struct.pack("iIII", wd, mask, 0, len(padded)) + padded
 
     buf = b"".join([event(1, IN_MODIFY, b"m.jsonl")] * 5 + [event(1, IN_CREATE, b".autolr-x.tmp"),
+                   event(1, IN_MODIFY, b"autolr.state.json"), event(1, IN_MODIFY, b"autolr.decisions.jsonl"),
                    event(1, IN_MOVED_TO, b"autolr.json"), event(-1, IN_Q_OVERFLOW), event(7, IN_MODIFY, b"z")])
     changed, overflow = watcher.parse(buf)
-    assert changed == {str(tmp_path / "m.jsonl")} and overflow
+    assert changed == {str(tmp_path / "m.jsonl"), str(tmp_path / "autolr.json")} and overflow
     watcher.add_tree = lambda path: None  # no real watches in this test
     changed, _ = watcher.parse(event(1, IN_CREATE | IN_ISDIR, b"new") + event(1, IN_CREATE | IN_ISDIR, b".autolr-x"))
     assert changed == {str(tmp_path / "new")}
