@@ -268,3 +268,20 @@ def test_records_pause_the_collector_only_while_building(tmp_path):
         assert len(JsonlReader(path).read()) == 10 and not gc.isenabled()
     finally:
         gc.enable()
+
+
+@FUZZ
+@given(rows=st.lists(st.tuples(st.dictionaries(st.sampled_from([f"m{i}" for i in range(70)]),
+                                               st.floats(allow_nan=True), max_size=70),
+                               st.none() | st.integers(-2**53, 2**53), st.none() | st.floats(allow_nan=False)),
+                     max_size=30),
+       wide=st.booleans())
+def test_batch_round_trip(rows, wide):
+    """Records -> Batch -> Records, with few and with many (> 16, > 60) partial columns."""
+    if not wide:
+        rows = [({k: v for k, v in m.items() if int(k[1:]) < 5}, s, e) for m, s, e in rows]
+    records = [Record(m, s, e) for m, s, e in rows]
+    back = Batch.from_records(records).records()
+    assert [key(r) for r in back] == [key(r) for r in records]
+    joined = Batch.concat([Batch.from_records(records[:3]), Batch.from_records(records[3:])]).records()
+    assert [key(r) for r in joined] == [key(r) for r in back]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
+from operator import itemgetter
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -177,7 +178,8 @@ class Batch:
     """Rows of a log as columns, in log order.
 
     ``steps`` and ``epochs`` are float64 with NaN where a row has none (steps are whole
-    numbers below 2**63 in magnitude); ``metrics`` maps a name to its float64 column;
+    numbers, exact up to 2**53; a CSV or JSONL step is a parsed float anyway); ``metrics``
+    maps a name to its float64 column;
     ``present`` holds a boolean mask for each metric that some rows lack (a metric not in
     ``present`` is in every row). ``records()`` gives the same rows as Records.
     """
@@ -264,36 +266,44 @@ class Batch:
         if n == 0:
             return []
         names = list(self.metrics)
-        steps = [None if s != s else int(s) for s in self.steps.tolist()]
-        epochs = [None if e != e else e for e in self.epochs.tolist()]
         partial = [k for k in names if k in self.present]
         if not partial:
-            return _records(names, [self.metrics[k] for k in names], steps, epochs)
-        if len(partial) > 60:
-            codes = None
-        else:
-            codes = np.zeros(n, np.int64)
-            for bit, k in enumerate(partial):
-                codes |= self.present[k].astype(np.int64) << bit
-        if codes is None:  # too many partial columns for a bit code: row by row
+            return _records(names, [self.metrics[k] for k in names], *_counters(self.steps, self.epochs))
+        if len(partial) > 60:  # too many partial columns for a bit code: row by row
+            steps, epochs = _counters(self.steps, self.epochs)
             cols = {k: self.metrics[k].tolist() for k in names}
             masks = {k: self.present[k].tolist() for k in partial}
             return [Record({k: cols[k][i] for k in names if k not in masks or masks[k][i]}, steps[i], epochs[i])
                     for i in range(n)]
-        kinds, inverse = np.unique(codes, return_inverse=True)
+        codes = np.zeros(n, np.int64)  # which partial columns each row holds, as bits
+        for bit, k in enumerate(partial):
+            codes |= self.present[k].astype(np.int64) << bit
+        kinds = np.flatnonzero(np.bincount(codes)) if len(partial) <= 16 else np.unique(codes)
         if len(kinds) == 1:
             keys = [k for k in names if k not in self.present or self.present[k][0]]
-            return _records(keys, [self.metrics[k] for k in keys], steps, epochs)
-        out: list = [None] * n
-        for j, code in enumerate(kinds.tolist()):
-            rows = np.flatnonzero(inverse == j)
+            return _records(keys, [self.metrics[k] for k in keys], *_counters(self.steps, self.epochs))
+        parts, where = [], []
+        for code in kinds.tolist():
+            rows = np.flatnonzero(codes == code)
             keys = [k for k in names if k not in self.present or code >> partial.index(k) & 1]
-            rl = rows.tolist()
-            recs = _records(keys, [self.metrics[k][rows] for k in keys], [steps[i] for i in rl],
-                            [epochs[i] for i in rl])
-            for i, r in zip(rl, recs):
-                out[i] = r
-        return out
+            parts += _records(keys, [self.metrics[k][rows] for k in keys],
+                              *_counters(self.steps[rows], self.epochs[rows]))
+            where.append(rows)
+        at = np.empty(n, np.int64)  # where each row's record is in ``parts``
+        at[np.concatenate(where)] = np.arange(n)
+        return list(itemgetter(*at.tolist())(parts))
+
+
+def _counters(steps: np.ndarray, epochs: np.ndarray) -> tuple[list, list]:
+    """Steps and epochs as Record fields: int or None, float or None."""
+    if np.isnan(steps).any():
+        s = [None if v != v else int(v) for v in steps.tolist()]
+    else:
+        s = steps.astype(np.int64).tolist()
+    e = epochs.tolist()
+    if np.isnan(epochs).any():
+        e = [None if v != v else v for v in e]
+    return s, e
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..records import EPOCH_KEYS, STEP_KEYS, Record, split_counters
 from .base import Reader, TextTailer
-from .block import BAD, FLOAT, Batch, _records, counters, interleave, parse_numbers, paused_gc, pieces
+from .block import BAD, FLOAT, Batch, _counters, _records, counters, interleave, parse_numbers, paused_gc, pieces
 
 
 def numeric_items(obj: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -111,11 +111,11 @@ class JsonlReader(Reader):
         """The groups' and the exact path's records in line order."""
         if len(groups) == 1:
             keys, rows, values, steps, epochs = groups[0]
-            recs = _records(keys, list(values.T), *_py_counters(steps, epochs))
+            recs = _records(keys, list(values.T), *_counters(steps, epochs))
             return interleave(recs, rows, slow, at)
         out: list = [None] * len(fast)
         for keys, rows, values, steps, epochs in groups:
-            for i, r in zip(rows.tolist(), _records(keys, list(values.T), *_py_counters(steps, epochs))):
+            for i, r in zip(rows.tolist(), _records(keys, list(values.T), *_counters(steps, epochs))):
                 out[i] = r
         for i, r in zip(at, slow):
             out[i] = r
@@ -249,11 +249,6 @@ def _members(keys: list[str], vals: np.ndarray) -> tuple[list[str], np.ndarray, 
 
 def _group_batch(keys: list[str], values: np.ndarray, steps: np.ndarray, epochs: np.ndarray) -> Batch:
     return Batch(steps, epochs, {k: values[:, j] for j, k in enumerate(keys)})
-
-
-def _py_counters(steps: np.ndarray, epochs: np.ndarray) -> tuple[list, list]:
-    return ([None if s != s else int(s) for s in steps.tolist()],
-            [None if e != e else e for e in epochs.tolist()])
 
 
 @hookimpl
