@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -104,22 +105,24 @@ class JsonlReader(Reader):
             batch = Batch.concat(batches)
             return batch.take(np.argsort(np.concatenate(where), kind="stable")) if len(batches) > 1 else batch
         with paused_gc():
-            return self._assemble(groups, fast, slow, at)
+            return self._assemble(groups, slow, at)
 
     @staticmethod
-    def _assemble(groups: list[tuple], fast: np.ndarray, slow: list[Record], at: list[int]) -> list[Record]:
+    def _assemble(groups: list[tuple], slow: list[Record], at: list[int]) -> list[Record]:
         """The groups' and the exact path's records in line order."""
         if len(groups) == 1:
             keys, rows, values, steps, epochs = groups[0]
             recs = _records(keys, list(values.T), *_counters(steps, epochs))
             return interleave(recs, rows, slow, at)
-        out: list = [None] * len(fast)
+        parts: list[Record] = list(slow)
+        where = [np.asarray(at, np.int64)]
         for keys, rows, values, steps, epochs in groups:
-            for i, r in zip(rows.tolist(), _records(keys, list(values.T), *_counters(steps, epochs))):
-                out[i] = r
-        for i, r in zip(at, slow):
-            out[i] = r
-        return [r for r in out if r is not None]
+            parts += _records(keys, list(values.T), *_counters(steps, epochs))
+            where.append(rows)
+        if len(parts) < 2:
+            return parts
+        order = np.argsort(np.concatenate(where), kind="stable")  # line numbers to log order
+        return list(itemgetter(*order.tolist())(parts))
 
     def parse(self, line: bytes) -> Record | None:
         if not line.strip():
