@@ -118,3 +118,22 @@ def test_csv_header_longer_than_the_head_read(tmp_path: Path):
         f.write(f"step,other,{wide[1:]}\n7,0.5{',' * (wide.count(',') + 1)}\n".encode())
     assert reader._header_changed()
     assert steps(reader.read()) == [7] and reader.restarted
+
+
+def test_csv_read_costs_one_stat_and_a_short_head_read(tmp_path: Path, monkeypatch):
+    from autolr.readers import base
+
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"step,loss\n1,0.5\n")
+    reader = CsvReader(path)
+    assert steps(reader.read()) == [1]
+    assert reader.read() == []  # the first header check remembers the header's bytes
+    with open(path, "ab") as f:
+        f.write(b"2,0.25\n")
+    stats, preads = [], []
+    real_stat, real_pread = os.stat, base._pread
+    monkeypatch.setattr(base.os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))
+    monkeypatch.setattr(base, "_pread", lambda fd, n, off: preads.append((n, off)) or real_pread(fd, n, off))
+    assert steps(reader.read()) == [2]
+    assert len(stats) == 1
+    assert preads[0] == (len(b"step,loss\n"), 0)  # the header, compared with the known one

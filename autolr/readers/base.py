@@ -106,6 +106,7 @@ class TextTailer:
         self.mark = b""  # the last MARK bytes before the offset, as read
         self.fd: int | None = None
         self.fd_identity: tuple[int, int] | None = None
+        self.last_stat: os.stat_result | None = None  # the stat taken by head()
 
     def get_state(self) -> dict[str, Any]:
         return {"offset": self.offset, "identity": self.identity, "skipping": self.skipping,
@@ -129,7 +130,7 @@ class TextTailer:
 
     def close(self) -> None:
         """Release the kept descriptor (the next read opens the file again)."""
-        fd, self.fd, self.fd_identity = self.fd, None, None
+        fd, self.fd, self.fd_identity, self.last_stat = self.fd, None, None, None
         if fd is not None:
             try:
                 os.close(fd)
@@ -167,16 +168,23 @@ class TextTailer:
         return st
 
     def head(self, size: int) -> bytes | None:
-        """Up to ``size`` bytes from the start of the file the path names now (None: gone)."""
-        if self._sync() is None:
+        """Up to ``size`` bytes from the start of the file the path names now (None: gone).
+
+        Its stat of the path is kept in ``last_stat`` for ``read_block(reuse_stat=True)``."""
+        self.last_stat = None
+        st = self._sync()
+        if st is None:
             return None
+        self.last_stat = st
         return _pread(self.fd, size, 0)
 
-    def _fetch(self) -> bytes:
+    def _fetch(self, reuse_stat: bool = False) -> bytes:
         """The bytes from the offset (at most READ_BLOCK), after the restart checks."""
         self.reader.more = False
+        st, self.last_stat = (self.last_stat if reuse_stat else None), None
         try:
-            st = self._sync()
+            if st is None or self.fd is None:
+                st = self._sync()
             if st is None:
                 return b""
         except OSError as exc:
@@ -220,10 +228,12 @@ class TextTailer:
         elif n > 0:
             self.mark = ((self.mark if start else b"") + data[:n])[-MARK:]
 
-    def read_block(self) -> bytes:
+    def read_block(self, reuse_stat: bool = False) -> bytes:
         """The complete lines from the offset as one block (each ending with ``\\n``, line ends
-        left as written), over-long lines left out and counted; at most READ_BLOCK bytes."""
-        data = self._fetch()
+        left as written), over-long lines left out and counted; at most READ_BLOCK bytes.
+
+        ``reuse_stat``: use the stat of the ``head()`` called just before (one stat a read)."""
+        data = self._fetch(reuse_stat)
         if not data:
             return b""
         start = self.offset

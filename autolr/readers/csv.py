@@ -40,6 +40,7 @@ class CsvReader(Reader):
         self.delivered = 0  # data rows returned since the file's start
         self.to_skip = 0  # rows of an in-place rewrite still to pass over
         self.need_header = True  # the next non-blank row is the header
+        self.known_head = b""  # the file's bytes up to our header's newline, when last checked
 
     @classmethod
     def matches(cls, path: Path) -> bool:
@@ -73,9 +74,10 @@ class CsvReader(Reader):
 
     def _read(self, columns: bool):
         self.restarted = False
-        if self.header is not None and self._header_changed():
+        checked = self.header is not None
+        if checked and self._header_changed():
             self.tailer.restart()
-        block = self.tailer.read_block()
+        block = self.tailer.read_block(reuse_stat=checked)
         if self.restarted:  # read from the start again
             self.need_header = True
         # A truncated or replaced file is only a new log once its header says so: a file caught
@@ -215,20 +217,34 @@ class CsvReader(Reader):
 
     def _header_changed(self) -> bool:
         """True when the file's header row (its first non-blank line) is no longer ours."""
-        try:
-            head = self.tailer.head(HEAD_BYTES)  # through the tailer's kept descriptor
+        known = self.known_head
+        try:  # through the tailer's kept descriptor
+            if known and self.tailer.head(len(known)) == known:  # the usual case: one short pread
+                return False
+            self.known_head = b""
+            for size in (4096, HEAD_BYTES):
+                head = self.tailer.head(size)
+                if head is None:
+                    return False
+                verdict = self._scan_head(head, size)
+                if verdict is not None:
+                    return verdict
         except OSError:
             return False
-        if head is None:
-            return False
+        return self._header_changed_long()
+
+    def _scan_head(self, head: bytes, size: int) -> bool | None:
+        """``_header_changed`` on the first ``size`` bytes; None when they are too few to tell."""
         pos = 0
         for _ in range(HEADER_SCAN):
             end = head.find(b"\n", pos)
             if end < 0:
-                return len(head) >= HEAD_BYTES and self._header_changed_long()
+                return None if len(head) >= size else False
             line, pos = head[pos:end], end + 1
             verdict = self._header_verdict(line)
             if verdict is not None:
+                if not verdict:
+                    self.known_head = head[:pos]  # up to the header's newline, blank lines included
                 return verdict
         return False
 
