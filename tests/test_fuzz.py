@@ -90,6 +90,31 @@ def test_any_bytes_in_any_chunking(tmp_path_factory, name, data, cuts, prefix):
         assert same(whole, parts)
 
 
+@pytest.mark.parametrize("name", ["csv", "jsonl"])
+@FUZZ
+@given(data=st.binary(max_size=3000), cuts=st.lists(st.integers(min_value=0), max_size=12),
+       prefix=st.booleans())
+def test_columns_equal_records_and_the_per_line_path(tmp_path_factory, name, data, cuts, prefix):
+    """Block parsing (``read_batch`` columns, ``read`` Records) equals the per-line exact path."""
+    if prefix:
+        data = SEEDS[name] + data
+    folder = tmp_path_factory.mktemp(name)
+    cls = READERS[name]
+    exact = type("Exact", (cls,), {"block_parsing": False})
+    ref, ref_skips = read_all(exact, folder / "a" / READER_FILES[name], [data])
+    got, skips = read_all(cls, folder / "b" / READER_FILES[name], chunked(data, cuts))
+    assert same(got, ref) and skips == ref_skips
+    path = folder / "c" / READER_FILES[name]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    reader, cols = cls(path), []
+    while True:
+        cols += reader.read_batch().records()
+        if not reader.more:
+            break
+    assert same(cols, ref)
+
+
 @FUZZ
 @given(data=st.binary(max_size=4000))
 def test_mlflow_database_reader_never_raises(tmp_path_factory, data):
