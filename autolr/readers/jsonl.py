@@ -138,7 +138,7 @@ class JsonlReader(Reader):
         return split_counters(numeric_items(obj))
 
 
-#: A member of a flat object on one line: ``"key": number`` (the values are cut out first).
+#: A flat object on one line with its values cut out (``{"step":, "loss":}``): its skeleton.
 _SKELETON = re.compile(rb'\{(?:[ \t]*"[^"]*"[ \t]*:[ \t]?(?:,[ \t]*"[^"]*"[ \t]*:[ \t]?)*)?[ \t]*\}')
 _KEY = re.compile(rb'"([^"]*)"')
 #: Bytes a line of the fast path may hold: printable ASCII but for backslash and brackets.
