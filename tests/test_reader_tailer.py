@@ -137,3 +137,14 @@ def test_csv_read_costs_one_stat_and_a_short_head_read(tmp_path: Path, monkeypat
     assert steps(reader.read()) == [2]
     assert len(stats) == 1
     assert preads[0] == (len(b"step,loss\n"), 0)  # the header, compared with the known one
+
+
+def test_a_descriptor_gone_bad_is_reopened(tmp_path: Path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(ROW % 1)
+    reader = JsonlReader(path)
+    assert steps(reader.read()) == [1]
+    os.close(reader.tailer.fd)  # as if the server dropped it (ESTALE): pread fails with EBADF
+    with open(path, "ab") as f:
+        f.write(ROW % 2)
+    assert steps(reader.read()) == [2] and not reader.restarted

@@ -191,7 +191,12 @@ class TextTailer:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
             return self._fetch_unkept()
-        return self._fetch_from(self.fd, st)
+        try:
+            return self._fetch_from(self.fd, st)
+        except OSError:  # a descriptor gone bad (ESTALE on NFS): once more with a fresh one
+            self.close()
+            st = self._sync()
+            return b"" if st is None else self._fetch_from(self.fd, st)
 
     def _fetch_unkept(self) -> bytes:
         """``_fetch`` with a descriptor opened for this read only (out of descriptors)."""
