@@ -6,6 +6,7 @@ messages, for any bytes in any chunking, and ``read_batch()`` holds the same row
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ class Logged:
 
 
 class FastCsv(Logged, CsvReader):
-    pass
+    min_block_lines = 0  # the vectorised path even for a line or two
 
 
 class SlowCsv(Logged, CsvReader):
@@ -41,7 +42,7 @@ class SlowCsv(Logged, CsvReader):
 
 
 class FastJsonl(Logged, JsonlReader):
-    pass
+    min_block_lines = 0
 
 
 class SlowJsonl(Logged, JsonlReader):
@@ -219,7 +220,7 @@ def test_parse_numbers_is_exact(tokens, strict):
 def test_lightning_columns(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_bytes(b"epoch,step,train_loss,val_loss\n0,0,2.5,\n0,1,2.25,\n0,1,,3.5\n1,2,nan,\n")
-    batch = CsvReader(path).read_batch()
+    batch = FastCsv(path).read_batch()
     assert batch.steps.tolist() == [0, 1, 1, 2] and batch.epochs.tolist() == [0, 0, 0, 1]
     assert list(batch.metrics) == ["train_loss", "val_loss"]
     assert batch.present["train_loss"].tolist() == [True, True, False, True]
@@ -231,21 +232,21 @@ def test_lightning_columns(tmp_path):
 def test_jsonl_columns(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"step": 1, "loss": 2.5}\n{"step": 2, "loss": "2.25"}\n{"step": 3, "val": -0}\n')
-    reader = JsonlReader(path)
+    reader = FastJsonl(path)
     batch = reader.read_batch()
     assert batch.steps.tolist() == [1, 2, 3]
     assert batch.metrics["loss"][:2].tolist() == [2.5, 2.25] and batch.present["loss"].tolist() == [1, 1, 0]
     assert repr(float(batch.metrics["val"][2])) == "0.0"  # JSON's -0 is the integer 0
 
 
-@pytest.mark.parametrize("cls,name,row", [(CsvReader, "m.csv", b"%d,1.5\n"),
-                                          (JsonlReader, "m.jsonl", b'{"step": %d, "loss": 1.5}\n')])
+@pytest.mark.parametrize("cls,name,row", [(FastCsv, "m.csv", b"%d,1.5\n"),
+                                          (FastJsonl, "m.jsonl", b'{"step": %d, "loss": 1.5}\n')])
 def test_block_boundaries_and_long_lines(tmp_path, monkeypatch, cls, name, row):
     from autolr.readers import base
     monkeypatch.setattr(base, "READ_BLOCK", 64)
     monkeypatch.setattr(base, "MAX_LINE", 40)
     path = tmp_path / name
-    head = b"step,loss\n" if cls is CsvReader else b""
+    head = b"step,loss\n" if cls is FastCsv else b""
     path.write_bytes(head + b"".join(row % i for i in range(5)) + b"x" * 100 + b"\n" + row % 9)
     reader = cls(path)
     out = []
@@ -262,10 +263,10 @@ def test_records_pause_the_collector_only_while_building(tmp_path):
 
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"step": 1, "loss": 2.5}\n' * 10)
-    assert len(JsonlReader(path).read()) == 10 and gc.isenabled()
+    assert len(FastJsonl(path).read()) == 10 and gc.isenabled()
     gc.disable()
     try:
-        assert len(JsonlReader(path).read()) == 10 and not gc.isenabled()
+        assert len(FastJsonl(path).read()) == 10 and not gc.isenabled()
     finally:
         gc.enable()
 
@@ -285,3 +286,19 @@ def test_batch_round_trip(rows, wide):
     assert [key(r) for r in back] == [key(r) for r in records]
     joined = Batch.concat([Batch.from_records(records[:3]), Batch.from_records(records[3:])]).records()
     assert [key(r) for r in joined] == [key(r) for r in back]
+
+
+@pytest.mark.parametrize("cls,name,row", [(CsvReader, "m.csv", b"%d,1.5\n"),
+                                          (JsonlReader, "m.jsonl", b'{"step": %d, "loss": 1.5}\n')])
+def test_a_few_lines_go_line_by_line(tmp_path, monkeypatch, cls, name, row):
+    calls = []
+    monkeypatch.setattr(importlib.import_module(cls.__module__), "parse_numbers",
+                        lambda *a, **k: calls.append(1) or parse_numbers(*a, **k))
+    path = tmp_path / name
+    head = b"step,loss\n" if cls is CsvReader else b""
+    path.write_bytes(head + b"".join(row % i for i in range(3)))
+    reader = cls(path)
+    assert [r.step for r in reader.read()] == [0, 1, 2] and not calls  # the exact path
+    with open(path, "ab") as f:
+        f.write(b"".join(row % i for i in range(3, 3 + cls.min_block_lines)))
+    assert len(reader.read()) == cls.min_block_lines and calls  # a block: vectorised
