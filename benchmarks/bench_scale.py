@@ -296,6 +296,32 @@ def per_line_daemon(argv: list[str]) -> int:
     return 0
 
 
+def publish_cost(folders: int, writes: int, tmp: Path) -> dict[str, float]:
+    """CPU µs per ``ControlWriter.publish`` (no fsync) and per bare atomic replace, round-robin
+    over ``folders`` run folders: the kernel's share of a decision, which no Python change removes."""
+    from autolr.control import ControlWriter, atomic_write_json
+
+    root = Path(tempfile.mkdtemp(prefix="publish-", dir=tmp))
+    dirs = [root / f"r{i:04d}" for i in range(folders)]
+    writers = []
+    for d in dirs:
+        d.mkdir()
+        writers.append(ControlWriter(d, fsync=False))
+        writers[-1].publish(scale=1.0, lr=0.1, step=0, policy="step", reason="initial")
+    out = {}
+    for what in ("replace", "publish"):
+        c0 = time.process_time()
+        for k in range(writes):
+            i = k % folders
+            if what == "replace":
+                atomic_write_json(dirs[i] / "x.json", {"seq": k, "scale": 0.5}, fsync=False)
+            else:
+                writers[i].publish(scale=0.9 ** (k % 50 + 1), lr=0.1, step=k + 1, policy="step", reason="r")
+        out[what] = 1e6 * (time.process_time() - c0) / writes
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--writer":
         return writer_main(sys.argv[2])
@@ -314,6 +340,8 @@ def main() -> int:
     ap.add_argument("--drain-timeout", type=float, default=60.0)
     ap.add_argument("--steady-rows", type=int, default=3000,
                     help="rows fed in-process per engine for the steady-state memory projection (0 skips)")
+    ap.add_argument("--publish-writes", type=int, default=3000,
+                    help="in-process: CPU per publish / atomic replace over 1 and 1000 folders (0 skips)")
     ap.add_argument("--policy", default=POLICY,
                     help="daemon policy; lag needs a decision on every row (the default); with a policy that "
                          "rarely decides only CPU and memory are meaningful")
@@ -383,6 +411,16 @@ def main() -> int:
         for spec, kib in mem.items():
             prow.append([f"`{spec}`", f"{kib:.0f} KiB", f"{kib * 100 / 1024:.0f} MB", f"{kib * 1000 / 1024:.0f} MB"])
         print(md_table(["policy", "per run", "x 100 runs", "x 1000 runs"], prow))
+    if args.publish_writes:
+        tmp = Path(tempfile.mkdtemp(prefix="autolr-bench-publish-", dir=args.dir))
+        try:
+            cost = {n: publish_cost(n, args.publish_writes, tmp) for n in (1, 1000)}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"\n**Cost of one decision's file work** (in-process, CPU µs, {args.publish_writes} writes "
+              f"round-robin over the folders, no fsync):\n")
+        print(md_table(["folders", "atomic replace of a small JSON file", "`ControlWriter.publish` (journal + control file)"],
+                       [[f"{n}", f"{c['replace']:.0f}", f"{c['publish']:.0f}"] for n, c in cost.items()]))
     print()
     for r in results:
         for thread, text in r.get("profile", {}).items():
