@@ -48,7 +48,6 @@ than ``patience`` observations without one, reduce; then wait ``cooldown`` obser
 """
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import dataclass, fields
 from typing import Literal
