@@ -185,3 +185,13 @@ def test_trend_state_round_trips_through_json():
         b, db = chain.update(json.loads(json.dumps(b)), rec)
         assert (da is None) == (db is None)
     assert a == b
+
+
+def test_a_state_saved_by_the_previous_version_restarts_its_statistics():
+    chain = build_chain([("plateau", {})], REGISTRY, base_lr=1.0)
+    state = chain.init()
+    state["policies"][0] = {"factor": 0.1, "values": [1.0] * 50, "times": list(range(50)), "since": 50,
+                            "cooldown_counter": 0, "seen": 50}
+    state, _ = chain.update(state, Record(metrics={"loss": 1.0}, step=50))
+    p = state["policies"][0]
+    assert p["factor"] == 0.1 and p["values"] == [1.0] and p["rows"] == 1 and "times" not in p

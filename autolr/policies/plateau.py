@@ -190,6 +190,10 @@ class Plateau(Policy):
         return dict(state, best=None, num_bad=0)
 
     def update(self, state: State, obs: Observation) -> tuple[State, Note | None]:
+        if self.method == "trend" and "runs" not in state:
+            # saved by an earlier version (a list of times, counts in observations): keep the
+            # factor and counters, restart the statistics
+            state = {**{k: v for k, v in state.items() if k not in ("times", "since")}, **_EMPTY_HISTORY}
         metric = self.metric or obs.monitor
         if metric is None or metric not in obs.metrics:
             if self.method == "trend":  # windows count rows: a sparse metric still ages
