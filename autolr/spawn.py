@@ -42,7 +42,8 @@ def start_watch(root: str | os.PathLike, *args: str, echo: Callable[[str], None]
                 ready.set()
         ready.set()  # exited: do not wait any longer
 
-    threading.Thread(target=relay, daemon=True).start()
+    proc.relay = threading.Thread(target=relay, daemon=True)  # joined by stop_watch: no line lost
+    proc.relay.start()
     if not ready.wait(timeout) or not watching_seen.is_set():
         stop_watch(proc)
         raise RuntimeError(f"autolr watch did not start (exit code {proc.returncode})")
@@ -50,7 +51,10 @@ def start_watch(root: str | os.PathLike, *args: str, echo: Callable[[str], None]
 
 
 def stop_watch(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """SIGTERM (the daemon flushes its state), then SIGKILL if it does not exit in time."""
+    """SIGTERM (the daemon flushes its state), then SIGKILL if it does not exit in time.
+
+    Returns after the daemon's last output lines have been relayed.
+    """
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -58,6 +62,9 @@ def stop_watch(proc: subprocess.Popen, timeout: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    relay = getattr(proc, "relay", None)
+    if relay is not None:
+        relay.join(timeout)
 
 
 @contextlib.contextmanager
