@@ -99,7 +99,14 @@ class InotifyWatcher:
     def add_tree(self, top: str, *, strict: bool = False) -> None:
         """Watch ``top`` and every folder below it (``.autolr*`` folders excepted)."""
         self._watch(top, strict)
+        seen: set[str] = set()  # real paths: followed symlinks may form cycles
         for dirpath, dirnames, _ in os.walk(top, followlinks=self.follow_symlinks):
+            if self.follow_symlinks:
+                real = os.path.realpath(dirpath)
+                if real in seen:
+                    dirnames[:] = []
+                    continue
+                seen.add(real)
             dirnames[:] = [d for d in dirnames if not d.startswith(".autolr")]
             for d in dirnames:
                 self._watch(os.path.join(dirpath, d), strict)
@@ -118,8 +125,11 @@ class InotifyWatcher:
                 log.warning("cannot watch %s (%s); it is covered by the periodic rescan only", folder, os.strerror(err))
             return
         old = self.paths.get(wd)
-        if old is not None and self.wds.get(old) == wd:
-            del self.wds[old]
+        if old is not None and old != folder:
+            if os.path.realpath(old) == os.path.realpath(folder):
+                return  # the same folder through a symlink: events keep the first path
+            if self.wds.get(old) == wd:
+                del self.wds[old]  # a stale path (the folder moved unseen)
         self.paths[wd] = folder
         self.wds[folder] = wd
 

@@ -116,3 +116,15 @@ def test_start_fails_cleanly_without_root(tmp_path):
     with pytest.raises(OSError):
         watcher.start()
     assert watcher.fd == -1
+
+
+def test_symlink_cycle_is_walked_once(tmp_path):
+    (tmp_path / "a").mkdir()
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    watcher = InotifyWatcher(tmp_path, lambda *a: None, follow_symlinks=True)
+    watcher.start()
+    try:
+        assert set(watcher.paths.values()) == {str(tmp_path), str(tmp_path / "a")}  # the loop aliases the root
+    finally:
+        watcher.stop()
+        watcher.join(5)
