@@ -223,6 +223,8 @@ class Daemon:
             known.discard(path)
             if not known:
                 del self.by_dir[path.parent]
+        if reader is not None:
+            reader.close()  # its kept file descriptor
         return reader
 
     def drop_source(self, path: Path) -> None:
@@ -474,6 +476,8 @@ class Daemon:
                 with contextlib.suppress(RuntimeError):
                     self.observer.join(timeout=5)
             self.flush()
+            for reader in self.sources.values():
+                reader.close()
             self.on_event("stopped", {})
 
     def install_signal_handlers(self) -> None:

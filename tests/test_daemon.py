@@ -195,6 +195,29 @@ def test_vanished_logs_drop_the_run(tmp_path):
     assert ("dropped", {"run": str(tmp_path / "a")}) in events
 
 
+def _open_fds_to(path) -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) in (str(path), f"{path} (deleted)"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_kept_descriptors_are_released_when_a_log_vanishes_and_at_stop(tmp_path):
+    kept, gone = tmp_path / "a" / "metrics.jsonl", tmp_path / "b" / "metrics.jsonl"
+    for log in (kept, gone):
+        write_jsonl(log, flat_then_flat(range(5)))
+    daemon, _ = make_daemon(tmp_path)
+    for log in (kept, gone):
+        daemon.consider(log)
+    daemon.catch_up()
+    assert _open_fds_to(kept) == 1 and _open_fds_to(gone) == 1  # read through kept descriptors
+    gone.unlink()
+    daemon.catch_up()
+    assert _open_fds_to(gone) == 0  # a deleted log's descriptor does not pin its disk space
+    daemon.run()  # --once: processes, flushes, stops
+    assert _open_fds_to(kept) == 0
+    assert daemon.runs[tmp_path / "a"].rows == 5
+
+
 def test_config_file_with_per_run_globs_and_cli_override(tmp_path):
     (tmp_path / "autolr.toml").write_text(
         'base_lr = 0.5\npolicy = ["step:step_size=5"]\n\n[runs."fast-*"]\npolicy = ["step:step_size=2"]\nbase_lr = 0.2\n')
