@@ -148,3 +148,32 @@ def test_a_descriptor_gone_bad_is_reopened(tmp_path: Path):
     with open(path, "ab") as f:
         f.write(ROW % 2)
     assert steps(reader.read()) == [2] and not reader.restarted
+
+
+def test_same_size_rewrite_is_caught_by_the_mark(tmp_path: Path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(ROW % 1 + ROW % 2)
+    reader = JsonlReader(path)
+    assert steps(reader.read()) == [1, 2]
+    with open(path, "r+b") as f:  # same inode, same size, other bytes before the offset
+        f.write(ROW % 3 + ROW % 4)
+    assert steps(reader.read()) == [3, 4] and reader.restarted
+
+
+def test_a_read_of_new_rows_costs_one_stat_and_one_pread(tmp_path: Path, monkeypatch):
+    from autolr.readers import base
+
+    path = tmp_path / "m.jsonl"
+    first = b"".join(ROW % i for i in range(4))
+    path.write_bytes(first)
+    reader = JsonlReader(path)
+    assert steps(reader.read()) == [0, 1, 2, 3]
+    with open(path, "ab") as f:
+        f.write(ROW % 4)
+    stats, preads = [], []
+    real_stat, real_pread = os.stat, base._pread
+    monkeypatch.setattr(base.os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))
+    monkeypatch.setattr(base, "_pread", lambda fd, n, off: preads.append((n, off)) or real_pread(fd, n, off))
+    assert steps(reader.read()) == [4]
+    assert len(stats) == 1 and len(preads) == 1  # the mark comes with the new bytes
+    assert preads[0][1] == len(first) - base.MARK

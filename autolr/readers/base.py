@@ -212,18 +212,21 @@ class TextTailer:
             os.close(fd)
 
     def _fetch_from(self, fd: int, st: os.stat_result) -> bytes:
+        """One ``pread`` in the common case: the mark and the new bytes are read together."""
         identity = (st.st_dev, st.st_ino)
-        if self.identity is not None and identity != self.identity:
+        if (self.identity is not None and identity != self.identity) or st.st_size < self.offset:
             self.restart()
-        elif st.st_size < self.offset:
-            self.restart()
-        elif self.mark and len(self.mark) <= self.offset:
-            if _pread(fd, len(self.mark), self.offset - len(self.mark)) != self.mark:
-                self.restart()
         self.identity = identity
-        if st.st_size == self.offset:
+        m = len(self.mark) if self.mark and len(self.mark) <= self.offset else 0
+        if m == 0 and st.st_size == self.offset:
             return b""
-        data = _pread(fd, READ_BLOCK, self.offset)
+        data = _pread(fd, READ_BLOCK + m, self.offset - m)
+        if m:
+            if data[:m] != self.mark:  # rewritten past the offset since the last read
+                self.restart()
+                data = _pread(fd, READ_BLOCK, 0)
+            else:
+                data = data[m:]
         self.reader.more = len(data) >= READ_BLOCK
         return data
 
