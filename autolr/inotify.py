@@ -4,8 +4,9 @@ Why: at thousands of appended rows a second, watchdog builds several Python obje
 inotify event, dispatches them one by one, and turns every temporary file of the daemon's own
 atomic writes into a "folder modified" event. Here one ``os.read`` returns up to 256 KiB of
 ``struct inotify_event`` records (16-byte header ``wd, mask, cookie, len`` + name); they are
-parsed with ``struct``, the daemon's own files and hidden files are dropped by name, and the
-rest is handed over as one *set* of paths: a log that got five events is read once.
+parsed with ``struct``, the daemon's own files and ``.autolr*`` temporaries are dropped by
+name, and the rest is handed over as one *set* of paths: a log that got five events is read
+once.
 
 Only paths are reported; the daemon re-reads from its stored offsets, so a lost, duplicated or
 coalesced event does no harm. A queue overflow (``IN_Q_OVERFLOW``) is reported so that the
@@ -177,8 +178,8 @@ class InotifyWatcher:
                     self.remove_tree(path)
                 changed.add(path)
                 continue
-            if name[0] == 46 or name in _OWN:
-                continue  # hidden and temporary files, our own state
+            if name in _OWN or name.startswith(b".autolr"):
+                continue  # our own state and temporary files (other hidden files may be logs)
             if name in _CONTROL:
                 changed.add(folder + "/autolr.json")
                 continue

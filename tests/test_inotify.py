@@ -64,13 +64,15 @@ def test_appends_new_folders_and_own_files(watched):
         f.write('{"step": 2}\n')
     (deep / "x.csv").write_text("step\n1\n2\n")
     assert sink.wait_for(deep / "x.csv")
-    for name in ("autolr.state.json", "autolr.lock", ".autolr-1.tmp", ".hidden"):
+    for name in ("autolr.state.json", "autolr.lock", ".autolr-1.tmp"):
         (root / "a" / name).write_text("{}")
+    (root / "a" / ".hidden.jsonl").write_text("{}\n")  # a hidden log is still a log (the rescan reads it too)
     marker = root / "a" / "after.jsonl"
     marker.write_text("")
     assert sink.wait_for(marker)
     reported = {os.path.basename(p) for p in sink.paths}
-    assert not reported & {"autolr.state.json", "autolr.lock", ".autolr-1.tmp", ".hidden", "autolr.json"}
+    assert not reported & {"autolr.state.json", "autolr.lock", ".autolr-1.tmp", "autolr.json"}
+    assert ".hidden.jsonl" in reported
     # the journal or the control file changed (autolr set, or a publish): reported as the control file
     (root / "a" / "autolr.decisions.jsonl").write_text("{}\n")
     assert sink.wait_for(root / "a" / "autolr.json")
