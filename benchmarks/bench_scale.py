@@ -234,6 +234,8 @@ def run_config(tmp: Path, n_runs: int, fsync: bool, args, cmd) -> dict:
             obs = seen.get(i, [])
             j = 0
             for step, tw in writes:
+                if (step + 1) % args.decide_every:
+                    continue  # --decide-every K: only the rows that make a decision have a lag
                 while j < len(obs) and obs[j][1] < step:
                     j += 1
                 if j < len(obs):
@@ -345,6 +347,9 @@ def main() -> int:
     ap.add_argument("--policy", default=POLICY,
                     help="daemon policy; lag needs a decision on every row (the default); with a policy that "
                          "rarely decides only CPU and memory are meaningful")
+    ap.add_argument("--decide-every", type=int, default=1, metavar="K",
+                    help="policy step:step_size=K,gamma=0.9999 (a decision every K rows of each run); the lag is "
+                         "measured on the deciding rows: from the row's write to the control file showing it")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy the daemon during the write phase; print the top frames (worker, all threads)")
     ap.add_argument("--per-line-jsonl", action="store_true",
@@ -352,6 +357,8 @@ def main() -> int:
     ap.add_argument("--dir", help="where the temporary run folders go; default $TMPDIR")
     ap.add_argument("--daemon-cmd", help="command prefix instead of 'python -m autolr.cli'")
     args = ap.parse_args()
+    if args.decide_every > 1:
+        args.policy = f"step:step_size={args.decide_every},gamma=0.9999"
     cmd = daemon_cmd(args.daemon_cmd)
     if args.per_line_jsonl:
         cmd = [*(cmd[:-2] if cmd and cmd[-2:] == ["-m", "autolr.cli"] else cmd or [sys.executable]),
