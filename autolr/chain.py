@@ -6,7 +6,6 @@ and rewind exact.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence

@@ -11,8 +11,8 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import ConfigError, Settings, load_config, parse_policy_options
-from .control import CONTROL_NAME, ControlError, ControlWriter, control_path
+from .config import ConfigError, load_config, parse_policy_options
+from .control import ControlError
 from .plugins import PluginError, get_plugin_manager, policy_classes, reader_classes
 from .policy import PolicyError
 
