@@ -72,6 +72,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.pending: set[str] = set()
+        self.moved: set[str] = set()  # pending paths that may name another file than last read
         self.overflowed = False  # the event queue overflowed: rescan everything
         self._paths: dict[str, Path] = {}  # Path objects of event paths, built once
         self.by_dir: defaultdict[Path, set[Path]] = defaultdict(set)  # sources per folder
@@ -179,11 +180,16 @@ class Daemon:
         return run
 
     # ---- reading -------------------------------------------------------------------------
-    def process(self, path: Path) -> None:
-        """Read what is new in source ``path`` and feed it to its run(s)."""
+    def process(self, path: Path, in_place: bool = False) -> None:
+        """Read what is new in source ``path`` and feed it to its run(s).
+
+        ``in_place``: inotify saw only writes to the file since the last read (no create,
+        delete or rename of it or its folders), so the reader may skip its ``stat``."""
         reader = self.sources.get(path)
         if reader is None:
             return
+        if in_place:
+            reader.assume_in_place()
         multi = getattr(reader, "multi_run", False)
         while True:
             try:
@@ -244,10 +250,10 @@ class Daemon:
             del self.runs[folder]
             self.on_event("dropped", {"run": str(folder)})
 
-    def handle(self, path: Path) -> None:
-        """React to a path the observer reported (or a rescan found)."""
+    def handle(self, path: Path, in_place: bool = False) -> None:
+        """React to a path the observer reported (or a rescan found); ``in_place``: see process()."""
         if path in self.sources:
-            self.process(path)
+            self.process(path, in_place)
             return
         if path.name == CONTROL_NAME and path.parent in self.runs:
             self.runs[path.parent].adopt_manual()
@@ -333,12 +339,15 @@ class Daemon:
             return
         with self.lock:
             self.pending.add(path)
+            self.moved.add(path)  # watchdog's events are not told apart: always stat
         self.wake.set()
 
-    def enqueue_many(self, paths: set[str], overflowed: bool = False) -> None:
-        """Called from the inotify thread with one batch of changed paths (already filtered)."""
+    def enqueue_many(self, paths: set[str], overflowed: bool = False, moved: set[str] | None = None) -> None:
+        """Called from the inotify thread with one batch of changed paths (already filtered);
+        ``moved``: those that may name another file now (None: all of them)."""
         with self.lock:
             self.pending |= paths
+            self.moved |= paths if moved is None else moved
             self.overflowed |= overflowed
         self.wake.set()
 
@@ -346,6 +355,7 @@ class Daemon:
         """Handle every path enqueued since the last drain, each once, in path order."""
         with self.lock:
             batch, self.pending = self.pending, set()
+            moved, self.moved = self.moved, set()
             overflowed, self.overflowed = self.overflowed, False
         self.wake.clear()
         if overflowed:
@@ -362,7 +372,7 @@ class Daemon:
             if path is None:
                 path = cache[name] = Path(name)
             try:
-                self.handle(path)
+                self.handle(path, name not in moved)
             except Exception as exc:  # never die on a log
                 self.count("unexpected error", path, exc)
 

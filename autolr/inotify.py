@@ -9,7 +9,10 @@ name, and the rest is handed over as one *set* of paths: a log that got five eve
 once.
 
 Only paths are reported; the daemon re-reads from its stored offsets, so a lost, duplicated or
-coalesced event does no harm. A queue overflow (``IN_Q_OVERFLOW``) is reported so that the
+coalesced event does no harm. Each batch also says which paths were *moved*: created, deleted,
+renamed, or in a folder that was (the daemon's own files aside). A path that is not moved only
+had bytes written in place, so the file the daemon keeps open is still the one the path names,
+and its next read needs no ``stat``. A queue overflow (``IN_Q_OVERFLOW``) is reported so that the
 daemon rescans everything. Folders created or moved in are watched as they appear.
 """
 from __future__ import annotations
@@ -52,11 +55,13 @@ _READ_SIZE = 256 << 10
 _OWN = frozenset({b"autolr.state.json", b"autolr.lock", b"autolr.toml"})
 _CONTROL = frozenset({b"autolr.json", b"autolr.decisions.jsonl"})
 
-Sink = Callable[[set, bool], None]  # (changed paths as str, overflowed)
+#: File events that may change which file a path names.
+MOVES = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF
+Sink = Callable[[set, bool, set], None]  # (changed paths as str, overflowed, moved paths)
 
 
 class InotifyWatcher:
-    """Watches ``root`` recursively in a thread; ``sink(paths, overflowed)`` gets each batch.
+    """Watches ``root`` recursively in a thread; ``sink(paths, overflowed, moved)`` gets each batch.
 
     ``start()`` raises OSError when inotify is unavailable or its limits are reached
     (ENOSPC: ``max_user_watches``, EMFILE: ``max_user_instances``), for the caller to fall back.
@@ -144,9 +149,12 @@ class InotifyWatcher:
                 self._rm(self.fd, wd)
 
     # ---- events --------------------------------------------------------------------------
-    def parse(self, buf: bytes) -> tuple[set[str], bool]:
-        """The changed paths in a buffer of inotify events, and whether the queue overflowed."""
+    def parse(self, buf: bytes) -> tuple[set[str], bool, set[str]]:
+        """The changed paths in a buffer of inotify events, whether the queue overflowed, and the
+        changed paths that were moved (see the module docstring)."""
         changed: set[str] = set()
+        moved: set[str] = set()
+        shaken: set[str] = set()  # folders where something else than our own files moved
         overflow = False
         unpack, paths, fsdecode = _HEADER.unpack_from, self.paths, os.fsdecode
         i, end = 0, len(buf)
@@ -164,9 +172,11 @@ class InotifyWatcher:
                 del paths[wd]
                 if self.wds.get(folder) == wd:
                     del self.wds[folder]
+                shaken.add(folder)
                 continue
             if not name:  # the watched folder itself was deleted or moved
                 changed.add(folder)
+                shaken.add(folder)
                 continue
             if mask & IN_ISDIR:
                 if name.startswith(b".autolr"):
@@ -177,14 +187,21 @@ class InotifyWatcher:
                 elif mask & IN_MOVED_FROM:
                     self.remove_tree(path)
                 changed.add(path)
+                shaken.add(path)
                 continue
             if name in _OWN or name.startswith(b".autolr"):
                 continue  # our own state and temporary files (other hidden files may be logs)
             if name in _CONTROL:
                 changed.add(folder + "/autolr.json")
                 continue
-            changed.add(folder + "/" + fsdecode(name))
-        return changed, overflow
+            path = folder + "/" + fsdecode(name)
+            changed.add(path)
+            if mask & MOVES:
+                moved.add(path)
+        if shaken:
+            prefixes = tuple(f + "/" for f in shaken)
+            moved.update(p for p in changed if p.startswith(prefixes))
+        return changed, overflow, moved
 
     def _loop(self) -> None:
         poller = select.poll()
@@ -198,6 +215,7 @@ class InotifyWatcher:
             if self._stopping:
                 break
             changed: set[str] = set()
+            moved: set[str] = set()
             overflow = False
             while True:  # everything queued now, as one batch
                 try:
@@ -209,16 +227,17 @@ class InotifyWatcher:
                     overflow = True
                     break
                 try:
-                    more, over = self.parse(buf)
+                    more, over, gone = self.parse(buf)
                 except Exception as exc:  # never die on an event: rescan instead
                     log.exception("inotify event parsing failed: %s", exc)
-                    more, over = set(), True
+                    more, over, gone = set(), True, set()
                 changed |= more
+                moved |= gone
                 overflow |= over
                 if len(buf) < _READ_SIZE // 2:
                     break
             if changed or overflow:
-                self.sink(changed, overflow)
+                self.sink(changed, overflow, moved)
 
     # ---- lifecycle (the observer interface the daemon uses) ------------------------------
     def stop(self) -> None:

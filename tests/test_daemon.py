@@ -218,6 +218,43 @@ def test_kept_descriptors_are_released_when_a_log_vanishes_and_at_stop(tmp_path)
     assert daemon.runs[tmp_path / "a"].rows == 5
 
 
+def test_only_paths_written_in_place_skip_the_stat(tmp_path, monkeypatch):
+    """The in-place hint reaches the reader only for paths inotify did not report as moved, and
+    never from watchdog's events; a log replaced meanwhile is read from its new file."""
+    log = tmp_path / "a" / "metrics.jsonl"
+    write_jsonl(log, flat_then_flat(range(5)))
+    daemon, _ = make_daemon(tmp_path)
+    daemon.run()
+    hinted: list = []
+    reader = daemon.sources[log]
+    real = reader.assume_in_place
+    monkeypatch.setattr(reader, "assume_in_place", lambda: hinted.append(True) or real())
+    run = daemon.runs[tmp_path / "a"]
+
+    write_jsonl(log, flat_then_flat([5]))
+    daemon.enqueue_many({str(log)}, False, set())
+    daemon.drain()
+    assert hinted == [True] and run.last_step == 5
+    write_jsonl(log, flat_then_flat([6]))
+    daemon.enqueue_many({str(log)}, False, {str(log)})  # moved in this batch
+    daemon.enqueue_many({str(log)}, False, set())  # then written: still moved since the last drain
+    daemon.drain()
+    assert hinted == [True] and run.last_step == 6
+    write_jsonl(log, flat_then_flat([7]))
+    daemon.enqueue(str(log))  # watchdog's path
+    daemon.drain()
+    assert hinted == [True] and run.last_step == 7
+    daemon.enqueue_many({str(log)})  # no moved set given: all moved
+    daemon.drain()
+    assert hinted == [True]
+    new = log.with_name("new.tmp")  # replaced by a rename and reported as such: read from the start
+    write_jsonl(new, flat_then_flat(range(3)), mode="w")
+    os.replace(new, log)
+    daemon.enqueue_many({str(log)}, False, {str(log)})
+    daemon.drain()
+    assert reader.restarted and run.last_step == 2
+
+
 def test_config_file_with_per_run_globs_and_cli_override(tmp_path):
     (tmp_path / "autolr.toml").write_text(
         'base_lr = 0.5\npolicy = ["step:step_size=5"]\n\n[runs."fast-*"]\npolicy = ["step:step_size=2"]\nbase_lr = 0.2\n')

@@ -11,7 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
 
-from autolr.inotify import IN_CREATE, IN_ISDIR, IN_MODIFY, IN_MOVED_TO, IN_Q_OVERFLOW, InotifyWatcher  # noqa: E402
+from autolr.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_ISDIR, IN_MODIFY,  # noqa: E402
+                            IN_MOVED_FROM, IN_MOVED_TO, IN_Q_OVERFLOW, InotifyWatcher)
 
 
 class Collector:
@@ -20,7 +21,7 @@ class Collector:
         self.overflows = 0
         self.cond = threading.Condition()
 
-    def __call__(self, paths, overflowed):
+    def __call__(self, paths, overflowed, moved):
         with self.cond:
             self.paths |= paths
             self.overflows += overflowed
@@ -106,11 +107,40 @@ def test_parse_coalesces_and_flags_overflow(tmp_path):
     buf = b"".join([event(1, IN_MODIFY, b"m.jsonl")] * 5 + [event(1, IN_CREATE, b".autolr-x.tmp"),
                    event(1, IN_MODIFY, b"autolr.state.json"), event(1, IN_MODIFY, b"autolr.decisions.jsonl"),
                    event(1, IN_MOVED_TO, b"autolr.json"), event(-1, IN_Q_OVERFLOW), event(7, IN_MODIFY, b"z")])
-    changed, overflow = watcher.parse(buf)
+    changed, overflow, moved = watcher.parse(buf)
     assert changed == {str(tmp_path / "m.jsonl"), str(tmp_path / "autolr.json")} and overflow
+    assert moved == set()  # only in-place writes to the log; our own renames do not count
     watcher.add_tree = lambda path: None  # no real watches in this test
-    changed, _ = watcher.parse(event(1, IN_CREATE | IN_ISDIR, b"new") + event(1, IN_CREATE | IN_ISDIR, b".autolr-x"))
+    changed, _, _ = watcher.parse(event(1, IN_CREATE | IN_ISDIR, b"new") + event(1, IN_CREATE | IN_ISDIR, b".autolr-x"))
     assert changed == {str(tmp_path / "new")}
+
+
+def event(wd, mask, name=b""):
+    padded = name + b"\0" * (-len(name) % 16) if name else b""
+    return struct.pack("iIII", wd, mask, 0, len(padded)) + padded
+
+
+def test_parse_tells_in_place_writes_from_moves(tmp_path):
+    """Only paths written in place may skip the daemon's stat: anything that can change which
+    file a path names (create, delete, rename, its folder moved) puts it in ``moved``."""
+    watcher = InotifyWatcher(tmp_path, lambda *a: None)
+    watcher.add_tree = watcher.remove_tree = lambda path: None  # no real watches in this test
+    root, a, b = str(tmp_path), str(tmp_path / "a"), str(tmp_path / "b")
+    watcher.paths.update({1: root, 2: a, 3: b})
+    changed, _, moved = watcher.parse(b"".join([
+        event(2, IN_MODIFY, b"w.jsonl"), event(2, IN_CLOSE_WRITE, b"w.jsonl"),  # written in place
+        event(2, IN_MODIFY, b"r.jsonl"), event(2, IN_MOVED_TO, b"r.jsonl"),  # replaced by a rename
+        event(2, IN_CREATE, b"c.csv"), event(2, IN_DELETE, b"d.csv"), event(2, IN_MOVED_FROM, b"f.csv"),
+        event(2, IN_MOVED_TO, b"autolr.json"), event(2, IN_CREATE, b".autolr-tmp"),  # ours: no move
+        event(3, IN_MODIFY, b"x.jsonl"), event(3, IN_DELETE_SELF),  # b's file, then b itself gone
+    ]))
+    files = {f"{a}/{n}" for n in ("w.jsonl", "r.jsonl", "c.csv", "d.csv", "f.csv", "autolr.json")}
+    assert changed == files | {f"{b}/x.jsonl", b}
+    assert moved == {f"{a}/r.jsonl", f"{a}/c.csv", f"{a}/d.csv", f"{a}/f.csv", f"{b}/x.jsonl"}
+    # a folder moved away: every path under it in the batch is moved, its siblings are not
+    changed, _, moved = watcher.parse(event(2, IN_MODIFY, b"w.jsonl") + event(1, IN_MODIFY, b"top.jsonl")
+                                      + event(1, IN_MOVED_FROM | IN_ISDIR, b"a"))
+    assert changed == {f"{a}/w.jsonl", f"{root}/top.jsonl", a} and moved == {f"{a}/w.jsonl"}
 
 
 def test_start_fails_cleanly_without_root(tmp_path):

@@ -177,3 +177,76 @@ def test_a_read_of_new_rows_costs_one_stat_and_one_pread(tmp_path: Path, monkeyp
     assert steps(reader.read()) == [4]
     assert len(stats) == 1 and len(preads) == 1  # the mark comes with the new bytes
     assert preads[0][1] == len(first) - base.MARK
+
+
+def _count_calls(monkeypatch):
+    from autolr.readers import base
+
+    stats, preads = [], []
+    real_stat, real_pread = os.stat, os.pread
+    monkeypatch.setattr(base.os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))
+    monkeypatch.setattr(base.os, "pread", lambda fd, n, off: preads.append((n, off)) or real_pread(fd, n, off))
+    return stats, preads
+
+
+@pytest.mark.parametrize("cls", [JsonlReader, CsvReader])
+def test_an_in_place_read_costs_one_pread_and_no_stat(tmp_path: Path, monkeypatch, cls):
+    path = tmp_path / ("m.jsonl" if cls is JsonlReader else "m.csv")
+    row = (lambda i: ROW % i) if cls is JsonlReader else (lambda i: b"%d,1.5\n" % i)
+    path.write_bytes((b"" if cls is JsonlReader else b"step,loss\n") + b"".join(row(i) for i in range(4)))
+    reader = cls(path)
+    assert steps(reader.read()) == [0, 1, 2, 3]
+    with open(path, "ab") as f:
+        f.write(row(4) + row(5))
+    stats, preads = _count_calls(monkeypatch)
+    reader.assume_in_place()
+    assert steps(reader.read()) == [4, 5] and not reader.more
+    assert stats == [] and len(preads) == (1 if cls is JsonlReader else 2)  # CSV: + its header check
+    # (a short pread is the end of the file: no second one)
+    reader.assume_in_place()
+    assert reader.read() == [] and stats == []  # an event already read: nothing, still no stat
+    assert steps(reader.read()) == [] and len(stats) == 1  # without the hint: the checked path
+
+
+def test_an_in_place_read_falls_back_when_the_mark_differs(tmp_path: Path, monkeypatch):
+    """Truncated, or rewritten past the offset: the hint is not trusted, the stat path restarts."""
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(ROW % 1 + ROW % 2)
+    reader = JsonlReader(path)
+    assert steps(reader.read()) == [1, 2]
+    with open(path, "r+b") as f:  # same inode: in place indeed, but other bytes before the offset
+        f.write(ROW % 3 + ROW % 4 + ROW % 5)
+    reader.assume_in_place()
+    assert steps(reader.read()) == [3, 4, 5] and reader.restarted
+    with open(path, "wb") as f:  # truncated below the offset, then one short row
+        f.write(ROW % 6)
+    stats, _ = _count_calls(monkeypatch)
+    reader.assume_in_place()
+    assert steps(reader.read()) == [6] and reader.restarted and len(stats) == 1
+
+
+def test_an_in_place_read_of_a_large_append_continues_with_more(tmp_path: Path):
+    from autolr.readers import base
+
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(ROW % 0)
+    reader = JsonlReader(path)
+    assert steps(reader.read()) == [0]
+    n = base.IN_PLACE_READ // len(ROW % 1) * 3
+    with open(path, "ab") as f:
+        f.write(b"".join(ROW % i for i in range(1, n)))
+    reader.assume_in_place()
+    got = steps(reader.read())
+    assert reader.more and got == list(range(1, len(got) + 1))
+    while reader.more:
+        got += steps(reader.read())
+    assert got == list(range(1, n))
+
+
+def test_the_hint_is_ignored_before_the_first_read(tmp_path: Path, monkeypatch):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(ROW % 0)
+    reader = JsonlReader(path)
+    stats, _ = _count_calls(monkeypatch)
+    reader.assume_in_place()  # no descriptor yet: the checked path opens the file
+    assert steps(reader.read()) == [0] and len(stats) == 1

@@ -22,6 +22,8 @@ READ_BLOCK = 2 << 20
 MAX_LINE = 1 << 20
 #: Bytes before the offset kept to recognise a file rewritten past the offset.
 MARK = 64
+#: Bytes asked for by a read without ``stat`` (``in_place``); a full answer means more to read.
+IN_PLACE_READ = 64 << 10
 
 
 class Reader:
@@ -78,6 +80,13 @@ class Reader:
         if tailer is not None and hasattr(tailer, "close"):
             tailer.close()
 
+    def assume_in_place(self) -> None:
+        """The daemon knows (from inotify) that the path still names the file last read and was
+        only written to: the next read may skip its ``stat``. Readers on a TextTailer use it."""
+        tailer = getattr(self, "tailer", None)
+        if isinstance(tailer, TextTailer):
+            tailer.in_place = True
+
     def skip(self, what: str, detail: str = "") -> None:
         """Count and log one skipped piece of bad input."""
         self.skipped[what] += 1
@@ -109,6 +118,7 @@ class TextTailer:
         self.fd: int | None = None
         self.fd_identity: tuple[int, int] | None = None
         self.last_stat: os.stat_result | None = None  # the stat taken by head()
+        self.in_place = False  # the next read may skip the stat (Reader.assume_in_place)
 
     def get_state(self) -> dict[str, Any]:
         return {"offset": self.offset, "identity": self.identity, "skipping": self.skipping,
@@ -172,8 +182,11 @@ class TextTailer:
     def head(self, size: int) -> bytes | None:
         """Up to ``size`` bytes from the start of the file the path names now (None: gone).
 
-        Its stat of the path is kept in ``last_stat`` for ``read_block(reuse_stat=True)``."""
+        Its stat of the path is kept in ``last_stat`` for ``read_block(reuse_stat=True)``; with
+        ``in_place`` set there is no stat: the kept descriptor is still the path's file."""
         self.last_stat = None
+        if self.in_place and self.fd is not None and self.identity == self.fd_identity:
+            return _pread(self.fd, size, 0)
         st = self._sync()
         if st is None:
             return None
@@ -183,6 +196,11 @@ class TextTailer:
     def _fetch(self, reuse_stat: bool = False) -> bytes:
         """The bytes from the offset (at most READ_BLOCK), after the restart checks."""
         self.reader.more = False
+        if self.in_place:
+            self.in_place = False
+            data = self._fetch_in_place()
+            if data is not None:
+                return data
         st, self.last_stat = (self.last_stat if reuse_stat else None), None
         try:
             if st is None or self.fd is None:
@@ -199,6 +217,22 @@ class TextTailer:
             self.close()
             st = self._sync()
             return b"" if st is None else self._fetch_from(self.fd, st)
+
+    def _fetch_in_place(self) -> bytes | None:
+        """The new bytes by one ``pread`` on the kept descriptor, no ``stat``; None when that
+        cannot be trusted (no descriptor or mark, or the mark no longer matches: truncated or
+        rewritten), and the caller takes the checked path."""
+        m = len(self.mark)
+        if self.fd is None or self.identity != self.fd_identity or (m == 0 and self.offset) or m > self.offset:
+            return None
+        try:
+            data = _pread(self.fd, IN_PLACE_READ + m, self.offset - m)
+        except OSError:
+            return None
+        if len(data) < m or (m and data[:m] != self.mark):
+            return None
+        self.reader.more = len(data) >= IN_PLACE_READ + m
+        return data[m:] if m else data
 
     def _fetch_unkept(self) -> bytes:
         """``_fetch`` with a descriptor opened for this read only (out of descriptors)."""
@@ -220,11 +254,12 @@ class TextTailer:
         m = len(self.mark) if self.mark and len(self.mark) <= self.offset else 0
         if m == 0 and st.st_size == self.offset:
             return b""
-        data = _pread(fd, READ_BLOCK + m, self.offset - m)
+        # What the stat shows is there (more comes with its own event): no oversized buffer.
+        data = _pread(fd, min(READ_BLOCK, max(st.st_size - self.offset, 0)) + m, self.offset - m)
         if m:
             if data[:m] != self.mark:  # rewritten past the offset since the last read
                 self.restart()
-                data = _pread(fd, READ_BLOCK, 0)
+                data = _pread(fd, min(READ_BLOCK, st.st_size), 0)
             else:
                 data = data[m:]
         self.reader.more = len(data) >= READ_BLOCK
@@ -312,7 +347,7 @@ class TextTailer:
 
 
 def _pread(fd: int, size: int, offset: int) -> bytes:
-    """``size`` bytes at ``offset`` (fewer at the end of the file)."""
+    """``size`` bytes at ``offset`` (fewer at the end of the file: a short read ends it)."""
     parts = []
     while size > 0:
         if _HAS_PREAD:
@@ -320,12 +355,12 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
         else:
             os.lseek(fd, offset, os.SEEK_SET)
             chunk = os.read(fd, size)
-        if not chunk:
-            break
         parts.append(chunk)
+        if len(chunk) < size:
+            break
         size -= len(chunk)
         offset += len(chunk)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return b"" if not parts else parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 _HAS_PREAD = hasattr(os, "pread")

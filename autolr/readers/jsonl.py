@@ -79,6 +79,10 @@ class JsonlReader(Reader):
             return Batch.empty() if columns else []
         if b"\r" in block:
             block = block.replace(b"\r\n", b"\n")
+        if not columns and (not self.block_parsing or block.count(b"\n") < self.min_block_lines):
+            lines = block.split(b"\n")  # a live log's few lines: no numpy at all
+            lines.pop()
+            return [r for r in map(self.parse, lines) if r is not None]
         parts = [self._rows(piece, columns) for piece in pieces(block)]
         if columns:
             return Batch.concat(parts)
@@ -128,18 +132,23 @@ class JsonlReader(Reader):
         return list(itemgetter(*order.tolist())(parts))
 
     def parse(self, line: bytes) -> Record | None:
-        if not line.strip():
-            return None
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError) as exc:
-            self.skip("invalid JSON line", str(exc)[:80])
-            return None
+        try:  # UTF-8 straight to the decoder; anything else takes json.loads's own path
+            obj = _decode(line.decode())
+        except (ValueError, RecursionError):
+            if not line.strip():
+                return None
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                self.skip("invalid JSON line", str(exc)[:80])
+                return None
         if not isinstance(obj, dict):
             self.skip("JSON line that is not an object")
             return None
         return split_counters(numeric_items(obj))
 
+
+_decode = json.JSONDecoder().decode
 
 #: A flat object on one line with its values cut out (``{"step":, "loss":}``): its skeleton.
 _SKELETON = re.compile(rb'\{(?:[ \t]*"[^"]*"[ \t]*:[ \t]?(?:,[ \t]*"[^"]*"[ \t]*:[ \t]?)*)?[ \t]*\}')
