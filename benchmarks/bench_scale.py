@@ -55,6 +55,7 @@ def writer_main(spec_path: str) -> int:
     rate, tick, duration, start_step = spec["rate"], spec["tick"], spec["duration"], spec["start_step"]
     fds = [os.open(p, os.O_WRONLY | os.O_APPEND) for p in paths]
     n = len(fds)
+    starts = [start_step + o for o in spec.get("offsets") or [0] * n]
     per_second = n * rate
     times: dict[int, list] = {i: [] for i in range(n) if i in sampled}
     written = 0
@@ -68,7 +69,7 @@ def writer_main(spec_path: str) -> int:
         due = int((now - t_start) * per_second) + 1  # rows that should be out by now
         while written < due:
             i = written % n
-            step = start_step + written // n
+            step = starts[i] + written // n
             write(fds[i], b'{"step": %d, "loss": %.6f}\n' % (step, 1.0 / (1.0 + 0.01 * step)))
             if i in times:
                 times[i].append((step, mono()))
@@ -76,7 +77,7 @@ def writer_main(spec_path: str) -> int:
         sleep(max(0.0, min(tick, end - mono())))
     for fd in fds:
         os.close(fd)
-    last = {i: start_step + (written - 1 - i) // n for i in range(min(n, written))}
+    last = {i: starts[i] + (written - 1 - i) // n for i in range(min(n, written))}
     Path(spec["out"]).write_text(json.dumps({"times": {paths[i]: v for i, v in times.items()},
                                              "last": {paths[i]: s for i, s in last.items()},
                                              "written": written, "elapsed": mono() - t_start}))
@@ -153,9 +154,12 @@ def run_config(tmp: Path, n_runs: int, fsync: bool, args, cmd) -> dict:
         specs = []
         for w in range(n_writers):
             mine = list(range(w, n_runs, n_writers))
+            # --phase spread: run i's steps start i*K/N later, so that its deciding rows (every
+            # K-th step) are not those of every other run: independent runs are not in lockstep
+            offsets = [i * args.decide_every // n_runs if args.phase == "spread" else 0 for i in mine]
             spec = {"paths": [logs[i] for i in mine], "sampled": [k for k, i in enumerate(mine) if i in seen],
                     "rate": args.rate, "tick": args.tick, "duration": args.duration,
-                    "start_step": args.prefill, "out": str(tmp / f"{name}-w{w}.json")}
+                    "start_step": args.prefill, "offsets": offsets, "out": str(tmp / f"{name}-w{w}.json")}
             path = tmp / f"{name}-w{w}.spec.json"
             path.write_text(json.dumps(spec))
             specs.append(spec)
@@ -350,6 +354,10 @@ def main() -> int:
     ap.add_argument("--decide-every", type=int, default=1, metavar="K",
                     help="policy step:step_size=K,gamma=0.9999 (a decision every K rows of each run); the lag is "
                          "measured on the deciding rows: from the row's write to the control file showing it")
+    ap.add_argument("--phase", choices=["spread", "locked"], default="spread",
+                    help="with --decide-every K: spread (run i's steps start i*K/N later: the runs decide at "
+                         "different moments, 10*N/K decisions a second evenly) or locked (every run at the same "
+                         "step: all N decide within the same 1/rate seconds, the worst case)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy the daemon during the write phase; print the top frames (worker, all threads)")
     ap.add_argument("--per-line-jsonl", action="store_true",
@@ -384,7 +392,8 @@ def main() -> int:
     print(f"{machine_line()}; load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end. "
           f"inotify limits: max_user_watches {limits['max_user_watches']}, max_user_instances "
           f"{limits['max_user_instances']}, max_queued_events {limits['max_queued_events']}. Policy `{args.policy}`"
-          f"{' (a decision per row)' if args.policy == POLICY else ''}, {args.rate:g} rows/s per run for {args.duration:g} s from {args.writers} writer "
+          f"{' (a decision per row)' if args.policy == POLICY else ''}"
+          f"{f', runs {args.phase} in phase' if args.decide_every > 1 else ''}, {args.rate:g} rows/s per run for {args.duration:g} s from {args.writers} writer "
           f"processes, idle baseline {args.idle:g} s"
           + (f"; daemon: `{args.daemon_cmd}`" if args.daemon_cmd else "")
           + ("; JSONL reader's per-line path (`--per-line-jsonl`)" if args.per_line_jsonl else "") + ".\n")
