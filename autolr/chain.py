@@ -62,6 +62,8 @@ class Chain:
                 raise PolicyError(f"{name} must be a finite number > 0, got {v!r}")
         if self.min_lr and self.max_lr and self.min_lr > self.max_lr:
             raise PolicyError(f"min_lr {self.min_lr} is above max_lr {self.max_lr}")
+        # Only a policy that overrides holds() (a warmup) can hold the LR: the others are not asked.
+        object.__setattr__(self, "_may_hold", tuple(p for p in self.policies if type(p).holds is not Policy.holds))
 
     @property
     def base(self) -> float:
@@ -110,7 +112,11 @@ class Chain:
     ) -> tuple[State, Decision | None]:
         """Feed one log row; return the new state and the decision it caused, if any."""
         state = dict(state)
-        if self.metric is None and state["monitor"] != "val_loss":
+        monitor = state["monitor"]
+        if self.metric is None and monitor != "val_loss" and (
+                monitor is None or "val_loss" in record.metrics or "val_loss" in columns
+                or (monitor != "loss" and ("loss" in record.metrics or "loss" in columns))):
+            # (otherwise no name in this row ranks above the monitor: nothing to upgrade)
             self._upgrade_monitor(state, choose_metric([*columns, *record.metrics]))
         if state["unit"] is None:
             state["unit"] = (
@@ -125,11 +131,11 @@ class Chain:
             monitor=state["monitor"],
             unit=state["unit"],
         )
-        holders = [p for p in self.policies if p.holds(obs)]
-        old_values = [p.value(s) for p, s in zip(self.policies, state["policies"])]
+        holders = [p for p in self._may_hold if p.holds(obs)] if self._may_hold else ()
+        old_states = state["policies"]
         new_states, notes = [], []
-        for policy, pstate in zip(self.policies, state["policies"]):
-            if policy.stateful and any(h is not policy for h in holders):  # another one's warmup
+        for policy, pstate in zip(self.policies, old_states):
+            if holders and policy.stateful and any(h is not policy for h in holders):  # another one's warmup
                 new_states.append(pstate)
                 notes.append(None)
                 continue
@@ -138,7 +144,7 @@ class Chain:
             notes.append(note)
         state["policies"] = new_states
         state["rows"] += 1
-        return self._decide(state, obs, old_values, notes)
+        return self._decide(state, obs, old_states, notes)
 
     def _upgrade_monitor(self, state: State, candidate: str | None) -> None:
         """Adopt the automatic metric; a better one seen later (val_loss after loss) replaces it.
@@ -151,11 +157,12 @@ class Chain:
             state["policies"] = [p.monitor_changed(s) for p, s in zip(self.policies, state["policies"])]
         state["monitor"] = candidate
 
-    def _decide(self, state, obs, old_values, notes) -> tuple[State, Decision | None]:
+    def _decide(self, state, obs, old_states, notes) -> tuple[State, Decision | None]:
         old_scale = state["scale"]
         scale = self._target_scale(state)
         if not _changed(old_scale, scale):
             return state, None
+        old_values = [p.value(s) for p, s in zip(self.policies, old_states)]  # states are never modified
         changed, reasons, evidence = [], [], {}
         for policy, pstate, old, note in zip(self.policies, state["policies"], old_values, notes):
             new = policy.value(pstate)

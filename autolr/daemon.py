@@ -1,8 +1,9 @@
 """``autolr watch``: watch a tree of runs, tail their logs, decide and publish.
 
 The event side only enqueues paths: on Linux autolr's own inotify reader (``inotify.py``:
-many events per read, one set of paths per batch), elsewhere or when it cannot start
-watchdog's observer. The worker (the main thread) reads each changed file from its stored
+many events per read, one set of paths per batch), which the worker (the main thread) polls
+itself between batches, so no second thread competes for the interpreter; elsewhere, or when
+it cannot start, watchdog's observer thread. The worker reads each changed file from its stored
 position, so duplicate, coalesced or dropped events do no harm; a slow rescan runs as a safety
 net. ``--poll`` uses watchdog's polling observer (NFS, SMB, Lustre); the daemon falls back to
 it by itself when the inotify limits are reached.
@@ -79,6 +80,7 @@ class Daemon:
         self.run_for: dict[Path, Run] = {}  # the run of each single-run source, looked up once
         self.lock = threading.Lock()
         self.observer = None
+        self.inline = None  # our inotify watcher, polled by the worker itself (no event thread)
         self.native_events = False  # our inotify reader runs: it reports control-file changes
         self.mode = "once" if self.options.once else ("poll" if self.options.poll else "inotify")
         self.errors: defaultdict[str, int] = defaultdict(int)
@@ -431,8 +433,8 @@ class Daemon:
         from .inotify import InotifyWatcher
 
         watcher = InotifyWatcher(self.root, self.enqueue_many, follow_symlinks=self.options.follow_symlinks)
-        watcher.start()
-        self.observer = watcher
+        watcher.start(threaded=False)  # the loop in run() polls it: no thread to hand the lock to
+        self.observer = self.inline = watcher
         self.mode = "inotify"
         self.native_events = True
         for run in self.runs.values():
@@ -441,6 +443,8 @@ class Daemon:
     def stop(self, *_: Any) -> None:
         self.stop_event.set()
         self.wake.set()
+        if self.inline is not None:
+            self.inline.wakeup()
 
     def run(self) -> None:
         self.load_multi_state()
@@ -463,7 +467,12 @@ class Daemon:
             next_save = time.monotonic() + tick
             while not self.stop_event.is_set():
                 due = min([next_rescan, next_flush, next_save, *(t for t, _ in self.rechecks)])
-                if self.wake.wait(max(0.0, due - time.monotonic())):
+                timeout = max(0.0, due - time.monotonic())
+                if self.inline is not None:  # our inotify reader: its batch lands in pending
+                    self.inline.poll_once(0.0 if self.wake.is_set() else timeout)
+                    if self.wake.is_set():
+                        self.drain()
+                elif self.wake.wait(timeout):
                     self.drain()
                 now = time.monotonic()
                 for entry in [e for e in self.rechecks if e[0] <= now]:

@@ -219,7 +219,7 @@ class RunEngine:
 
     def feed(self, record: Record, columns: Sequence[str] = ()) -> list[Decision]:
         out: list[Decision] = []
-        self.columns = tuple(columns)
+        self.columns = columns if type(columns) is tuple else tuple(columns)
         key = self._key(record)
         if key is not None and self.last_key is not None and (
                 key < self.last_key or (record.restart and key <= self.last_key)):

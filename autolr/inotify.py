@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import math
 import os
 import select
 import struct
@@ -77,11 +78,14 @@ class InotifyWatcher:
         self._wake_r = self._wake_w = -1
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._poller: select.poll | None = None
         self._libc = None
         self.watch_errors = 0
 
     # ---- watches -------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, threaded: bool = True) -> None:
+        """Watch the tree. ``threaded``: a thread hands each batch to the sink as it comes;
+        False: the caller's own loop calls ``poll_once()`` (no second thread, no lock handover)."""
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         try:
             self._init1, self._add, self._rm = libc.inotify_init1, libc.inotify_add_watch, libc.inotify_rm_watch
@@ -99,8 +103,14 @@ class InotifyWatcher:
             self.close()
             raise
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._loop, name="autolr-inotify", daemon=True)
-        self._thread.start()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller = select.poll()
+        self._poller.register(self.fd, select.POLLIN)
+        self._poller.register(self._wake_r, select.POLLIN)
+        if threaded:
+            self._thread = threading.Thread(target=self._loop, name="autolr-inotify", daemon=True)
+            self._thread.start()
 
     def add_tree(self, top: str, *, strict: bool = False) -> None:
         """Watch ``top`` and every folder below it (``.autolr*`` folders excepted)."""
@@ -204,49 +214,64 @@ class InotifyWatcher:
         return changed, overflow, moved
 
     def _loop(self) -> None:
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
         while not self._stopping:
+            self.poll_once(None)
+
+    def poll_once(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (None: no limit) for events or ``wakeup()``; hand what
+        is queued to the sink as one batch. True when the sink got a batch."""
+        try:
+            ready = self._poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000)))
+        except InterruptedError:
+            return False
+        if not ready or self._stopping:
+            return False
+        if any(fd == self._wake_r for fd, _ in ready):
             try:
-                poller.poll()
-            except InterruptedError:
-                continue
-            if self._stopping:
+                os.read(self._wake_r, 4096)
+            except OSError:
+                pass
+        if not any(fd == self.fd for fd, _ in ready):
+            return False
+        changed: set[str] = set()
+        moved: set[str] = set()
+        overflow = False
+        while True:  # everything queued now, as one batch
+            try:
+                buf = os.read(self.fd, _READ_SIZE)
+            except BlockingIOError:
                 break
-            changed: set[str] = set()
-            moved: set[str] = set()
-            overflow = False
-            while True:  # everything queued now, as one batch
-                try:
-                    buf = os.read(self.fd, _READ_SIZE)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    log.error("inotify read failed: %s; rescanning", exc)
-                    overflow = True
-                    break
-                try:
-                    more, over, gone = self.parse(buf)
-                except Exception as exc:  # never die on an event: rescan instead
-                    log.exception("inotify event parsing failed: %s", exc)
-                    more, over, gone = set(), True, set()
-                changed |= more
-                moved |= gone
-                overflow |= over
-                if len(buf) < _READ_SIZE // 2:
-                    break
-            if changed or overflow:
-                self.sink(changed, overflow, moved)
+            except OSError as exc:
+                log.error("inotify read failed: %s; rescanning", exc)
+                overflow = True
+                break
+            try:
+                more, over, gone = self.parse(buf)
+            except Exception as exc:  # never die on an event: rescan instead
+                log.exception("inotify event parsing failed: %s", exc)
+                more, over, gone = set(), True, set()
+            changed |= more
+            moved |= gone
+            overflow |= over
+            if len(buf) < _READ_SIZE // 2:
+                break
+        if changed or overflow:
+            self.sink(changed, overflow, moved)
+            return True
+        return False
+
+    def wakeup(self) -> None:
+        """End a ``poll_once()`` wait now (from a signal handler or another thread)."""
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:  # full or closed: a wakeup is pending anyway
+                pass
 
     # ---- lifecycle (the observer interface the daemon uses) ------------------------------
     def stop(self) -> None:
         self._stopping = True
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
+        self.wakeup()
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:

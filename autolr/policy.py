@@ -25,7 +25,7 @@ class PolicyError(ValueError):
     """Invalid policy name or parameters; the message says what is valid."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Observation:
     """One log row as a policy sees it.
 
@@ -42,6 +42,18 @@ class Observation:
     monitor: str | None = None
     unit: str = "row"
 
+    def __init__(self, row: int, step: int | None, epoch: float | None, metrics: Mapping[str, float],
+                 lr: float, monitor: str | None = None, unit: str = "row"):
+        # The slot setters directly (one Observation per row): a frozen dataclass's own
+        # __init__ goes through object.__setattr__ for each field.
+        _obs_set[0](self, row)
+        _obs_set[1](self, step)
+        _obs_set[2](self, epoch)
+        _obs_set[3](self, metrics)
+        _obs_set[4](self, lr)
+        _obs_set[5](self, monitor)
+        _obs_set[6](self, unit)
+
     def time(self, unit: str) -> float | None:
         """The row's counter in ``unit`` (``auto`` means the run's default unit)."""
         if unit == "auto":
@@ -51,6 +63,9 @@ class Observation:
         if unit == "epoch":
             return self.epoch
         return self.row
+
+
+_obs_set = tuple(Observation.__dict__[f.name].__set__ for f in dataclasses.fields(Observation))
 
 
 def default_mode(metric: str | None) -> str:
@@ -72,7 +87,9 @@ class Policy:
         raise NotImplementedError
 
     def update(self, state: State, obs: Observation) -> tuple[State, Note | None]:
-        """Return the new state and an optional note ``{"reason": str, ...evidence}``."""
+        """Return the new state and an optional note ``{"reason": str, ...evidence}``.
+
+        ``state`` itself is never modified (return a new dict): the chain still reads it."""
         raise NotImplementedError
 
     def value(self, state: State) -> float:

@@ -85,7 +85,7 @@ class Run:
         """
         if not self.manual_by_events:
             self.adopt_manual()
-        columns = reader.columns()
+        columns = tuple(reader.columns())
         batch: list[Decision] = []
         for record in records:
             try:

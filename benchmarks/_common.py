@@ -97,6 +97,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """utime and stime of the main thread (the daemon's worker) and of all other threads."""
+    out = {"main user": 0.0, "main sys": 0.0, "others user": 0.0, "others sys": 0.0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                data = f.read()
+        except OSError:  # the thread ended
+            continue
+        fields = data[data.rindex(")") + 2:].split()
+        who = "main" if tid == str(pid) else "others"
+        out[f"{who} user"] += int(fields[11]) / CLK_TCK
+        out[f"{who} sys"] += int(fields[12]) / CLK_TCK
+    return out
+
+
 def children_cpu_seconds(pid: int) -> float:
     """cutime + cstime: CPU of waited-for children (not used for live processes)."""
     with open(f"/proc/{pid}/stat") as f:

@@ -38,7 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (IN_MOVED_TO, Daemon, Inotify, PySpy, cpu_seconds, daemon_cmd, inotify_limits,  # noqa: E402
-                     machine_line, md_table, median, mem_kb, percentile, read_control, run_delay_seconds)
+                     machine_line, md_table, median, mem_kb, percentile, read_control, run_delay_seconds,
+                     thread_cpu_seconds)
 
 POLICY = "step:step_size=1,gamma=0.9999"
 TARGET_CPU = 25.0  # % of one core, 1000 runs (issue 6)
@@ -91,22 +92,25 @@ class Sampler:
 
     def __init__(self, pid: int):
         self.pid = pid
-        self.samples: list[tuple[float, float, dict, float]] = []  # (monotonic, cpu s, mem, run delay s)
+        # (monotonic, cpu s, mem, run delay s, per-thread user/sys s)
+        self.samples: list[tuple[float, float, dict, float, dict]] = []
         self.sample()
 
     def sample(self) -> None:
-        self.samples.append((time.monotonic(), cpu_seconds(self.pid), mem_kb(self.pid), run_delay_seconds(self.pid)))
+        self.samples.append((time.monotonic(), cpu_seconds(self.pid), mem_kb(self.pid), run_delay_seconds(self.pid),
+                             thread_cpu_seconds(self.pid)))
 
     def since(self, k: int) -> dict:
         """Averages from sample k to the last."""
         s = self.samples[k:]
-        t0, c0, _, d0 = s[0]
-        t1, c1, m1, d1 = s[-1]
+        t0, c0, _, d0, th0 = s[0]
+        t1, c1, m1, d1, th1 = s[-1]
         per = [100 * (b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(s, s[1:]) if b[0] > a[0]]
         return {"cpu": 100 * (c1 - c0) / max(t1 - t0, 1e-9), "cpu_p90": percentile(per, 90),
                 "rss": max(x[2]["VmRSS"] for x in s) / 1024, "hwm": m1["VmHWM"] / 1024,
                 "rss_end": m1["VmRSS"] / 1024, "secs": t1 - t0,
-                "waiting": 100 * (d1 - d0) / max(t1 - t0, 1e-9)}
+                "waiting": 100 * (d1 - d0) / max(t1 - t0, 1e-9),
+                "threads": {k: 100 * (th1[k] - th0[k]) / max(t1 - t0, 1e-9) for k in th1}}
 
 
 def run_config(tmp: Path, n_runs: int, fsync: bool, args, cmd) -> dict:
@@ -437,6 +441,12 @@ def main() -> int:
               f"round-robin over the folders, no fsync):\n")
         print(md_table(["folders", "atomic replace of a small JSON file", "`ControlWriter.publish` (journal + control file)"],
                        [[f"{n}", f"{c['replace']:.0f}", f"{c['publish']:.0f}"] for n, c in cost.items()]))
+    print("\n**Where the daemon's CPU goes while writing** (% of one core, from /proc/<pid>/task; the main "
+          "thread is the worker, the others the inotify reader):\n")
+    print(md_table(["configuration", "worker user", "worker system", "other threads user", "other threads system"],
+                   [[f"{r['runs']} runs, {'fsync' if r['fsync'] else '--no-fsync'}",
+                     *(f"{r['write']['threads'][k]:.1f}" for k in ("main user", "main sys", "others user", "others sys"))]
+                    for r in results]))
     print()
     for r in results:
         for thread, text in r.get("profile", {}).items():

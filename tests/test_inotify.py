@@ -160,3 +160,25 @@ def test_symlink_cycle_is_walked_once(tmp_path):
     finally:
         watcher.stop()
         watcher.join(5)
+
+
+def test_inline_mode_is_polled_by_the_caller_and_woken(tmp_path):
+    """threaded=False: no thread; poll_once() hands a batch over, wakeup() ends a wait early."""
+    sink = Collector()
+    watcher = InotifyWatcher(tmp_path, sink)
+    watcher.start(threaded=False)
+    try:
+        assert watcher._thread is None
+        assert watcher.poll_once(0.0) is False  # nothing yet
+        (tmp_path / "m.jsonl").write_text("{}\n")
+        assert watcher.poll_once(5.0) is True and str(tmp_path / "m.jsonl") in sink.paths
+        waker = threading.Timer(0.2, watcher.wakeup)
+        waker.start()
+        t0 = time.monotonic()
+        assert watcher.poll_once(30.0) is False
+        assert time.monotonic() - t0 < 10
+        waker.join()
+    finally:
+        watcher.stop()
+        watcher.join(5)
+    assert watcher.fd == -1

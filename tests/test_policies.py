@@ -251,3 +251,25 @@ def test_zero_lr_is_never_written():
 def test_invalid_parameters_are_clear_errors(name, params, message):
     with pytest.raises(PolicyError, match=message):
         build_chain([(name, params)], REGISTRY, base_lr=1.0)
+
+
+MINIMAL = {"step": {"step_size": 7}, "multistep": {"milestones": (5, 40)}, "warmup": {"steps": 20},
+           "cosine": {"T_max": 50}, "exponential": {"gamma": 0.99}, "inverse_time": {"decay_rate": 0.1}}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_update_never_modifies_the_state_it_is_given(name):
+    """The chain reads the old state after update() (the factors before a decision): every
+    built-in policy returns a new state and leaves the one it got as it was."""
+    from autolr.policy import Observation
+
+    policy = REGISTRY[name](**MINIMAL.get(name, {}))
+    state = policy.init(0.1)
+    rnd = random.Random(1)
+    for i in range(1500):
+        loss = 1 / (1 + 0.01 * i) + rnd.gauss(0, 0.02) if i % 400 != 350 else float("nan")
+        obs = Observation(row=i, step=i, epoch=i / 100, metrics={"loss": loss}, lr=0.1, monitor="loss", unit="step")
+        before = json.dumps(state, sort_keys=True, default=repr)
+        new, _ = policy.update(state, obs)
+        assert json.dumps(state, sort_keys=True, default=repr) == before, f"row {i}"
+        state = new
