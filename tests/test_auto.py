@@ -209,3 +209,81 @@ def test_long_flat_noise_never_fires_the_guard(noise):
 def test_rise_p_is_validated():
     with pytest.raises(PolicyError):
         engine("auto:rise_p=0")
+
+
+def ar1_noise(phi, n, seed):
+    """Stationary AR(1) noise of unit marginal deviation."""
+    rng = np.random.default_rng(seed)
+    e = rng.standard_normal(n) * math.sqrt(1 - phi * phi)
+    x = np.empty(n)
+    x[0] = rng.standard_normal()
+    for i in range(1, n):
+        x[i] = phi * x[i - 1] + e[i]
+    return x
+
+
+# Seeds of AR(0.9) series (15% of the level, 3000 rows) on which the former level-shift rule
+# (standard error from first differences only, 1.2533 · noise_level / sqrt(every)) cut the LR of
+# a run that was not diverging.
+_OLD_RULE_FIRED = (1, 4, 5, 6)
+
+
+@pytest.mark.parametrize("seed", _OLD_RULE_FIRED)
+def test_autocorrelated_noise_does_not_fire_the_level_shift(seed):
+    """Negative control: AR(0.9) noise wanders for dozens of rows, so the median of 10 values can
+    double the window's lowest one without any divergence. The old standard error, blind to the
+    autocorrelation, called that 30-43 standard errors; the new one counts the autocorrelation."""
+    e = ar1_noise(0.9, 3000, seed)
+    eng = engine("auto:min_factor=1e-300")  # the open-loop flat loss is decayed every ~100 rows
+    fired = guards(feed(eng, [(s, {"loss": 1.0 + 0.15 * v}) for s, v in enumerate(e)]))
+    assert fired == []
+
+
+@pytest.mark.parametrize("noise", ["gauss", "ar0.9"])
+@pytest.mark.parametrize("top", [3.0, 5.0])
+@pytest.mark.parametrize("shape", ["jump", "ramp"])
+def test_real_level_shift_still_fires_on_autocorrelated_noise(noise, top, shape):
+    """The loss level goes to x3 / x5 and stays, at once (the spike rule's case, mostly) or
+    climbing over 30 rows (no single jump: the level-shift rule's case): caught within a few
+    blocks of `every` rows, under AR(0.9) noise too."""
+    n, t0 = 1600, 1200
+    e = ar1_noise(0.9, n, 11) if noise == "ar0.9" else np.random.default_rng(11).standard_normal(n)
+    t = np.arange(n)
+    ramp = 1.0 if shape == "jump" else 30.0
+    level = np.where(t < t0, 1.0, np.minimum(1.0 + (top - 1.0) * (t - t0 + 1) / ramp, top))
+    eng = engine("auto:min_factor=1e-300")
+    fired = guards(feed(eng, [(s, {"loss": level[s] * (1.0 + 0.15 * e[s])}) for s in range(n)]))
+    assert fired and t0 <= fired[0][0] <= t0 + (10 if shape == "jump" else 50), fired[:1]
+    if shape == "ramp":
+        assert "level shift" in fired[0][2]
+
+
+def test_median_se_counts_autocorrelation():
+    from autolr.policies.auto import _median_se
+
+    white = np.random.default_rng(12).standard_normal(2000)
+    se, phi = _median_se(white, 10)
+    assert phi < 0.1
+    assert se == pytest.approx(1.2533 / math.sqrt(10), rel=0.15)  # the white-noise formula
+    ar = ar1_noise(0.9, 20_000, 13)
+    se, phi = _median_se(ar, 10)
+    assert 0.8 < phi < 0.96
+    block_medians = np.median(ar[: len(ar) // 10 * 10].reshape(-1, 10), axis=1)
+    assert 0.8 < se / np.std(block_medians) < 1.6  # the honest spread of a block median
+    # shift and scale invariant; a linear trend changes nothing
+    t = np.arange(2000)
+    assert _median_se(3.0 + 2.0 * ar[:2000], 10)[0] == pytest.approx(2.0 * _median_se(ar[:2000], 10)[0])
+    assert _median_se(ar[:2000] + 0.01 * t, 10)[0] == pytest.approx(_median_se(ar[:2000], 10)[0])
+
+
+def test_step_se_is_the_spread_of_a_block_median():
+    """Steps between block medians 3 blocks apart: the autocorrelation-honest yardstick, trend-free."""
+    from autolr.policies.auto import _step_se
+
+    for phi in (0.0, 0.5, 0.9):
+        x = ar1_noise(phi, 100_000, 14) if phi else np.random.default_rng(14).standard_normal(100_000)
+        medians = np.median(x.reshape(-1, 10), axis=1)
+        steps = medians[3:] - medians[:-3]
+        assert 0.85 < _step_se(steps[:2000]) / np.std(medians) < 1.15, phi
+        # a linear trend (0.02 per block) adds a constant 0.06 to every step: no change
+        assert _step_se(steps[:2000] + 0.06) == pytest.approx(_step_se(steps[:2000]))

@@ -16,11 +16,14 @@ factor = warmup(t) · decay · guard · boost, where
   robust sigmas that also doubles the largest value of the guard window (a spike of the size
   the window already holds is noise, not divergence); on a level shift: the median of the last
   ``every`` values doubles the lowest such median in the window, by ``spike_sigmas`` standard
-  errors of a median; or on a sustained rise of the monitored metric (p < ``rise_p`` and more
-  than ``rise`` · |level| over the window; tested every ``every`` rows, thousands of times in
-  a long run, hence the small default). Then ``guard_cooldown`` observations in which only an
-  escalation fires again (a non-finite value, or double the value that fired); never below
-  ``min_factor`` together with decay;
+  errors of such a median, autocorrelation included (autocorrelated noise wanders, so its
+  block medians vary far more than white noise of the same row-to-row jitter): the spread of
+  the steps between the run's past block medians (:func:`_step_se`), or early in a run an
+  AR(1) model of the window (:func:`_median_se`); or on a sustained rise of the monitored
+  metric (p < ``rise_p`` and more than ``rise`` · |level| over the window; tested every
+  ``every`` rows, thousands of times in a long run, hence the small default). Then
+  ``guard_cooldown`` observations in which only an escalation fires again (a non-finite value,
+  or double the value that fired); never below ``min_factor`` together with decay;
 - boost ← boost · increase_factor (at most ``max_boost``) when ``increase`` is on and the
   improvement is strongly significant (p < ``increase_p``) with no guard event in the window.
 
@@ -104,8 +107,8 @@ class Auto(Policy):
     # ---- state -------------------------------------------------------------------------
     def init(self, base_lr: float = 1.0) -> State:
         return {"t": None, "decay": 1.0, "guard": 1.0, "boost": 1.0, **_EMPTY_WINDOW, "guard_values": [],
-                "guard_ref": None, "levels": [], "cooldown": 0, "trigger": None, "quiet": 0, "seen": 0,
-                "warm": self.warmup == 0, "ramp_done": self.warmup == 0}
+                "guard_ref": None, "levels": [], "guard_steps": [], "cooldown": 0, "trigger": None, "quiet": 0,
+                "seen": 0, "warm": self.warmup == 0, "ramp_done": self.warmup == 0}
 
     def _warmup_factor(self, t: float) -> float:
         if self.warmup == 0:
@@ -197,13 +200,19 @@ class Auto(Policy):
                     state["guard_ref"] = list(ref) + [max(window) if mode == "min" else min(window)] if ref else None
                 if len(window) >= self.every and state["quiet"] % self.every == 0:
                     level = statistics.median(window[-self.every:])
-                    state["levels"] = (state["levels"] + [level])[-max(self.window // self.every, 1):]
+                    levels = state["levels"] = (state["levels"] + [level])[-max(self.window // self.every, 1):]
+                    if len(levels) > _LAG:  # the step between block medians _LAG blocks apart
+                        steps = state.get("guard_steps") or []
+                        state["guard_steps"] = (steps + [level - levels[-1 - _LAG]])[-self._history():]
             return state, None
         return self._fire(state, metric, value, why)
 
+    def _history(self) -> int:
+        """Steps between block medians kept for the level-shift standard error: ``10 · window`` rows."""
+        return max(10 * self.window // self.every, 1)
+
     def _level_shift(self, state: State, value: float, mode: str, worse) -> str | None:
         """The median of the last ``every`` values against the best such median of the window."""
-        trend = _trend()
         levels = state["levels"]
         recent = state["guard_values"][-(self.every - 1):] + [value] if self.every > 1 else [value]
         if not levels or len(recent) < self.every or state["guard_ref"] is None:
@@ -212,12 +221,23 @@ class Auto(Policy):
         best = min(levels) if mode == "min" else max(levels)
         if not worse(level, 2.0 * best if mode == "min" else best / 2.0):
             return None
-        # the standard error of a median of m values is about 1.2533 sigma / sqrt(m)
-        se = 1.2533 * trend.noise_level(state["guard_values"]) / math.sqrt(self.every)
+        # Only now (a doubling seen) the O(window) part: the standard error of such a median with
+        # the noise's autocorrelation in it. From the run's past block medians once it has enough
+        # of them, at least a window old (the shift under test must not widen its own yardstick);
+        # until then from the window's values under an AR(1) model.
+        steps = state.get("guard_steps") or []
+        past = steps[:max(len(steps) - self.window // self.every, 0)]
+        if len(past) >= _MIN_STEPS:
+            white = 1.2533 * _trend().noise_level(state["guard_values"]) / math.sqrt(self.every)  # the former SE
+            se = max(_step_se(past), white)
+            how = f"from {len(past)} steps between past medians"
+        else:
+            se, phi = _median_se(state["guard_values"], self.every)
+            how = f"AR(1) phi={phi:.2f} of the window"
         excess = level - best if mode == "min" else best - level
         if excess > self.spike_sigmas * se:
             return (f"level shift: median of the last {self.every} values {level:.6g} vs the window's best "
-                    f"{best:.6g} ({excess / se if se > 0 else math.inf:.0f} standard errors)")
+                    f"{best:.6g} ({excess / se if se > 0 else math.inf:.0f} standard errors, {how})")
         return None
 
     def _fire(self, state: State, metric: str, value: float, why: str) -> tuple[State, Note | None]:
@@ -300,6 +320,73 @@ class Auto(Policy):
                 "kind": "increase", "metric": metric, **result.as_dict(),
             }
         return state, None
+
+
+def _median_se(window, m: int) -> tuple[float, float]:
+    """(standard error of the median of ``m`` consecutive values, AR(1) phi), from ``window``.
+
+    The noise is taken as AR(1) around a smooth trend, and both its scale and phi come from
+    first differences d_t, so that a trend (the fast fall of an early training loss) does not
+    count as noise: sigma_d = 1.4826 · MAD(d) / sqrt(2) of the window (the former
+    :func:`autolr.trend.noise_level`; sigma · sqrt(1 - phi) for AR(1) noise of marginal
+    deviation sigma) and phi = 1 + 2·rho_d, rho_d the lag-1 autocorrelation of the differences
+    (-(1 - phi) / 2 for AR(1)) with Kendall's small-sample correction (1 + 3·rho_d) / n,
+    clipped to [0, 0.98] (the differences winsorised at 3 robust sigmas). The
+    variance of a mean of m consecutive values is sigma² · f / m with
+    f = 1 + 2 · sum_{k<m} (1 - k/m) · phi^k, and a median's is about 1.2533² times that, so
+
+        SE = 1.2533 · sigma_d · sqrt(f / (m · (1 - phi))),
+
+    the former white-noise 1.2533 · sigma_d / sqrt(m) at phi = 0, x2.3 at phi = 0.5 and x8.5
+    at phi = 0.9 (m = 10). The last ``m - 1`` values of ``window`` (the block being tested)
+    are left out when at least 8 remain. O(len(window) + m).
+
+    About 90 differences pin phi near 0.9 down to +-0.2 only, and near 1 the standard error is
+    steep in phi, so this is the early-run estimate: :meth:`Auto._level_shift` switches to
+    :func:`_step_se` once the run has the history for it.
+    """
+    import numpy as np  # loaded with autolr.trend already; imported here to keep this module light
+
+    y = np.asarray(window, dtype=float)
+    if len(y) - (m - 1) >= 8:
+        y = y[:len(y) - (m - 1)]
+    n = len(y) - 1  # differences
+    if n < 2:
+        return 0.0, 0.0
+    d = np.diff(y)
+    d = d - float(np.median(d))  # a linear trend is a constant difference
+    s = float(np.median(np.abs(d)))
+    if not s > 0:
+        return 0.0, 0.0
+    sigma_d = 1.4826 * s / math.sqrt(2.0)
+    dc = np.clip(d, -3 * 1.4826 * s, 3 * 1.4826 * s)
+    den = float(dc @ dc)
+    rho = float(dc[1:] @ dc[:-1]) / den if den > 0 else 0.0
+    rho += (1 + 3 * rho) / n
+    phi = min(max(1.0 + 2.0 * rho, 0.0), 0.98)
+    k = np.arange(1, m)
+    f = 1.0 + 2.0 * float(np.sum((1.0 - k / m) * phi ** k))
+    return 1.2533 * sigma_d * math.sqrt(f / (m * (1.0 - phi))), phi
+
+
+#: The level-shift yardstick: steps between block medians this many blocks apart (30 rows at
+#: every=10: far enough apart that, under AR(1) noise with phi = 0.9, the step's spread is 98%
+#: of what two independent medians give; adjacent blocks, still correlated, give 70%).
+_LAG = 3
+#: Steps at least a window old needed before they replace the window's AR(1) estimate.
+_MIN_STEPS = 20
+
+
+def _step_se(steps) -> float:
+    """The standard error of a block median from steps L_i - L_{i-_LAG} between past block medians.
+
+    1.4826 · MAD(steps) / sqrt(2): the robust spread of a difference of two block medians, over
+    sqrt(2). Direct and model-free: whatever the noise's autocorrelation within a block, it is
+    in the spread of the medians; a linear trend is a constant step and drops out with the
+    median, and a few steep steps (the fall of an early training loss) do not move a MAD.
+    """
+    med = statistics.median(steps)
+    return 1.4826 * statistics.median([abs(x - med) for x in steps]) / math.sqrt(2.0)
 
 
 @hookimpl
