@@ -31,6 +31,7 @@ from .run import Run
 
 log = logging.getLogger("autolr.daemon")
 
+_CONTROL_SUFFIX = "/" + CONTROL_NAME
 SOURCES_STATE = ".autolr-sources.json"  # read positions of sources that feed several runs
 #: State files the periodic flush writes a second at most. A save is a file created and renamed
 #: (~0.3 ms of kernel time on ext4 when spread over many folders): with 1000 runs, saving each
@@ -367,7 +368,11 @@ class Daemon:
         if len(cache) > 100_000:
             cache.clear()
         # Control files first: a manual override is adopted before the rows that follow it.
-        for name in sorted(batch, key=lambda n: (not n.endswith("/" + CONTROL_NAME), n)):
+        controls = [n for n in batch if n.endswith(_CONTROL_SUFFIX)]
+        if controls:
+            batch.difference_update(controls)
+            controls.sort()
+        for name in controls + sorted(batch):
             if self.stop_event.is_set():
                 return
             path = cache.get(name)

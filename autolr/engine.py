@@ -53,6 +53,16 @@ class History:
         return len(self.flags)
 
     def append(self, step: int | None, epoch: float | None, metrics: dict[str, float]) -> None:
+        if epoch is None and self.keys is None and self.epochs is None and type(step) is int \
+                and self.keysets and -2**63 <= step < 2**63:
+            # The usual row: a step, the same float metrics as row 0, no epoch column yet.
+            vals = tuple(metrics.values())
+            names = self.keysets[0]
+            if len(vals) == len(names) and all(type(v) is float for v in vals) and tuple(metrics) == names:
+                self.steps.append(step)
+                self.flags.append(1)
+                self.values.extend(vals)
+                return
         n = len(self.flags)
         fits = (step is None or type(step) is int) and (epoch is None or type(epoch) is float)
         vals = tuple(metrics.values())

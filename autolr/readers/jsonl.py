@@ -5,6 +5,7 @@ Nested objects are flattened with ``/`` (``{"train": {"loss": 1}}`` gives ``trai
 from __future__ import annotations
 
 import json
+import json.scanner
 import math
 import re
 from operator import itemgetter
@@ -132,9 +133,12 @@ class JsonlReader(Reader):
         return list(itemgetter(*order.tolist())(parts))
 
     def parse(self, line: bytes) -> Record | None:
-        try:  # UTF-8 straight to the decoder; anything else takes json.loads's own path
-            obj = _decode(line.decode())
-        except (ValueError, RecursionError):
+        try:  # UTF-8 straight to json's scanner; anything else takes json.loads's own path
+            text = line.decode()
+            obj, end = _scan(text, 0)
+            if end != len(text) and not text[end:].isspace():
+                raise ValueError("extra data")
+        except (ValueError, StopIteration, RecursionError):
             if not line.strip():
                 return None
             try:
@@ -148,7 +152,7 @@ class JsonlReader(Reader):
         return split_counters(numeric_items(obj))
 
 
-_decode = json.JSONDecoder().decode
+_scan = json.scanner.make_scanner(json.JSONDecoder())  # (obj, end) from an index: decode() minus its wrappers
 
 #: A flat object on one line with its values cut out (``{"step":, "loss":}``): its skeleton.
 _SKELETON = re.compile(rb'\{(?:[ \t]*"[^"]*"[ \t]*:[ \t]?(?:,[ \t]*"[^"]*"[ \t]*:[ \t]?)*)?[ \t]*\}')
