@@ -63,9 +63,14 @@ class TrendTest:
     noise: float
     decline_sigmas: float = 0.0
     se: float = math.nan  # standard error of the prewhitened slope (the t test's denominator)
+    #: t statistic of the improvement beyond min_rate (prewhitened slope / se); at most 0 when
+    #: the least-squares slope shows none; -inf for a flat or unusable window, +inf for a
+    #: decline beyond DECLINE_SIGMAS. p = P(T_dof > t) whenever 0 < p < 1.
+    t: float = math.nan
 
     def as_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in asdict(self).items()}
+        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in asdict(self).items()
+                if k != "t"}
 
 
 def _xy(y, x=None) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +156,7 @@ def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, cli
     """
     x, y = _xy(y, x)
     n = len(y)
-    none = TrendTest(1.0, 0.0, -math.inf, math.inf, 0.0, n, math.nan)
+    none = TrendTest(1.0, 0.0, -math.inf, math.inf, 0.0, n, math.nan, t=-math.inf)
     if n < 6 or not (np.all(np.isfinite(y)) and np.all(np.isfinite(x))):
         return none
     # The test is shift and scale invariant: work on y in [-1, 1] around its median and x in
@@ -162,7 +167,7 @@ def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, cli
     spread = float(np.max(np.abs(y1 - center)))
     span = float(x[-1] - x[0])
     if not (spread > 0 and span > 0):
-        return TrendTest(1.0, 0.0, 0.0, 0.0, 0.0, n, 0.0)  # a flat window: not improving
+        return TrendTest(1.0, 0.0, 0.0, 0.0, 0.0, n, 0.0, t=-math.inf)  # a flat window: not improving
     yscale = spread * top if top > 0 else spread
     try:
         with np.errstate(all="ignore"):
@@ -171,7 +176,7 @@ def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, cli
     except (np.linalg.LinAlgError, ValueError, FloatingPointError, ZeroDivisionError):
         return none
     k = yscale / span
-    return TrendTest(r.p, r.slope * k, r.lo * k, r.hi * k, r.phi, n, r.noise * yscale, r.decline_sigmas, r.se * k)
+    return TrendTest(r.p, r.slope * k, r.lo * k, r.hi * k, r.phi, n, r.noise * yscale, r.decline_sigmas, r.se * k, r.t)
 
 
 def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, clip: float,
@@ -211,7 +216,7 @@ def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, cl
     sxp = float(xpc @ xpc)
     dof = n - 3
     if sxp <= 0:
-        return TrendTest(1.0, 0.0, -math.inf, math.inf, phi, n, noise_level(y))
+        return TrendTest(1.0, 0.0, -math.inf, math.inf, phi, n, noise_level(y), t=-math.inf)
     beta1 = float(xpc @ yp) / sxp
     resid = (yp - yp.mean()) - beta1 * xpc
     s2 = float(resid @ resid) / dof
@@ -220,17 +225,22 @@ def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, cl
     # estimate of a curved series can even flip sign. Improvement needs both to agree.
     slope = slope_w
     rate = -sign * slope - min_rate
-    if se == 0 or rate <= 0 or -sign * beta1 - min_rate <= 0:
+    gain = -sign * beta1 - min_rate
+    if se == 0:  # an exact line: improving exactly when the least-squares slope says so
+        t = math.inf if rate > 0 else -math.inf
+    else:
+        t = gain / se if rate > 0 else min(gain / se, 0.0)
+    if se == 0 or rate <= 0 or gain <= 0:
         p = 0.0 if (se == 0 and rate > 0) else 1.0
     else:
-        p = float(special.stdtr(dof, -(-sign * beta1 - min_rate) / se))
+        p = float(special.stdtr(dof, -t))
     half = float(special.stdtrit(dof, 0.5 + confidence / 2)) * se
     noise = noise_level(y)
     span = float(x[-1] - x[0])
     sigmas = rate * span / noise if noise > 0 else (math.inf if rate > 0 else 0.0)
     if sigmas > DECLINE_SIGMAS:
-        p = 0.0
-    return TrendTest(p, slope, slope - half, slope + half, phi, n, noise, float(min(sigmas, 1e9)), se)
+        p, t = 0.0, math.inf
+    return TrendTest(p, slope, slope - half, slope + half, phi, n, noise, float(min(sigmas, 1e9)), se, t)
 
 
 @dataclass(frozen=True)
