@@ -69,24 +69,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class OldAuto(Auto):
-    """``auto`` with the level-shift rule as before: SE from first differences (no autocorrelation)."""
+    """``auto`` with the level-shift rule's standard error as before: from first differences, as
+    if the noise were white (the rest of the guard is the same code)."""
 
-    def _level_shift(self, state, value, mode, worse):
-        trend = _trend()
-        levels = state["levels"]
-        recent = state["guard_values"][-(self.every - 1):] + [value] if self.every > 1 else [value]
-        if not levels or len(recent) < self.every or state["guard_ref"] is None:
-            return None
-        level = statistics.median(recent)
-        best = min(levels) if mode == "min" else max(levels)
-        if not worse(level, 2.0 * best if mode == "min" else best / 2.0):
-            return None
-        se = 1.2533 * trend.noise_level(state["guard_values"]) / math.sqrt(self.every)
-        excess = level - best if mode == "min" else best - level
-        if excess > self.spike_sigmas * se:
-            return (f"level shift: median of the last {self.every} values {level:.6g} vs the window's best "
-                    f"{best:.6g} ({excess / se if se > 0 else math.inf:.0f} standard errors)")
-        return None
+    def _level_se(self, state):
+        se = 1.2533 * _trend().noise_level(state["guard_values"]) / math.sqrt(self.every)
+        return se, "first differences"
 
 
 METHODS = {"old": OldAuto, "new": Auto}

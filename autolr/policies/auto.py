@@ -221,24 +221,25 @@ class Auto(Policy):
         best = min(levels) if mode == "min" else max(levels)
         if not worse(level, 2.0 * best if mode == "min" else best / 2.0):
             return None
-        # Only now (a doubling seen) the O(window) part: the standard error of such a median with
-        # the noise's autocorrelation in it. From the run's past block medians once it has enough
-        # of them, at least a window old (the shift under test must not widen its own yardstick);
-        # until then from the window's values under an AR(1) model.
-        steps = state.get("guard_steps") or []
-        past = steps[:max(len(steps) - self.window // self.every, 0)]
-        if len(past) >= _MIN_STEPS:
-            white = 1.2533 * _trend().noise_level(state["guard_values"]) / math.sqrt(self.every)  # the former SE
-            se = max(_step_se(past), white)
-            how = f"from {len(past)} steps between past medians"
-        else:
-            se, phi = _median_se(state["guard_values"], self.every)
-            how = f"AR(1) phi={phi:.2f} of the window"
+        se, how = self._level_se(state)  # only now, a doubling seen: the O(window) part
         excess = level - best if mode == "min" else best - level
         if excess > self.spike_sigmas * se:
             return (f"level shift: median of the last {self.every} values {level:.6g} vs the window's best "
                     f"{best:.6g} ({excess / se if se > 0 else math.inf:.0f} standard errors, {how})")
         return None
+
+    def _level_se(self, state: State) -> tuple[float, str]:
+        """The standard error of a median of ``every`` values, the noise's autocorrelation in it,
+        and how it was found. From the run's past block medians once it has enough of them, at
+        least a window old (the shift under test must not widen its own yardstick); until then
+        from the window's values under an AR(1) model."""
+        steps = state.get("guard_steps") or []
+        past = steps[:max(len(steps) - self.window // self.every, 0)]
+        if len(past) >= _MIN_STEPS:
+            white = 1.2533 * _trend().noise_level(state["guard_values"]) / math.sqrt(self.every)  # the former SE
+            return max(_step_se(past), white), f"from {len(past)} steps between past medians"
+        se, phi = _median_se(state["guard_values"], self.every)
+        return se, f"AR(1) phi={phi:.2f} of the window"
 
     def _fire(self, state: State, metric: str, value: float, why: str) -> tuple[State, Note | None]:
         cut = self.guard_factor
