@@ -355,7 +355,8 @@ class Daemon:
         self.wake.set()
 
     def enqueue_many(self, paths: set[str], overflowed: bool = False, moved: set[str] | None = None) -> None:
-        """Called from the inotify thread with one batch of changed paths (already filtered);
+        """Called by our inotify reader (in the worker, or its thread) with one batch of changed
+        paths (already filtered);
         ``moved``: those that may name another file now (None: all of them)."""
         with self.lock:
             self.pending |= paths

@@ -62,7 +62,8 @@ Sink = Callable[[set, bool, set], None]  # (changed paths as str, overflowed, mo
 
 
 class InotifyWatcher:
-    """Watches ``root`` recursively in a thread; ``sink(paths, overflowed, moved)`` gets each batch.
+    """Watches ``root`` recursively; ``sink(paths, overflowed, moved)`` gets each batch, from a
+    thread of its own or, with ``start(threaded=False)``, from the caller's ``poll_once()``.
 
     ``start()`` raises OSError when inotify is unavailable or its limits are reached
     (ENOSPC: ``max_user_watches``, EMFILE: ``max_user_instances``), for the caller to fall back.

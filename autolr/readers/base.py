@@ -185,7 +185,7 @@ class TextTailer:
         Its stat of the path is kept in ``last_stat`` for ``read_block(reuse_stat=True)``; with
         ``in_place`` set there is no stat: the kept descriptor is still the path's file."""
         self.last_stat = None
-        if self.in_place and self.fd is not None and self.identity == self.fd_identity:
+        if self.in_place and self._kept_is_read():
             return _pread(self.fd, size, 0)
         st = self._sync()
         if st is None:
@@ -218,12 +218,16 @@ class TextTailer:
             st = self._sync()
             return b"" if st is None else self._fetch_from(self.fd, st)
 
+    def _kept_is_read(self) -> bool:
+        """The kept descriptor is the file the offset belongs to."""
+        return self.fd is not None and self.identity == self.fd_identity
+
     def _fetch_in_place(self) -> bytes | None:
         """The new bytes by one ``pread`` on the kept descriptor, no ``stat``; None when that
         cannot be trusted (no descriptor or mark, or the mark no longer matches: truncated or
         rewritten), and the caller takes the checked path."""
         m = len(self.mark)
-        if self.fd is None or self.identity != self.fd_identity or (m == 0 and self.offset) or m > self.offset:
+        if not self._kept_is_read() or (m == 0 and self.offset) or m > self.offset:
             return None
         try:
             data = _pread(self.fd, IN_PLACE_READ + m, self.offset - m)
