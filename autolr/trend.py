@@ -83,17 +83,50 @@ def _xy(y, x=None) -> tuple[np.ndarray, np.ndarray]:
 
 def _median(a: np.ndarray) -> float:
     """np.median of a 1-D float array without NaNs, by partition (several times faster)."""
-    n = a.size
+    return _median_of(a.copy())
+
+
+def _median_of(b: np.ndarray) -> float:
+    """:func:`_median` of ``b``, partitioning ``b`` in place (a scratch array)."""
+    n = b.size
     k = n // 2
     if n % 2:
-        return float(np.partition(a, k)[k])
-    part = np.partition(a, (k - 1, k))
-    return 0.5 * (float(part[k - 1]) + float(part[k]))
+        b.partition(k)
+        return float(b[k])
+    b.partition((k - 1, k))
+    return 0.5 * (float(b[k - 1]) + float(b[k]))
 
 
 def _mad(r: np.ndarray) -> float:
     """Median absolute deviation from the median."""
-    return _median(np.abs(r - _median(r)))
+    d = r - _median(r)
+    return _median_of(np.abs(d, out=d))
+
+
+def _clip(r: np.ndarray, bound: float) -> np.ndarray:
+    """``r`` clipped to [-bound, bound] in place (np.clip's result, without its overhead)."""
+    np.maximum(r, -bound, out=r)
+    return np.minimum(r, bound, out=r)
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """Whether every element of ``a`` is finite, by one reduction.
+
+    A sum is finite only when every term is; a sum that overflows (terms near 1e308) says
+    False for a finite array, so use it only where that merely takes a slower, equal path.
+    """
+    return math.isfinite(float(np.add.reduce(a)))
+
+
+def _diff_noise(y: np.ndarray) -> float:
+    """:func:`noise_level` of a 1-D float array of at least 3 values."""
+    d = y[1:] - y[:-1]
+    if not _all_finite(d):
+        return float(MAD_SCALE * np.median(np.abs(d - np.median(d))) / _SQRT2)
+    return MAD_SCALE * _mad(d) / _SQRT2
+
+
+_SQRT2 = math.sqrt(2)
 
 
 def robust_slope(y, x=None, confidence: float = 0.95) -> Slope:
@@ -112,10 +145,7 @@ def noise_level(y) -> float:
     y = np.asarray(y, dtype=float)
     if len(y) < 3:
         return 0.0
-    d = np.diff(y)
-    if not np.all(np.isfinite(d)):
-        return float(MAD_SCALE * np.median(np.abs(d - np.median(d))) / math.sqrt(2))
-    return MAD_SCALE * _mad(d) / math.sqrt(2)
+    return _diff_noise(y)
 
 
 def winsorise(x: np.ndarray, y: np.ndarray, clip: float = 3.0) -> np.ndarray:
@@ -134,16 +164,18 @@ def ar1(residuals: np.ndarray, conservative: bool = True, fitted: int = 3) -> fl
     Kendall's correction (1 + 3·phi)/n plus ``fitted``/n for the fitted trend's parameters;
     ``conservative`` adds one standard error sqrt((1 - phi²)/n).
     """
-    r = residuals - residuals.mean()
+    n = len(residuals)
+    if n < 4:
+        return 0.0
+    r = residuals - np.add.reduce(residuals) / n
     den = float(r @ r)
-    n = len(r)
-    if den <= 0 or n < 4:
+    if den <= 0:
         return 0.0
     phi = float(r[1:] @ r[:-1]) / den
     phi += (1 + 3 * phi) / n + fitted / n
     if conservative:
         phi += math.sqrt(max(1 - phi * phi, 0.0) / n)
-    return float(np.clip(phi, 0.0, 0.98))
+    return min(max(phi, 0.0), 0.98)
 
 
 def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, clip: float = 3.0,
@@ -156,69 +188,86 @@ def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, cli
     """
     x, y = _xy(y, x)
     n = len(y)
-    none = TrendTest(1.0, 0.0, -math.inf, math.inf, 0.0, n, math.nan, t=-math.inf)
-    if n < 6 or not (np.all(np.isfinite(y)) and np.all(np.isfinite(x))):
-        return none
+    if n < 6:
+        return _no_trend(n)
+    top = float(np.maximum.reduce(np.abs(y)))  # NaN or inf when some y is
+    if not (math.isfinite(top) and np.isfinite(x).all()):
+        return _no_trend(n)
     # The test is shift and scale invariant: work on y in [-1, 1] around its median and x in
     # [0, 1], so no value (1e300 losses included) can overflow the fits; rescale the results.
-    top = float(np.max(np.abs(y)))
     y1 = y / top if top > 0 else y
-    center = _median(y1)
-    spread = float(np.max(np.abs(y1 - center)))
+    yn = y1 - _median(y1)
+    spread = float(np.maximum.reduce(np.abs(yn)))
     span = float(x[-1] - x[0])
     if not (spread > 0 and span > 0):
         return TrendTest(1.0, 0.0, 0.0, 0.0, 0.0, n, 0.0, t=-math.inf)  # a flat window: not improving
     yscale = spread * top if top > 0 else spread
     try:
         with np.errstate(all="ignore"):
-            r = _improvement((y1 - center) / spread, (x - x[0]) / span, mode=mode,
-                             min_rate=min_rate * span / yscale, clip=clip, confidence=confidence)
+            np.divide(yn, spread, out=yn)
+            p, slope, lo, hi, phi, noise, sigmas, se, t = _improvement(
+                yn, (x - x[0]) / span, mode=mode, min_rate=min_rate * span / yscale, clip=clip, confidence=confidence)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError, ZeroDivisionError):
-        return none
+        return _no_trend(n)
     k = yscale / span
-    return TrendTest(r.p, r.slope * k, r.lo * k, r.hi * k, r.phi, n, r.noise * yscale, r.decline_sigmas, r.se * k, r.t)
+    return TrendTest(p, slope * k, lo * k, hi * k, phi, n, noise * yscale, sigmas, se * k, t)
+
+
+def _no_trend(n: int) -> TrendTest:
+    """The result of :func:`improvement_test` for a window it cannot test."""
+    return TrendTest(1.0, 0.0, -math.inf, math.inf, 0.0, n, math.nan, t=-math.inf)
+
+
+@functools.lru_cache(maxsize=1024)
+def _t_quantile(dof: int, q: float) -> float:
+    return float(special.stdtrit(dof, q))
 
 
 def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, clip: float,
-                 confidence: float) -> TrendTest:
+                 confidence: float) -> tuple[float, ...]:
     """:func:`improvement_test` on a normalised window (y in [-1, 1], x in [0, 1]).
 
-    The least-squares fits are closed forms over centred / orthogonalised columns (the same
-    fitted values as a Vandermonde least-squares solve, several times faster).
+    Returns the fields p, slope, lo, hi, phi, noise, decline_sigmas, se, t of its
+    :class:`TrendTest` in normalised units. The least-squares fits are closed forms over
+    centred / orthogonalised columns (the same fitted values as a Vandermonde least-squares
+    solve, several times faster).
     """
     n = len(y)
     sign = 1.0 if mode == "min" else -1.0
-    xc = x - x.mean()
+    xc = x - np.add.reduce(x) / n
     sxx = float(xc @ xc)
     # Line: mean + slope · xc.
-    ym = float(y.mean())
-    line = ym + (float(xc @ y) / sxx) * xc
+    line = (float(xc @ y) / sxx) * xc
+    line += float(np.add.reduce(y)) / n
     yw = y
     if clip:  # winsorise around the least-squares line
         r = y - line
         s = MAD_SCALE * _mad(r)
         if s > 0:
-            yw = line + np.clip(r, -clip * s, clip * s)
+            yw = np.add(line, _clip(r, clip * s), out=r)
     # Quadratic: add xc² orthogonalised against 1 and xc.
     q = xc * xc
-    q -= q.mean()
+    q -= np.add.reduce(q) / n
     q -= (float(q @ xc) / sxx) * xc
     qq = float(q @ q)
     slope_w = float(xc @ yw) / sxx
-    quad = float(yw.mean()) + slope_w * xc
+    quad = slope_w * xc
+    quad += float(np.add.reduce(yw)) / n
     if qq > 0:
-        quad = quad + (float(q @ yw) / qq) * q
-    phi = ar1(yw - quad)
+        quad += (float(q @ yw) / qq) * q
+    phi = ar1(np.subtract(yw, quad, out=quad))
     yp = yw[1:] - phi * yw[:-1]
     xp = x[1:] - phi * x[:-1]
     # Prewhitened regression of yp on (1 - phi, xp): slope from centred sums.
-    xpc = xp - xp.mean()
+    xpc = xp - np.add.reduce(xp) / (n - 1)
     sxp = float(xpc @ xpc)
     dof = n - 3
+    noise = _diff_noise(y)
     if sxp <= 0:
-        return TrendTest(1.0, 0.0, -math.inf, math.inf, phi, n, noise_level(y), t=-math.inf)
+        return 1.0, 0.0, -math.inf, math.inf, phi, noise, 0.0, math.nan, -math.inf
     beta1 = float(xpc @ yp) / sxp
-    resid = (yp - yp.mean()) - beta1 * xpc
+    resid = yp - np.add.reduce(yp) / (n - 1)
+    resid -= beta1 * xpc
     s2 = float(resid @ resid) / dof
     se = math.sqrt(max(s2 / sxp, 0.0))
     # The plain least-squares slope is what is reported: with phi near 1 the prewhitened
@@ -234,13 +283,12 @@ def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, cl
         p = 0.0 if (se == 0 and rate > 0) else 1.0
     else:
         p = float(special.stdtr(dof, -t))
-    half = float(special.stdtrit(dof, 0.5 + confidence / 2)) * se
-    noise = noise_level(y)
+    half = _t_quantile(dof, 0.5 + confidence / 2) * se
     span = float(x[-1] - x[0])
     sigmas = rate * span / noise if noise > 0 else (math.inf if rate > 0 else 0.0)
     if sigmas > DECLINE_SIGMAS:
         p, t = 0.0, math.inf
-    return TrendTest(p, slope, slope - half, slope + half, phi, n, noise, float(min(sigmas, 1e9)), se, t)
+    return p, slope, slope - half, slope + half, phi, noise, float(min(sigmas, 1e9)), se, t
 
 
 @dataclass(frozen=True)
@@ -285,17 +333,25 @@ def block_ar1(y: np.ndarray, block: int = 200) -> float:
     nb = max(n // block, 1)
     length = n // nb
     blocks = y[n - nb * length:].reshape(nb, length)
-    t = np.arange(length) - (length - 1) / 2.0
-    centred = blocks - blocks.mean(axis=1, keepdims=True)
-    resid = centred - np.outer(centred @ t / float(t @ t), t)
-    den = np.sum(resid * resid, axis=1)
-    if not np.all(den > 0):
+    t, tt = _centred_steps(length)
+    centred = blocks - np.add.reduce(blocks, axis=1, keepdims=True) / length
+    resid = centred - (centred @ t / tt)[:, None] * t
+    den = np.add.reduce(resid * resid, axis=1)
+    if not (den > 0).all():
         return 0.0
-    rhos = np.sum(resid[:, 1:] * resid[:, :-1], axis=1) / den
-    rho = _median(rhos)
+    rhos = np.add.reduce(resid[:, 1:] * resid[:, :-1], axis=1) / den
+    rho = _median_of(rhos)
     phi = rho + (1 + 3 * rho) / length + 2 / length
     phi += 2.0 * (1.0 if nb < 3 else 1.25) * math.sqrt(max(1 - phi * phi, 0.0) / (nb * length))
-    return float(np.clip(phi, 0.0, 0.98))
+    return min(max(phi, 0.0), 0.98)
+
+
+@functools.lru_cache(maxsize=64)
+def _centred_steps(length: int) -> tuple[np.ndarray, float]:
+    """0..length-1 minus its mean, and its sum of squares."""
+    t = np.arange(length) - (length - 1) / 2.0
+    t.flags.writeable = False
+    return t, float(t @ t)
 
 
 SLOWDOWN_MISS = 1e-5
@@ -376,7 +432,7 @@ def slowdown_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confid
     x, y = _xy(y, x)
     n = len(y)
     ks = slowdown_ladder(n, min_recent, ratio)
-    if not ks or not (np.all(np.isfinite(y)) and np.all(np.isfinite(x))):
+    if not ks or not (np.isfinite(y).all() and np.isfinite(x).all()):
         return None
     norm = _normalised(y, x, clip) if prepared is None else prepared
     if norm is None:
@@ -398,17 +454,12 @@ def slowdown_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confid
         np.subtract(yw[1:], phi * yw[:-1], out=base[1])
         sq = xn * xn
         np.subtract(sq[1:], phi * sq[:-1], out=base[2])
-        k = np.asarray(ks)
-        c = n - 1 - k  # last row before the break
-        s0 = n - (ratio + 1) * k  # first row of the window; prewhitened rows s0+1..n-1
+        c, s0, starts, ia, iw, kf, m, ma, dof = _slowdown_plan(n, min_recent, ratio)
         # Sums over rows >= j for j in {c+1, s0+1}: segment sums (reduceat) between those
         # starts, accumulated from the end.
-        starts = np.unique(np.concatenate([c, s0]))  # row j - 1 = index of row j in base
         singles = np.add.reduceat(base, starts, axis=1)[:, ::-1].cumsum(axis=1)[:, ::-1]
         pairs = np.add.reduceat(base[:, None, :] * base[None, :, :], starts, axis=2)
         pairs = pairs[:, :, ::-1].cumsum(axis=2)[:, :, ::-1]
-        ia = np.searchsorted(starts, c)  # rows c+1..n-1
-        iw = np.searchsorted(starts, s0)  # rows s0+1..n-1
         (sv, sz, sa), (ssv, ssz, ssa) = singles[:, iw], singles[:, ia]
         pw, pa = pairs[:, :, iw], pairs[:, :, ia]
         wv, wz = sv, sz  # the whole window
@@ -417,9 +468,6 @@ def slowdown_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confid
         av, az, aa = sv - ssv, sz - ssz, sa - ssa  # before it
         avv, avz = wvv - bvv, wvz - bvz
         aaa, aav, aaz = pw[2, 2] - pa[2, 2], pw[2, 0] - pa[2, 0], pw[2, 1] - pa[2, 1]
-        kf = k.astype(float)
-        m = (ratio + 1) * kf - 1.0
-        ma = ratio * kf - 1.0
         xb = xn[c]
         xb2 = xb * xb
         il = -1.0 / xn[s0]  # columns rescaled by the window's length (x/L, parabola/L²)
@@ -442,7 +490,6 @@ def slowdown_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confid
         g[~ok] = np.eye(4)
         inv = np.linalg.inv(g)
         beta = np.einsum("kij,kj->ki", inv, rhs)
-        dof = m - 4.0
         s2 = np.maximum(wzz - np.einsum("ki,ki->k", beta, rhs), 0.0) / np.maximum(dof, 1.0)
         v11, v22, v12 = inv[:, 1, 1], inv[:, 2, 2], inv[:, 1, 2]
         scale = yscale / span
@@ -451,12 +498,43 @@ def slowdown_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confid
         after = -sign * (b1 + b2) * scale
         se_b = np.sqrt(np.maximum(s2 * v11, 0.0)) * il * scale
         se_a = np.sqrt(np.maximum(s2 * (v11 + v22 + 2 * v12), 0.0)) * il * scale
-        tc, zq = _critical(dof.astype(np.int64), float(confidence), float(miss))
+        tc, zq = _slowdown_critical(n, min_recent, ratio, float(confidence), float(miss))
         stopped = (ok & (dof >= 1) & (v11 > 0) & (after - min_rate < tc * se_a)
                    & (before - tc * se_b >= (tc + zq) * se_a) & (before > 0))
     i = int(np.argmax(stopped)) if stopped.any() else len(ks) - 1
     return Slowdown(bool(stopped[i]), int(ks[i]), int((ratio + 1) * ks[i]), float(before[i]), float(se_b[i]),
                     float(after[i]), float(se_a[i]), phi)
+
+
+@functools.lru_cache(maxsize=256)
+def _slowdown_plan(n: int, min_recent: int, ratio: int) -> tuple:
+    """What :func:`slowdown_test` needs of its ladder ks (which depends on n only), computed once.
+
+    c (last row before each break), s0 (first row of each window), the sorted distinct
+    segment starts of c and s0 and where c and s0 are among them, k, (ratio + 1)·k - 1 (rows
+    of the window), ratio·k - 1 (rows before the break) as floats, and the fit's dof.
+    """
+    k = np.asarray(slowdown_ladder(n, min_recent, ratio))
+    c = n - 1 - k  # last row before the break
+    s0 = n - (ratio + 1) * k  # first row of the window; prewhitened rows s0+1..n-1
+    starts = np.unique(np.concatenate([c, s0]))  # row j - 1 = index of row j in base
+    ia = np.searchsorted(starts, c)  # rows c+1..n-1
+    iw = np.searchsorted(starts, s0)  # rows s0+1..n-1
+    kf = k.astype(float)
+    m = (ratio + 1) * kf - 1.0
+    ma = ratio * kf - 1.0
+    plan = (c, s0, starts, ia, iw, kf, m, ma, m - 4.0)
+    for a in plan:
+        a.flags.writeable = False
+    return plan
+
+
+@functools.lru_cache(maxsize=256)
+def _slowdown_critical(n: int, min_recent: int, ratio: int, confidence: float, miss: float) -> tuple[np.ndarray, float]:
+    """:func:`_critical` for the dof of :func:`_slowdown_plan`, computed once."""
+    tc, zq = _critical(_slowdown_plan(n, min_recent, ratio)[-1].astype(np.int64), confidence, miss)
+    tc.flags.writeable = False
+    return tc, zq
 
 
 def faded_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confidence: float = 0.95,
@@ -496,8 +574,8 @@ def faded_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confidenc
     """
     x, y = _xy(y, x)
     n = len(y)
-    ms = [m for m in slowdown_ladder(n - max(min_before, 4), max(min_recent, 4), 0)]
-    if not ms or not (np.all(np.isfinite(y)) and np.all(np.isfinite(x))):
+    ms = slowdown_ladder(n - max(min_before, 4), max(min_recent, 4), 0)
+    if not ms or not (np.isfinite(y).all() and np.isfinite(x).all()):
         return None
     sign = 1.0 if mode == "min" else -1.0
     norm = _normalised(y, x, clip) if prepared is None else prepared
@@ -534,8 +612,7 @@ def faded_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confidenc
         scale = yscale / span
         after, before = -sign * b_r * scale, -sign * b_b * scale
         se_a, se_bf = se_r * scale, se_b * scale
-        tr, zq = _critical(dof_r.astype(np.int64), float(confidence), float(miss))
-        tb, _ = _critical(dof_b.astype(np.int64), float(confidence), float(miss))
+        tr, tb, zq = _faded_critical(n, min_recent, min_before, float(confidence), float(miss))
         enough = c * (1.0 - phi) >= min_effective * (1.0 + phi)
         stopped = (enough & (dof_r >= 1) & (dof_b >= 1) & (after - min_rate < tr * se_a)
                    & (fraction * (before - tb * se_bf) >= (tr + zq) * se_a) & (before > 0))
@@ -544,31 +621,68 @@ def faded_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confidenc
                     float(after[i]), float(se_a[i]), phi)
 
 
+@functools.lru_cache(maxsize=256)
+def _faded_critical(n: int, min_recent: int, min_before: int, confidence: float,
+                    miss: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`_critical` for :func:`faded_test`'s candidates m (which depend on n only), computed
+    once: for the last m rows (m - 3 dof: the first row is dropped, a line is fitted) and for
+    the n - m before them (n - m - 3 dof), and the normal quantile."""
+    m = np.asarray(slowdown_ladder(n - max(min_before, 4), max(min_recent, 4), 0))
+    tr, zq = _critical(m - 3, confidence, miss)
+    tb, _ = _critical(n - m - 3, confidence, miss)
+    tr.flags.writeable = tb.flags.writeable = False
+    return tr, tb, zq
+
+
 def _normalised(y: np.ndarray, x: np.ndarray, clip: float):
     """(winsorised y in [-1, 1], x in [-1, 0] ending at 0, y scale, x span), None when flat.
 
     Winsorised around the running median (width ``SLOWDOWN_MEDIAN``) at ``clip`` robust sigmas.
     """
-    from scipy import ndimage
-
-    top = float(np.max(np.abs(y)))
+    top = float(np.maximum.reduce(np.abs(y)))
     y1 = y / top if top > 0 else y
-    center = float(y1.mean())
-    spread = float(np.max(np.abs(y1 - center)))
+    yn = y1 - float(np.add.reduce(y1)) / len(y1)  # around the mean
+    spread = float(np.maximum.reduce(np.abs(yn)))
     span = float(x[-1] - x[0])
     if not (spread > 0 and span > 0):
         return None
     with np.errstate(all="ignore"):
-        yn = (y1 - center) / spread
+        np.divide(yn, spread, out=yn)
         xn = (x - x[-1]) / span
         yw = yn
         if clip:
-            med = ndimage.median_filter(yn, size=SLOWDOWN_MEDIAN, mode="nearest")
+            med = _running_median(yn)
             r = yn - med
             s = MAD_SCALE * _mad(r)
             if s > 0:
-                yw = med + np.clip(r, -clip * s, clip * s)
+                yw = np.add(med, _clip(r, clip * s), out=r)
     return yw, xn, (spread * top if top > 0 else spread), span
+
+
+#: Up to this length the running median gathers every window and partitions it (faster than
+#: scipy.ndimage.median_filter there, slower beyond).
+_GATHER_MEDIAN = 400
+
+
+def _running_median(y: np.ndarray) -> np.ndarray:
+    """ndimage.median_filter(y, size=SLOWDOWN_MEDIAN, mode="nearest") of a 1-D float array."""
+    if len(y) > _GATHER_MEDIAN:
+        from scipy import ndimage
+
+        return ndimage.median_filter(y, size=SLOWDOWN_MEDIAN, mode="nearest")
+    windows = y[_median_windows(len(y))]
+    half = SLOWDOWN_MEDIAN // 2
+    windows.partition(half, axis=1)
+    return windows[:, half]
+
+
+@functools.lru_cache(maxsize=64)
+def _median_windows(n: int) -> np.ndarray:
+    """Indices (n, SLOWDOWN_MEDIAN) of the window around each position, clamped to [0, n - 1]."""
+    half = SLOWDOWN_MEDIAN // 2
+    idx = np.clip(np.arange(n)[:, None] + np.arange(-half, half + 1), 0, n - 1)
+    idx.flags.writeable = False
+    return idx
 
 
 @dataclass(frozen=True)
@@ -644,12 +758,15 @@ def robust_reference(window) -> tuple[float, float] | None:
     smooth but trending still has a usable scale.
     """
     w = np.asarray(window, dtype=float)
-    w = w[np.isfinite(w)]
+    if not _all_finite(w):
+        w = w[np.isfinite(w)]
     if len(w) < 8:
         return None
-    med = float(np.median(w))
-    s = MAD_SCALE * float(np.median(np.abs(w - med)))
-    return med, max(s, noise_level(w), 1e-12 * max(abs(med), 1.0))
+    d = w.copy()
+    med = _median_of(d)
+    np.subtract(d, med, out=d)
+    s = MAD_SCALE * _median_of(np.abs(d, out=d))
+    return med, max(s, _diff_noise(w), 1e-12 * max(abs(med), 1.0))
 
 
 def divergent(value: float, reference: tuple[float, float] | None, *, mode: str = "min",
