@@ -87,11 +87,15 @@ def _median(a: np.ndarray) -> float:
 
 
 def _median_of(b: np.ndarray) -> float:
-    """:func:`_median` of ``b``, partitioning ``b`` in place (a scratch array)."""
+    """:func:`_median` of ``b``, partitioning ``b`` in place (a scratch array).
+
+    An odd size above 256 is partitioned at two positions too: numpy's selection for one
+    position is then several times slower (12 vs 4 µs at n = 1499); b[k] is the same.
+    """
     n = b.size
     k = n // 2
     if n % 2:
-        b.partition(k)
+        b.partition(k if n < 256 else (k - 1, k))
         return float(b[k])
     b.partition((k - 1, k))
     return 0.5 * (float(b[k - 1]) + float(b[k]))
