@@ -4,9 +4,12 @@ When a record's step (or epoch) is below the last one seen, the job was resumed 
 earlier checkpoint. The history is cut at that step and the chain state rebuilt by replaying
 the kept rows, so the decisions are exactly those of a run that never went past it.
 
-Memory is bounded: the engine keeps the last ``history`` rows in column arrays (``History``,
-17 bytes a row with one metric), plus a chain-state checkpoint every ``checkpoint_every`` rows.
-A rewind further back than the window restores the oldest checkpoint and says so.
+Memory is bounded: the engine keeps the last ``history`` rows (at most ``history`` +
+``checkpoint_every``) in column arrays (``History``, 17 bytes a row with one metric), plus a
+chain-state checkpoint every ``checkpoint_every`` rows (default ``history // 2``: three
+checkpoints, since a policy state with its windows is the larger part of a run's memory; a
+rewind replays at most ``checkpoint_every`` rows from the checkpoint before it). A rewind
+further back than the window restores the oldest checkpoint and says so.
 """
 from __future__ import annotations
 
@@ -202,7 +205,9 @@ class History:
 class RunEngine:
     """Feeds records of one run through ``chain``; ``feed()`` returns the decisions made."""
 
-    def __init__(self, chain: Chain, *, history: int = 1024, checkpoint_every: int = 128):
+    def __init__(self, chain: Chain, *, history: int = 1024, checkpoint_every: int | None = None):
+        if checkpoint_every is None:
+            checkpoint_every = max(history // 2, 1)
         self.chain = chain
         self.history = max(history, checkpoint_every)
         self.checkpoint_every = checkpoint_every

@@ -280,6 +280,12 @@ def engine_memory(policies: list[str], rows: int, engines: int = 10) -> dict[str
     out = {}
     for spec in policies:
         settings = Settings(policies=parse_policy_options([spec]), base_lr=0.1)
+        # One engine first, untraced: the modules a policy imports on first use (scipy for the
+        # trend tests, ~15 MB) are the daemon's once, not a run's.
+        warm = RunEngine(settings.chain(registry), history=settings.history)
+        for i in range(min(rows, 500)):
+            warm.feed(Record({"loss": 1.0 / (1 + 0.01 * i)}, i, None), ())
+        del warm
         tracemalloc.start()
         keep = []
         for _ in range(engines):
@@ -423,7 +429,7 @@ def main() -> int:
                     "RSS idle MB", "lag median ms", "lag p99 ms", "lag max ms", "lag samples",
                     "runs behind at stop", "drain s", "startup + catch-up s"], rows))
     if args.steady_rows:
-        mem = engine_memory([POLICY, "plateau", "plateau:method=threshold"], args.steady_rows)
+        mem = engine_memory([POLICY, "auto", "plateau", "plateau:method=threshold"], args.steady_rows)
         print(f"\n**Steady-state engine memory per run** (in-process, tracemalloc, after {args.steady_rows} rows "
               f"of one metric; the live phase above ends at about {args.prefill + int(args.rate * args.duration)} "
               f"rows per run, short of the bounded history):\n")

@@ -185,6 +185,22 @@ def test_slow_sustained_rise_fires_the_guard():
     assert fired and "rises significantly" in fired[0][2] and fired[0][0] <= 450
 
 
+def test_improving_window_skips_the_test(monkeypatch):
+    """When the window's later half is better than its earlier half, neither a stall nor a slow
+    rise can fire, so the test (the costly part of a row) is not run; with ``increase`` it is."""
+    from autolr import trend
+
+    calls = []
+    real = trend.improvement_test
+    monkeypatch.setattr(trend, "improvement_test", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(5)
+    rows = [(s, {"loss": 2.0 * math.exp(-s / 400) + 0.01 * rng.standard_normal()}) for s in range(600)]
+    assert feed(engine("auto:warmup=0"), rows) == []
+    assert calls == []
+    decisions = feed(engine("auto:warmup=0,increase=true"), rows)
+    assert len(calls) >= 20 and decisions  # tested every 10 rows once the window is full; boosted
+
+
 @pytest.mark.parametrize("noise", ["gauss", "t3", "ar0.5"])
 def test_long_flat_noise_never_fires_the_guard(noise):
     """Thousands of tests on a stationary noisy loss: the sustained-rise rule (p < rise_p) stays quiet.

@@ -20,8 +20,9 @@ factor = warmup(t) · decay · guard · boost, where
   block medians vary far more than white noise of the same row-to-row jitter): the spread of
   the steps between the run's past block medians (:func:`_step_se`), or early in a run an
   AR(1) model of the window (:func:`_median_se`); or on a sustained rise of the monitored
-  metric (p < ``rise_p`` and more than ``rise`` · |level| over the window; tested every
-  ``every`` rows, thousands of times in a long run, hence the small default). Then
+  metric (p < ``rise_p`` and more than ``rise`` · |level| over the window, the median of its
+  later half no better than that of the earlier half; tested every ``every`` rows, thousands
+  of times in a long run, hence the small default). Then
   ``guard_cooldown`` observations in which only an escalation fires again (a non-finite value,
   or double the value that fired); never below ``min_factor`` together with decay;
 - boost ← boost · increase_factor (at most ``max_boost``) when ``increase`` is on and the
@@ -47,6 +48,14 @@ from ..policy import Note, Observation, Policy, State, check, default_mode
 #: The decision window, emptied after every change: data taken at the old LR says nothing about the new.
 #: ``at`` holds each observation's row count, ``rows`` the rows seen, ``tested`` the rows at the last test.
 _EMPTY_WINDOW = {"values": [], "times": [], "at": [], "since": 0, "rows": 0, "tested": 0}
+
+
+def _slide(items: list, item, limit: int) -> list:
+    """A new list: ``items`` with ``item`` appended, keeping the last ``limit`` (one copy)."""
+    keep = len(items) + 1 - limit
+    out = items[keep:] if keep > 0 else items[:]
+    out.append(item)
+    return out
 
 
 def _trend():
@@ -155,9 +164,9 @@ class Auto(Policy):
         new["seen"] += 1
         new["since"] += 1
         time = t if t is not None else obs.row
-        new["values"] = (new["values"] + [current])[-self.window:]
-        new["times"] = (new["times"] + [time])[-self.window:]
-        new["at"] = (new["at"] + [new["rows"]])[-self.window:]
+        new["values"] = _slide(new["values"], current, self.window)
+        new["times"] = _slide(new["times"], time, self.window)
+        new["at"] = _slide(new["at"], new["rows"], self.window)
         # The window: the last `window` observations or, for a metric logged on fewer rows (a
         # validation loss every N steps), those of the last `window` rows, and at least
         # `min_window` of them. Tested every `every` rows.
@@ -193,17 +202,17 @@ class Auto(Policy):
                 why = self._level_shift(state, value, mode, worse)
         if why is None:
             if math.isfinite(value):
-                window = (state["guard_values"] + [value])[-self.window:]
+                window = _slide(state["guard_values"], value, self.window)
                 state["guard_values"] = window
                 if state["guard_ref"] is None or state["quiet"] % self.every == 0:
                     ref = trend.robust_reference(window)
                     state["guard_ref"] = list(ref) + [max(window) if mode == "min" else min(window)] if ref else None
                 if len(window) >= self.every and state["quiet"] % self.every == 0:
                     level = statistics.median(window[-self.every:])
-                    levels = state["levels"] = (state["levels"] + [level])[-max(self.window // self.every, 1):]
+                    levels = state["levels"] = _slide(state["levels"], level, max(self.window // self.every, 1))
                     if len(levels) > _LAG:  # the step between block medians _LAG blocks apart
                         steps = state.get("guard_steps") or []
-                        state["guard_steps"] = (steps + [level - levels[-1 - _LAG]])[-self._history():]
+                        state["guard_steps"] = _slide(steps, level - levels[-1 - _LAG], self._history())
             return state, None
         return self._fire(state, metric, value, why)
 
@@ -270,9 +279,17 @@ class Auto(Policy):
     def _decide(self, state: State, obs: Observation, metric: str, mode: str, n: int) -> tuple[State, Note | None]:
         trend = _trend()
         values, times = state["values"][-n:], state["times"][-n:]
+        half = len(values) // 2
+        early, late = statistics.median(values[:half]), statistics.median(values[-half:])
+        better = late < early if mode == "min" else late > early
+        if better and not self.increase:
+            # The later half is better than the earlier one: neither a stall nor a slow
+            # divergence (both need it no better), and no increase to test for. The test, the
+            # costly part of a row, is skipped: most rows of a run that is still improving.
+            return state, None
         result = trend.improvement_test(values, times, mode=mode, confidence=self.confidence)
         sign = 1.0 if mode == "min" else -1.0
-        if sign * result.slope > 0 and state["cooldown"] == 0:  # heading the wrong way: diverging?
+        if sign * result.slope > 0 and state["cooldown"] == 0 and not better:  # heading the wrong way: diverging?
             worse = trend.improvement_test(values, times, mode="max" if mode == "min" else "min",
                                            confidence=self.confidence)
             level = abs(sorted(values)[len(values) // 2]) or 1.0
@@ -287,9 +304,7 @@ class Auto(Policy):
                               f"lr x{self.guard_factor:g}",
                     "kind": "guard", "metric": metric, **worse.as_dict(),
                 }
-        half = len(values) // 2
-        early, late = statistics.median(values[:half]), statistics.median(values[-half:])
-        if result.p >= 1 - self.confidence and (late < early if mode == "min" else late > early):
+        if result.p >= 1 - self.confidence and better:
             # Not significant, yet the later half of the window is better than the earlier one. On
             # few observations the test cannot tell the knee of a saturating curve from AR(1)
             # noise (it fits the curvature as autocorrelation): only call it a stall when this
