@@ -190,13 +190,28 @@ def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, cli
     p-value of H0 "improvement rate <= min_rate" (small p: significantly improving), the
     prewhitened slope with its two-sided ``confidence`` interval, phi and the noise level.
     """
+    return _improvement_tests(y, x, (mode,), min_rate, clip, confidence)[0]
+
+
+def improvement_tests(y, x=None, *, min_rate: float = 0.0, clip: float = 3.0,
+                      confidence: float = 0.95) -> tuple[TrendTest, TrendTest]:
+    """:func:`improvement_test` with ``mode="min"`` and with ``mode="max"``, from one fit.
+
+    "Is it falling?" and "is it rising?" share everything but the sign of the last step:
+    the second answer costs nothing once the first is computed.
+    """
+    return _improvement_tests(y, x, ("min", "max"), min_rate, clip, confidence)
+
+
+def _improvement_tests(y, x, modes: tuple[str, ...], min_rate: float, clip: float,
+                       confidence: float) -> tuple[TrendTest, ...]:
     x, y = _xy(y, x)
     n = len(y)
     if n < 6:
-        return _no_trend(n)
+        return (_no_trend(n),) * len(modes)
     top = float(np.maximum.reduce(np.abs(y)))  # NaN or inf when some y is
     if not (math.isfinite(top) and np.isfinite(x).all()):
-        return _no_trend(n)
+        return (_no_trend(n),) * len(modes)
     # The test is shift and scale invariant: work on y in [-1, 1] around its median and x in
     # [0, 1], so no value (1e300 losses included) can overflow the fits; rescale the results.
     y1 = y / top if top > 0 else y
@@ -204,17 +219,18 @@ def improvement_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, cli
     spread = float(np.maximum.reduce(np.abs(yn)))
     span = float(x[-1] - x[0])
     if not (spread > 0 and span > 0):
-        return TrendTest(1.0, 0.0, 0.0, 0.0, 0.0, n, 0.0, t=-math.inf)  # a flat window: not improving
+        return (TrendTest(1.0, 0.0, 0.0, 0.0, 0.0, n, 0.0, t=-math.inf),) * len(modes)  # flat: not improving
     yscale = spread * top if top > 0 else spread
     try:
         with np.errstate(all="ignore"):
             np.divide(yn, spread, out=yn)
-            p, slope, lo, hi, phi, noise, sigmas, se, t = _improvement(
-                yn, (x - x[0]) / span, mode=mode, min_rate=min_rate * span / yscale, clip=clip, confidence=confidence)
+            results = _improvement(yn, (x - x[0]) / span, modes=modes, min_rate=min_rate * span / yscale,
+                                   clip=clip, confidence=confidence)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError, ZeroDivisionError):
-        return _no_trend(n)
+        return (_no_trend(n),) * len(modes)
     k = yscale / span
-    return TrendTest(p, slope * k, lo * k, hi * k, phi, n, noise * yscale, sigmas, se * k, t)
+    return tuple(TrendTest(p, slope * k, lo * k, hi * k, phi, n, noise * yscale, sigmas, se * k, t)
+                 for p, slope, lo, hi, phi, noise, sigmas, se, t in results)
 
 
 def _no_trend(n: int) -> TrendTest:
@@ -227,17 +243,16 @@ def _t_quantile(dof: int, q: float) -> float:
     return float(special.stdtrit(dof, q))
 
 
-def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, clip: float,
-                 confidence: float) -> tuple[float, ...]:
-    """:func:`improvement_test` on a normalised window (y in [-1, 1], x in [0, 1]).
+def _improvement(y: np.ndarray, x: np.ndarray, *, modes: tuple[str, ...], min_rate: float, clip: float,
+                 confidence: float) -> list[tuple[float, ...]]:
+    """:func:`improvement_test` on a normalised window (y in [-1, 1], x in [0, 1]), per mode.
 
-    Returns the fields p, slope, lo, hi, phi, noise, decline_sigmas, se, t of its
-    :class:`TrendTest` in normalised units. The least-squares fits are closed forms over
+    Returns, for each of ``modes``, the fields p, slope, lo, hi, phi, noise, decline_sigmas,
+    se, t of its :class:`TrendTest` in normalised units. The least-squares fits are closed forms over
     centred / orthogonalised columns (the same fitted values as a Vandermonde least-squares
     solve, several times faster).
     """
     n = len(y)
-    sign = 1.0 if mode == "min" else -1.0
     xc = x - np.add.reduce(x) / n
     sxx = float(xc @ xc)
     # Line: mean + slope · xc.
@@ -268,7 +283,7 @@ def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, cl
     dof = n - 3
     noise = _diff_noise(y)
     if sxp <= 0:
-        return 1.0, 0.0, -math.inf, math.inf, phi, noise, 0.0, math.nan, -math.inf
+        return [(1.0, 0.0, -math.inf, math.inf, phi, noise, 0.0, math.nan, -math.inf)] * len(modes)
     beta1 = float(xpc @ yp) / sxp
     resid = yp - np.add.reduce(yp) / (n - 1)
     resid -= beta1 * xpc
@@ -277,22 +292,26 @@ def _improvement(y: np.ndarray, x: np.ndarray, *, mode: str, min_rate: float, cl
     # The plain least-squares slope is what is reported: with phi near 1 the prewhitened
     # estimate of a curved series can even flip sign. Improvement needs both to agree.
     slope = slope_w
-    rate = -sign * slope - min_rate
-    gain = -sign * beta1 - min_rate
-    if se == 0:  # an exact line: improving exactly when the least-squares slope says so
-        t = math.inf if rate > 0 else -math.inf
-    else:
-        t = gain / se if rate > 0 else min(gain / se, 0.0)
-    if se == 0 or rate <= 0 or gain <= 0:
-        p = 0.0 if (se == 0 and rate > 0) else 1.0
-    else:
-        p = float(special.stdtr(dof, -t))
     half = _t_quantile(dof, 0.5 + confidence / 2) * se
     span = float(x[-1] - x[0])
-    sigmas = rate * span / noise if noise > 0 else (math.inf if rate > 0 else 0.0)
-    if sigmas > DECLINE_SIGMAS:
-        p, t = 0.0, math.inf
-    return p, slope, slope - half, slope + half, phi, noise, float(min(sigmas, 1e9)), se, t
+    out = []
+    for mode in modes:
+        sign = 1.0 if mode == "min" else -1.0
+        rate = -sign * slope - min_rate
+        gain = -sign * beta1 - min_rate
+        if se == 0:  # an exact line: improving exactly when the least-squares slope says so
+            t = math.inf if rate > 0 else -math.inf
+        else:
+            t = gain / se if rate > 0 else min(gain / se, 0.0)
+        if se == 0 or rate <= 0 or gain <= 0:
+            p = 0.0 if (se == 0 and rate > 0) else 1.0
+        else:
+            p = float(special.stdtr(dof, -t))
+        sigmas = rate * span / noise if noise > 0 else (math.inf if rate > 0 else 0.0)
+        if sigmas > DECLINE_SIGMAS:
+            p, t = 0.0, math.inf
+        out.append((p, slope, slope - half, slope + half, phi, noise, float(min(sigmas, 1e9)), se, t))
+    return out
 
 
 @dataclass(frozen=True)

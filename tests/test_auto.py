@@ -191,8 +191,8 @@ def test_improving_window_skips_the_test(monkeypatch):
     from autolr import trend
 
     calls = []
-    real = trend.improvement_test
-    monkeypatch.setattr(trend, "improvement_test", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = trend.improvement_tests
+    monkeypatch.setattr(trend, "improvement_tests", lambda *a, **k: calls.append(1) or real(*a, **k))
     rng = np.random.default_rng(5)
     rows = [(s, {"loss": 2.0 * math.exp(-s / 400) + 0.01 * rng.standard_normal()}) for s in range(600)]
     assert feed(engine("auto:warmup=0"), rows) == []

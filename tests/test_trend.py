@@ -48,6 +48,19 @@ def test_improvement_test_on_exact_curves(mode, y, improving):
     assert (trend.improvement_test(y, mode=mode).p < 0.05) == improving
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_improvement_tests_is_both_directions_from_one_fit(seed):
+    rng = np.random.default_rng(seed)
+    n = [5, 40, 100, 300, 1500, 60][seed]
+    y = 2 + np.linspace(0, rng.normal(), n) + 0.1 * rng.standard_normal(n)
+    x = np.cumsum(rng.uniform(0.5, 2.0, n))
+    falling, rising = trend.improvement_tests(y, x, min_rate=0.001 * seed, confidence=0.9)
+    assert falling == trend.improvement_test(y, x, mode="min", min_rate=0.001 * seed, confidence=0.9)
+    assert rising == trend.improvement_test(y, x, mode="max", min_rate=0.001 * seed, confidence=0.9)
+    if n >= 6:
+        assert falling.slope == rising.slope and falling.se == rising.se
+
+
 def test_min_rate_raises_the_bar():
     y = 10 - 0.01 * np.arange(100.0) + 0.001 * np.random.default_rng(1).standard_normal(100)
     assert trend.improvement_test(y, min_rate=0.005).p < 0.05

@@ -287,11 +287,10 @@ class Auto(Policy):
             # divergence (both need it no better), and no increase to test for. The test, the
             # costly part of a row, is skipped: most rows of a run that is still improving.
             return state, None
-        result = trend.improvement_test(values, times, mode=mode, confidence=self.confidence)
+        falling, rising = trend.improvement_tests(values, times, confidence=self.confidence)  # one fit
+        result, worse = (falling, rising) if mode == "min" else (rising, falling)
         sign = 1.0 if mode == "min" else -1.0
         if sign * result.slope > 0 and state["cooldown"] == 0 and not better:  # heading the wrong way: diverging?
-            worse = trend.improvement_test(values, times, mode="max" if mode == "min" else "min",
-                                           confidence=self.confidence)
             level = abs(sorted(values)[len(values) // 2]) or 1.0
             rise = abs(worse.slope) * (times[-1] - times[0])
             if worse.p < self.rise_p and rise > self.rise * level:
