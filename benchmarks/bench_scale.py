@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,14 @@ TARGET_LAG = 100.0  # ms, p99
 
 # ---- writer process --------------------------------------------------------------------------
 
+def _loss_curve(noise: float, seed: int = 0):
+    """loss(step) = 1 / (1 + 0.01 · step) · (1 + noise · N(0, 1)): noiseless by default."""
+    if not noise:
+        return lambda step: 1.0 / (1.0 + 0.01 * step)
+    gauss = random.Random(seed).gauss
+    return lambda step: 1.0 / (1.0 + 0.01 * step) * (1.0 + noise * gauss(0.0, 1.0))
+
+
 def writer_main(spec_path: str) -> int:
     """Append rows round-robin to the given logs; record write times of the sampled ones."""
     spec = json.loads(Path(spec_path).read_text())
@@ -63,6 +72,7 @@ def writer_main(spec_path: str) -> int:
     t_start = time.monotonic()
     end = t_start + duration
     write, mono, sleep = os.write, time.monotonic, time.sleep
+    loss = _loss_curve(spec.get("noise", 0.0), seed=spec.get("seed", 0))
     while True:
         now = mono()
         if now >= end:
@@ -71,7 +81,7 @@ def writer_main(spec_path: str) -> int:
         while written < due:
             i = written % n
             step = starts[i] + written // n
-            write(fds[i], b'{"step": %d, "loss": %.6f}\n' % (step, 1.0 / (1.0 + 0.01 * step)))
+            write(fds[i], b'{"step": %d, "loss": %.6f}\n' % (step, loss(step)))
             if i in times:
                 times[i].append((step, mono()))
             written += 1
@@ -117,10 +127,11 @@ def run_config(tmp: Path, n_runs: int, fsync: bool, args, cmd) -> dict:
     name = f"{n_runs}-{'fsync' if fsync else 'nofsync'}"
     root = tmp / name
     runs = [root / f"run{i:04d}" for i in range(n_runs)]
-    for run in runs:
+    for k, run in enumerate(runs):
         run.mkdir(parents=True)
+        loss = _loss_curve(args.noise, seed=1000 + k)
         with open(run / "metrics.jsonl", "w") as f:
-            f.write("".join(f'{{"step": {s}, "loss": {1.0 / (1 + 0.01 * s):.6f}}}\n' for s in range(args.prefill)))
+            f.write("".join(f'{{"step": {s}, "loss": {loss(s):.6f}}}\n' for s in range(args.prefill)))
     logs = [str(r / "metrics.jsonl") for r in runs]
     n_sample = min(args.sample, n_runs)
     sampled = sorted({i * n_runs // n_sample for i in range(n_sample)})
@@ -163,7 +174,8 @@ def run_config(tmp: Path, n_runs: int, fsync: bool, args, cmd) -> dict:
             offsets = [i * args.decide_every // n_runs if args.phase == "spread" else 0 for i in mine]
             spec = {"paths": [logs[i] for i in mine], "sampled": [k for k, i in enumerate(mine) if i in seen],
                     "rate": args.rate, "tick": args.tick, "duration": args.duration,
-                    "start_step": args.prefill, "offsets": offsets, "out": str(tmp / f"{name}-w{w}.json")}
+                    "start_step": args.prefill, "offsets": offsets, "out": str(tmp / f"{name}-w{w}.json"),
+                    "noise": args.noise, "seed": w}
             path = tmp / f"{name}-w{w}.spec.json"
             path.write_text(json.dumps(spec))
             specs.append(spec)
@@ -353,6 +365,9 @@ def main() -> int:
     ap.add_argument("--tick", type=float, default=0.01, help="writer tick, seconds")
     ap.add_argument("--sample", type=int, default=20, help="runs whose every row's lag is measured")
     ap.add_argument("--prefill", type=int, default=20, help="rows per log before the daemon starts")
+    ap.add_argument("--noise", type=float, default=0.0,
+                    help="relative Gaussian noise on the written loss 1/(1 + 0.01·step) (with a statistical "
+                         "policy such as auto: a noiseless decline never reaches its tests)")
     ap.add_argument("--drain-timeout", type=float, default=60.0)
     ap.add_argument("--steady-rows", type=int, default=3000,
                     help="rows fed in-process per engine for the steady-state memory projection (0 skips)")

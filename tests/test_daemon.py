@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from autolr.config import load_config, parse_policy_options
@@ -410,3 +411,40 @@ def test_engine_state_round_trip_then_rewind_is_exact():
         engine = RunEngine(settings.chain(POLICIES))
         engine.set_state(saved)
         assert feed(engine, [*range(1500, 1700), *range(1100, 1300)]) == expected
+
+
+def test_engine_checkpoints_are_packed_exactly_and_rewind_with_auto():
+    """Checkpoints are marshal bytes of the state: get_state gives back the very states, and a
+    rewind with a stateful policy (auto's windows and guard) restores them bit for bit."""
+    from autolr.engine import RunEngine, _pack, _unpack
+    from autolr.records import Record
+
+    settings = Settings(policies=parse_policy_options(["auto"]), base_lr=0.1)
+    rng = np.random.default_rng(3)
+    losses = np.maximum(1.0 / (1 + 0.01 * np.arange(3000)), 0.05) * (1 + 0.05 * rng.standard_normal(3000))
+
+    def feed(engine, steps):
+        return [(d.step, d.scale, d.kind) for s in steps
+                for d in engine.feed(Record({"loss": float(losses[s])}, s, None), ["loss"])]
+
+    engine = RunEngine(settings.chain(POLICIES))
+    states = {}
+    for s in range(2500):
+        feed(engine, [s])
+        states[s + 1] = engine.state
+    assert len(engine.checkpoints) == 3 and all(type(p) is bytes for _, p in engine.checkpoints)
+    for n, packed in engine.checkpoints:
+        assert _unpack(packed) == states[n]  # floats bit for bit, every list and counter
+    assert json.loads(json.dumps(engine.get_state()))["checkpoints"][0][1] == states[engine.checkpoints[0][0]]
+    # a rewind into the oldest checkpoint's span decides exactly as a run that never went past it
+    fresh = RunEngine(settings.chain(POLICIES))
+    feed(fresh, range(1100))
+    expected = feed(fresh, range(1100, 2500))
+    assert expected  # decisions to compare, not an empty list
+    assert [x for x in feed(engine, range(1100, 2500)) if x[2] != "rewind"] == expected
+
+    class Name(str):
+        pass
+
+    odd = {"name": Name("x"), "values": [1.0]}
+    assert _pack(odd) is odd and _unpack(_pack(odd)) is odd  # a type marshal refuses: kept as is
