@@ -122,26 +122,24 @@ class Chain:
             state["unit"] = (
                 "step" if record.step is not None else "epoch" if record.epoch is not None else "row"
             )
-        obs = Observation(
-            row=state["rows"],
-            step=record.step,
-            epoch=record.epoch,
-            metrics=record.metrics,
-            lr=self.base * state["scale"],
-            monitor=state["monitor"],
-            unit=state["unit"],
-        )
+        # (row, step, epoch, metrics, lr, monitor, unit), positionally: one per row
+        obs = Observation(state["rows"], record.step, record.epoch, record.metrics,
+                          self.base * state["scale"], state["monitor"], state["unit"])
         holders = [p for p in self._may_hold if p.holds(obs)] if self._may_hold else ()
         old_states = state["policies"]
-        new_states, notes = [], []
-        for policy, pstate in zip(self.policies, old_states):
-            if holders and policy.stateful and any(h is not policy for h in holders):  # another one's warmup
+        if not holders and len(old_states) == 1:  # the usual chain: one policy, nothing holding
+            pstate, note = self.policies[0].update(old_states[0], obs)
+            new_states, notes = [pstate], [note]
+        else:
+            new_states, notes = [], []
+            for policy, pstate in zip(self.policies, old_states):
+                if holders and policy.stateful and any(h is not policy for h in holders):  # another one's warmup
+                    new_states.append(pstate)
+                    notes.append(None)
+                    continue
+                pstate, note = policy.update(pstate, obs)
                 new_states.append(pstate)
-                notes.append(None)
-                continue
-            pstate, note = policy.update(pstate, obs)
-            new_states.append(pstate)
-            notes.append(note)
+                notes.append(note)
         state["policies"] = new_states
         state["rows"] += 1
         return self._decide(state, obs, old_states, notes)

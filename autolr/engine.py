@@ -60,11 +60,13 @@ class History:
 
     def append(self, step: int | None, epoch: float | None, metrics: dict[str, float]) -> None:
         if epoch is None and self.keys is None and self.epochs is None and type(step) is int \
-                and self.keysets and -2**63 <= step < 2**63:
+                and self.keysets and -2**63 <= step < 2**63 and tuple(metrics) == self.keysets[0]:
             # The usual row: a step, the same float metrics as row 0, no epoch column yet.
             vals = tuple(metrics.values())
-            names = self.keysets[0]
-            if len(vals) == len(names) and all(type(v) is float for v in vals) and tuple(metrics) == names:
+            for v in vals:
+                if type(v) is not float:
+                    break
+            else:
                 self.steps.append(step)
                 self.flags.append(1)
                 self.values.extend(vals)
@@ -238,8 +240,11 @@ class RunEngine:
 
     def feed(self, record: Record, columns: Sequence[str] = ()) -> list[Decision]:
         out: list[Decision] = []
-        self.columns = columns if type(columns) is tuple else tuple(columns)
-        key = self._key(record)
+        if type(columns) is not tuple:
+            columns = tuple(columns)
+        self.columns = columns
+        unit = self.state["unit"]  # the row's key for rewinds: its epoch, step, or none
+        key = record.epoch if unit == "epoch" else None if unit == "row" else record.step
         if key is not None and self.last_key is not None and (
                 key < self.last_key or (record.restart and key <= self.last_key)):
             out.append(self._rewind(key))
@@ -257,14 +262,6 @@ class RunEngine:
         # Later rewinds replay from checkpoints taken before the override: carry it forward.
         manual = self.state["manual"]
         self.checkpoints = deque((n, _pack(dict(_unpack(s), manual=manual))) for n, s in self.checkpoints)
-
-    def _key(self, record: Record) -> float | None:
-        unit = self.state.get("unit")
-        if unit == "epoch":
-            return record.epoch
-        if unit == "row":
-            return None
-        return record.step if record.step is not None else None
 
     def _remember(self, record: Record) -> None:
         rows = self.rows

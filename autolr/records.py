@@ -39,9 +39,12 @@ _metrics, _step, _epoch, _run, _restart = (
     Record.__dict__[name].__set__ for name in ("metrics", "step", "epoch", "run", "restart"))
 
 
-def split_counters(values: dict[str, float]) -> Record:
-    """Move the step/epoch counters out of a flat dict of numbers into a Record."""
-    metrics = dict(values)
+def split_counters(values: dict[str, float], copy: bool = True) -> Record:
+    """Move the step/epoch counters out of a flat dict of numbers into a Record.
+
+    ``copy=False``: ``values`` is the caller's to give away; the Record keeps it as its
+    metrics (with the counters taken out) instead of a copy."""
+    metrics = dict(values) if copy else values
     step = epoch = None
     for key in STEP_KEYS:
         if key in metrics:

@@ -24,7 +24,7 @@ def numeric_items(obj: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The numeric values of a JSON object (numeric strings included), flattened with ``/``."""
     out: dict[str, float] = {}
     for key, value in obj.items():
-        name = f"{prefix}{key}"
+        name = f"{prefix}{key}" if prefix else key
         if isinstance(value, bool) or value is None:
             continue
         if isinstance(value, float):
@@ -149,7 +149,7 @@ class JsonlReader(Reader):
         if not isinstance(obj, dict):
             self.skip("JSON line that is not an object")
             return None
-        return split_counters(numeric_items(obj))
+        return split_counters(numeric_items(obj), copy=False)  # a dict of its own
 
 
 _scan = json.scanner.make_scanner(json.JSONDecoder())  # (obj, end) from an index: decode() minus its wrappers
