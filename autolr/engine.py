@@ -266,9 +266,12 @@ class RunEngine:
     def _remember(self, record: Record) -> None:
         rows = self.rows
         rows.append(record.step, record.epoch, record.metrics)
-        n = rows.first + len(rows)
+        kept = len(rows.flags)
+        n = rows.first + kept
         if n % self.checkpoint_every == 0:
             self.checkpoints.append((n, _pack(self.state)))
+        if kept <= self.history + self.checkpoint_every:
+            return
         while len(rows) > self.history + self.checkpoint_every and len(self.checkpoints) > 1:
             drop_to = self.checkpoints[1][0]
             rows.drop_front(drop_to - rows.first)

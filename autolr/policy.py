@@ -11,6 +11,7 @@ names where PyTorch has the same knob.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ class Observation:
 _obs_set = tuple(Observation.__dict__[f.name].__set__ for f in dataclasses.fields(Observation))
 
 
+@functools.lru_cache(maxsize=1024)
 def default_mode(metric: str | None) -> str:
     """``max`` for accuracy-like metrics (name contains ``acc``), else ``min``."""
     return "max" if metric and "acc" in metric.lower() else "min"

@@ -87,23 +87,28 @@ class Run:
             self.adopt_manual()
         columns = tuple(reader.columns())
         batch: list[Decision] = []
+        engine = self.engine
         for record in records:
             try:
-                decisions = self.engine.feed(record, columns)
+                decisions = engine.feed(record, columns)
             except Exception as exc:  # a policy bug must not kill the daemon
                 self.errors["policy error"] += 1
                 log.exception("%s: policy error on a record: %s", self.folder, exc)
                 continue
             self.rows += 1
             self.dirty = True
-            if record.step is not None or record.epoch is not None:
-                self.last_step = record.step if record.step is not None else _int_if_whole(record.epoch)
-            if record.step is not None:
-                self.max_step = record.step if self.max_step is None else max(self.max_step, record.step)
-            monitor = self.engine.state.get("monitor")
+            step = record.step
+            if step is not None:
+                self.last_step = step
+                if self.max_step is None or step > self.max_step:
+                    self.max_step = step
+            elif record.epoch is not None:
+                self.last_step = _int_if_whole(record.epoch)
+            monitor = engine.state["monitor"]
             if monitor in record.metrics:
                 self.last_metric = record.metrics[monitor]
-            batch.extend(decisions)
+            if decisions:
+                batch += decisions
         if batch:
             # The state is saved by the daemon's flush timer, not here: a crash in between is
             # covered by matching the journal at restart, and a save per batch cost more than

@@ -352,7 +352,13 @@ class TextTailer:
 
 def _pread(fd: int, size: int, offset: int) -> bytes:
     """``size`` bytes at ``offset`` (fewer at the end of the file: a short read ends it)."""
-    parts = []
+    if _HAS_PREAD:
+        first = os.pread(fd, size, offset)
+        if len(first) < size:  # the usual read of a live log: all there is, in one call
+            return first
+        parts, size, offset = [first], size - len(first), offset + len(first)
+    else:
+        parts = []
     while size > 0:
         if _HAS_PREAD:
             chunk = os.pread(fd, size, offset)
