@@ -248,14 +248,18 @@ def run_config(tmp: Path, n_runs: int, fsync: bool, args, cmd) -> dict:
         sampler.sample()
         out["final"] = sampler.samples[-1][2]
 
-        # lag per sampled row: first sighting of a step >= the row's
+        # lag per sampled row: first sighting of a step >= the row's. With a policy that decides
+        # when the data say so (--policy other than the step schedules), only the rows that were
+        # decided on have a lag: the others would count the wait for the next decision.
+        exact = args.policy != POLICY and args.decide_every == 1
         lags, unseen = [], 0
         for i, writes in write_times.items():
             obs = seen.get(i, [])
+            decided = {s for _, s in obs}
             j = 0
             for step, tw in writes:
-                if (step + 1) % args.decide_every:
-                    continue  # --decide-every K: only the rows that make a decision have a lag
+                if (step + 1) % args.decide_every or (exact and step not in decided):
+                    continue  # only the rows that make a decision have a lag
                 while j < len(obs) and obs[j][1] < step:
                     j += 1
                 if j < len(obs):
@@ -477,11 +481,15 @@ def main() -> int:
             continue
         w = r["write"]
         peak = r["final"]["VmHWM"] / 1024
-        p99 = percentile(r["lags"], 99)
+        if r["lags"]:
+            p99 = percentile(r["lags"], 99)
+            lag = (f"p99 lag {p99:.1f} ms (< {TARGET_LAG:g} ms: "
+                   f"{'met' if p99 < TARGET_LAG and not r['unseen'] else 'MISSED'})")
+        else:
+            lag = "no decision on a sampled row to time"
         print(f"- Targets (issue 6), 1000 runs, {'fsync' if r['fsync'] else '--no-fsync'}: CPU {w['cpu']:.1f} % "
               f"(< {TARGET_CPU:g} %: {'met' if w['cpu'] < TARGET_CPU else 'MISSED'}), peak RSS {peak:.0f} MB "
-              f"(< {TARGET_RSS:g} MB: {'met' if peak < TARGET_RSS else 'MISSED'}), p99 lag {p99:.1f} ms "
-              f"(< {TARGET_LAG:g} ms: {'met' if p99 < TARGET_LAG and not r['unseen'] else 'MISSED'})")
+              f"(< {TARGET_RSS:g} MB: {'met' if peak < TARGET_RSS else 'MISSED'}), {lag}")
     return 0
 
 

@@ -39,10 +39,10 @@ With ``history == window`` and ``slowdown=false`` this is the plain test over th
 ``window`` rows (the method before 2 and 3 and the long history existed).
 
 ``cooldown`` counts observations after a reduction (as PyTorch counts epochs). Cost: one
-decision at 1500 kept observations takes about 0.8 ms (the three tests share one winsorised
-series), about 100 µs per row at ``every=10`` on a metric logged every row and 25 µs on one
-logged every 25 rows; the times and rows of the kept observations are stored as arithmetic
-runs, so the state holds little more than the kept values.
+decision at 1500 kept observations takes about 0.5 ms (the three tests share one winsorised
+series), 40-90 µs per row at ``every=10`` on a metric logged every row (16-27 µs at
+``every=50``; ``benchmarks/bench_policy_cost.py``); the times and rows of the kept
+observations are stored as arithmetic runs, so the state holds little more than the kept values.
 
 ``method=threshold``: PyTorch's ReduceLROnPlateau exactly: an observation is better when
 below best · (1 - threshold) (rel) or best - threshold (abs), mirrored for max; after more
