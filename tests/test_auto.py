@@ -201,6 +201,27 @@ def test_improving_window_skips_the_test(monkeypatch):
     assert len(calls) >= 20 and decisions  # tested every 10 rows once the window is full; boosted
 
 
+@pytest.mark.parametrize("smoothing", ["epoch running mean", "ema"])
+def test_smoothed_loss_does_not_fire_the_sustained_rise_guard(smoothing):
+    """A loss logged smoothed: the running mean over the epoch so far (Keras's batch logs, its
+    progress bar) or an exponential moving average. Smooth, so any drift looks significant;
+    at an epoch's start the running mean restarts from one noisy batch and climbs back. The
+    sustained-rise rule also needs the later half's median above the earlier's by ``rise`` of
+    the level; without that (the rule before) the running mean fired it 3 times here."""
+    rng = np.random.default_rng(0)
+    eng = engine("auto")
+    rows, step, ema = [], 0, None
+    for _ in range(30):  # epochs of 200 batches, a decaying loss with 30 % batch-to-batch noise
+        total = 0.0
+        for b in range(200):
+            x = (0.3 + 2.0 * math.exp(-step / 1500)) * (1 + 0.3 * rng.standard_normal())
+            total += x
+            ema = x if ema is None else 0.98 * ema + 0.02 * x
+            rows.append((step, {"loss": total / (b + 1) if smoothing != "ema" else ema}))
+            step += 1
+    assert [d for d in guards(feed(eng, rows)) if "rises" in d[2]] == []
+
+
 @pytest.mark.parametrize("noise", ["gauss", "t3", "ar0.5"])
 def test_long_flat_noise_never_fires_the_guard(noise):
     """Thousands of tests on a stationary noisy loss: the sustained-rise rule (p < rise_p) stays quiet.

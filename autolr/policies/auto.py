@@ -20,9 +20,11 @@ factor = warmup(t) · decay · guard · boost, where
   block medians vary far more than white noise of the same row-to-row jitter): the spread of
   the steps between the run's past block medians (:func:`_step_se`), or early in a run an
   AR(1) model of the window (:func:`_median_se`); or on a sustained rise of the monitored
-  metric (p < ``rise_p`` and more than ``rise`` · |level| over the window, the median of its
-  later half no better than that of the earlier half; tested every ``every`` rows, thousands
-  of times in a long run, hence the small default). Then
+  metric (p < ``rise_p``, and more than ``rise`` · |level| over the window both by the fitted
+  slope and from the median of its earlier half to that of its later half: a smoothed loss, a
+  running mean over the epoch or a moving average, makes any drift significant, and an
+  epoch's restart bump is not a divergence; tested every ``every`` rows, thousands of times
+  in a long run, hence the small default). Then
   ``guard_cooldown`` observations in which only an escalation fires again (a non-finite value,
   or double the value that fired); never below ``min_factor`` together with decay;
 - boost ← boost · increase_factor (at most ``max_boost``) when ``increase`` is on and the
@@ -293,7 +295,8 @@ class Auto(Policy):
         if sign * result.slope > 0 and state["cooldown"] == 0 and not better:  # heading the wrong way: diverging?
             level = abs(sorted(values)[len(values) // 2]) or 1.0
             rise = abs(worse.slope) * (times[-1] - times[0])
-            if worse.p < self.rise_p and rise > self.rise * level:
+            shift = abs(late - early)  # the later half's median above the earlier's (not better)
+            if worse.p < self.rise_p and rise > self.rise * level and shift > self.rise * level:
                 # Significantly getting worse over a whole window: a slow divergence.
                 state.update(guard=state["guard"] * self.guard_factor, cooldown=self.guard_cooldown, quiet=0,
                              **_EMPTY_WINDOW, trigger=None)
