@@ -1,6 +1,7 @@
 """Keras 3 (torch backend): AutolrCallback while the real daemon reads the callback's per-batch log."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -107,3 +108,43 @@ def test_scaled_schedule_serialises(tmp_path):
     back = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(wrapped))
     assert isinstance(back, ScaledSchedule)
     assert float(keras.ops.convert_to_numpy(back(10))) == pytest.approx(0.05)  # the scale starts at 1
+
+
+def test_logged_loss_is_each_batch_own_not_the_running_mean(tmp_path):
+    """Keras's batch logs carry the epoch's running mean; the log holds each batch's own loss.
+
+    A model that predicts 0 and never changes (SGD at LR 0) makes every batch's MSE known in
+    advance: mean(y_batch²). (``steps_per_execution`` > 1, where a call covers several batches,
+    is refused by the torch backend; :func:`batch_loss`'s arithmetic for it is checked below.)
+    """
+    from autolr.integrations.keras import batch_loss
+
+    run = tmp_path / "run"
+    rng = np.random.default_rng(1)
+    batch, batches, epochs = 8, 12, 3
+    x = rng.normal(size=(batch * batches, 4)).astype("float32")
+    y = (rng.normal(size=(batch * batches, 1)) * np.linspace(0.5, 3.0, batch * batches)[:, None]).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, kernel_initializer="zeros", use_bias=False)])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    seen = []
+
+    class Running(keras.callbacks.Callback):
+        def on_train_batch_end(self, b, logs=None):
+            seen.append(float(logs["loss"]))
+
+    with torch_threads(1):
+        model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, shuffle=False,
+                  callbacks=[AutolrCallback(run, log_metrics=True), Running()])
+    own = (y.reshape(batches, batch) ** 2).mean(axis=1)  # each batch's MSE of a zero prediction
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["loss"] for r in rows if "loss" in r]
+    assert len(logged) == epochs * batches
+    assert np.allclose(logged, np.tile(own, epochs), rtol=1e-5)
+    # ... where Keras itself reports the running mean, which the check above would fail on
+    running = np.cumsum(own) / np.arange(1, batches + 1)
+    assert np.allclose(seen, np.tile(running, epochs), rtol=1e-5)
+    assert not np.allclose(seen, np.tile(own, epochs), rtol=1e-2)
+    # the arithmetic alone: equal batches, every batch, then a block of 2
+    assert batch_loss(2.0, 0, None) == (2.0, (0, 2.0))
+    assert batch_loss(3.0, 1, (0, 2.0))[0] == pytest.approx(4.0)  # (2·3 - 1·2) / 1
+    assert batch_loss(5.0, 3, (1, 3.0))[0] == pytest.approx(7.0)  # (4·5 - 2·3) / 2

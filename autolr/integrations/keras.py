@@ -23,7 +23,11 @@ next one.
 
 Keras's ``CSVLogger`` writes one row per epoch. ``log_metrics=True`` also appends each
 batch's logs to ``run_dir/metrics.jsonl`` (``{"step": ..., "loss": ...}``; epoch-end logs such
-as ``val_loss`` too, with ``epoch``) so the daemon sees the run step by step.
+as ``val_loss`` too, with ``epoch``) so the daemon sees the run step by step. Keras's batch
+``loss`` is the running mean over the epoch so far (what the progress bar shows): smooth within
+an epoch, reset at its start, which a trend test or a divergence guard would misread. The
+callback logs each batch's own loss instead, recovered from consecutive running means
+(:func:`batch_loss`); the other metrics are logged as Keras reports them.
 
     model.fit(x, y, callbacks=[AutolrCallback("runs/exp1", log_metrics=True)])
     # beside it:  autolr watch runs/
@@ -87,6 +91,7 @@ class AutolrCallback(keras.callbacks.Callback):
         self.step = 0  # the optimizer step of the current (or last) batch
         self.scale = 1.0
         self.seq = 0
+        self._mean: tuple[int, float] | None = None  # (batch, Keras's running loss) last logged
 
     @property
     def run_path(self) -> Path:
@@ -138,12 +143,18 @@ class AutolrCallback(keras.callbacks.Callback):
         self.applied = base * scale
         optimizer.learning_rate = self.applied
 
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._mean = None  # Keras restarts its running means with the epoch
+
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self._restore is not None:
             self.model.optimizer.learning_rate = self._restore
             self._restore = None
         if self._logger is not None and logs:
-            self._logger(self.step, **_numbers(logs))
+            numbers = _numbers(logs)
+            if "loss" in numbers:
+                numbers["loss"], self._mean = batch_loss(numbers["loss"], batch, self._mean)
+            self._logger(self.step, **numbers)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self._logger is not None and logs:
@@ -161,6 +172,22 @@ class AutolrCallback(keras.callbacks.Callback):
         if self._logger is not None:
             self._logger.close()
             self._logger = None
+
+
+def batch_loss(mean: float, batch: int, last: tuple[int, float] | None) -> tuple[float, tuple[int, float]]:
+    """The mean loss of the batches since ``last``, from Keras's running mean over the epoch.
+
+    ``mean`` is the mean over the epoch's batches 0..``batch``; ``last`` = (a, m_a) the batch
+    index and running mean of the previous call in this epoch (None at its start: a = -1,
+    m = 0). Batches a+1..b have the mean ((b + 1)·m_b - (a + 1)·m_a) / (b - a): exact for
+    batches of equal size (Keras weights by samples, so an epoch's smaller last batch comes
+    out between its own loss and the running mean), one batch's loss when callbacks run every
+    batch, a block's with ``steps_per_execution``. Float32 running means cancel to a relative
+    error of about (b + 1)·6e-8. Returns the value and the new ``last``.
+    """
+    a, m_a = last if last is not None and last[0] < batch else (-1, 0.0)
+    value = ((batch + 1) * mean - (a + 1) * m_a) / (batch - a)
+    return value, (batch, mean)
 
 
 def _number(x: Any) -> Any:
