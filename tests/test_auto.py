@@ -201,6 +201,32 @@ def test_improving_window_skips_the_test(monkeypatch):
     assert len(calls) >= 20 and decisions  # tested every 10 rows once the window is full; boosted
 
 
+def lightning_rows(train_name, jump_at=None, n=1500):
+    """Lightning's CSV layout: training rows with the per-step loss, and every 25 steps a separate
+    validation row (same step) holding only val_loss, here three times the training loss."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(n):
+        loss = (5.0 if jump_at is not None and s >= jump_at else 0.5) + 0.02 * rng.standard_normal()
+        rows.append((s, {train_name: loss}))
+        if s % 25 == 24:
+            rows.append((s, {"val_loss": 1.6 + 0.02 * rng.standard_normal()}))
+    return rows
+
+
+@pytest.mark.parametrize("train_name", ["loss", "train_loss", "train_loss_step"])
+def test_guard_watches_the_training_loss_not_validation_rows(train_name):
+    """The guard keeps to the per-step training loss: validation rows (val_loss only, higher
+    than the training loss) never enter its window; before, with ``loss`` they did (a false
+    "jump" at the first validation, step 24), and with ``train_loss`` the guard watched
+    val_loss alone and missed a training divergence between validations."""
+    eng = engine("auto")
+    assert guards(feed(eng, lightning_rows(train_name))) == []
+    assert eng.state["policies"][0]["guard_on"] == train_name
+    fired = guards(feed(engine("auto"), lightning_rows(train_name, jump_at=600)))
+    assert fired and fired[0][0] == 600 and train_name in fired[0][2]
+
+
 @pytest.mark.parametrize("smoothing", ["epoch running mean", "ema"])
 def test_smoothed_loss_does_not_fire_the_sustained_rise_guard(smoothing):
     """A loss logged smoothed: the running mean over the epoch so far (Keras's batch logs, its

@@ -30,8 +30,12 @@ factor = warmup(t) · decay · guard · boost, where
 - boost ← boost · increase_factor (at most ``max_boost``) when ``increase`` is on and the
   improvement is strongly significant (p < ``increase_p``) with no guard event in the window.
 
-The guard watches the training ``loss`` when rows carry it (it reacts per step), else the
-monitored metric. After any change the decision window starts empty.
+The guard watches ``guard_metric`` if given, else the run's per-step training loss: the first
+name of :data:`TRAINING_LOSSES` (``loss``, ``train_loss``, ``train/loss``, Lightning's
+``train_loss_step``, ...) a row carries, kept from then on, so that rows holding only a
+validation loss (Lightning's validation rows, Hugging Face's eval entries) never enter its
+window; until one is seen, the monitored metric. After any change the decision window starts
+empty.
 """
 from __future__ import annotations
 
@@ -50,6 +54,13 @@ from ..policy import Note, Observation, Policy, State, check, default_mode
 #: The decision window, emptied after every change: data taken at the old LR says nothing about the new.
 #: ``at`` holds each observation's row count, ``rows`` the rows seen, ``tested`` the rows at the last test.
 _EMPTY_WINDOW = {"values": [], "times": [], "at": [], "since": 0, "rows": 0, "tested": 0}
+
+
+#: Names of a per-step training loss, in order of preference, for the divergence guard.
+TRAINING_LOSSES = ("loss", "train_loss", "train/loss", "training_loss", "loss_step", "train_loss_step",
+                   "train/loss_step")
+#: The guard's statistics, restarted when it moves from the monitored metric to a training loss.
+_EMPTY_GUARD = {"guard_values": [], "guard_ref": None, "levels": [], "guard_steps": []}
 
 
 def _slide(items: list, item, limit: int) -> list:
@@ -117,8 +128,8 @@ class Auto(Policy):
 
     # ---- state -------------------------------------------------------------------------
     def init(self, base_lr: float = 1.0) -> State:
-        return {"t": None, "decay": 1.0, "guard": 1.0, "boost": 1.0, **_EMPTY_WINDOW, "guard_values": [],
-                "guard_ref": None, "levels": [], "guard_steps": [], "cooldown": 0, "trigger": None, "quiet": 0,
+        return {"t": None, "decay": 1.0, "guard": 1.0, "boost": 1.0, **_EMPTY_WINDOW, **_EMPTY_GUARD,
+                "guard_on": None, "cooldown": 0, "trigger": None, "quiet": 0,
                 "seen": 0, "warm": self.warmup == 0, "ramp_done": self.warmup == 0}
 
     def _warmup_factor(self, t: float) -> float:
@@ -147,7 +158,7 @@ class Auto(Policy):
         if not new["ramp_done"] and t is not None and t + 1 >= self.warmup:
             new["ramp_done"] = True
         metric = self.metric or obs.monitor
-        guard_metric = self.guard_metric or ("loss" if "loss" in obs.metrics else metric)
+        guard_metric = self.guard_metric or new.get("guard_on") or self._training_loss(new, obs.metrics) or metric
         note = None
         if guard_metric in obs.metrics:
             new, note = self._guard(new, obs, guard_metric, float(obs.metrics[guard_metric]))
@@ -178,6 +189,18 @@ class Auto(Policy):
             return new, None
         new["tested"] = new["rows"]
         return self._decide(new, obs, metric, self.mode or default_mode(metric), n)
+
+    @staticmethod
+    def _training_loss(state: State, metrics) -> str | None:
+        """The first of TRAINING_LOSSES in this row, adopted for the rest of the run (``state``,
+        a copy, records it); the guard's statistics restart if they watched the monitor."""
+        for name in TRAINING_LOSSES:
+            if name in metrics:
+                if state["guard_values"]:
+                    state.update(_EMPTY_GUARD)
+                state["guard_on"] = name
+                return name
+        return None
 
     def _guard(self, state: State, obs: Observation, metric: str, value: float) -> tuple[State, Note | None]:
         """O(window) per row at most: robust (median, sigma, extreme) refreshed every ``every`` values."""
