@@ -201,6 +201,23 @@ def test_improving_window_skips_the_test(monkeypatch):
     assert len(calls) >= 20 and decisions  # tested every 10 rows once the window is full; boosted
 
 
+def test_loss_printed_at_zero_is_not_divergence():
+    """A memorised training set, its loss printed with 4 decimals: 0.0000, now and then 0.0001.
+    Exact zeros have no spread, so 0.0001 was 'a jump of 1e8 robust sigmas' (8-16 false cuts in
+    these 4500 rows before); the guard's sigma is now at least 1e-4 of the run's largest level.
+    A real divergence (to 3.0) still fires at once."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for s in range(4600):
+        if s < 300:
+            loss = round(2.0 * math.exp(-s / 60), 4)
+        else:
+            loss = 3.0 if s >= 4500 else (0.0001 if rng.random() < 0.02 else 0.0)
+        rows.append((s, {"loss": loss}))
+    fired = guards(feed(engine("auto:min_factor=1e-300"), rows))  # no floor: every cut shows
+    assert fired and fired[0][0] == 4500 and "jump to 3" in fired[0][2]
+
+
 def lightning_rows(train_name, jump_at=None, n=1500):
     """Lightning's CSV layout: training rows with the per-step loss, and every 25 steps a separate
     validation row (same step) holding only val_loss, here three times the training loss."""

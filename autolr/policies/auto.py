@@ -14,7 +14,9 @@ factor = warmup(t) · decay · guard · boost, where
   ``window`` rows and at least ``min_window`` of them;
 - guard ← guard · guard_factor at once on a non-finite value; on a jump of ``spike_sigmas``
   robust sigmas that also doubles the largest value of the guard window (a spike of the size
-  the window already holds is noise, not divergence); on a level shift: the median of the last
+  the window already holds is noise, not divergence; sigmas and standard errors are at least
+  :data:`RESOLUTION` = 1e-4 of the largest block median of the run, so a loss printed as 0.0000
+  that reads 0.0001 is not a jump); on a level shift: the median of the last
   ``every`` values doubles the lowest such median in the window, by ``spike_sigmas`` standard
   errors of such a median, autocorrelation included (autocorrelated noise wanders, so its
   block medians vary far more than white noise of the same row-to-row jitter): the spread of
@@ -61,6 +63,10 @@ TRAINING_LOSSES = ("loss", "train_loss", "train/loss", "training_loss", "loss_st
                    "train/loss_step")
 #: The guard's statistics, restarted when it moves from the monitored metric to a training loss.
 _EMPTY_GUARD = {"guard_values": [], "guard_ref": None, "levels": [], "guard_steps": []}
+#: The guard's robust sigma and standard error are at least this fraction of the largest block
+#: median the run has shown (``guard_scale``): a loss printed with 4 decimals that reads 0.0000
+#: for a while and then 0.0001 is not a divergence, though no spread of exact zeros can say so.
+RESOLUTION = 1e-4
 
 
 def _slide(items: list, item, limit: int) -> list:
@@ -129,7 +135,7 @@ class Auto(Policy):
     # ---- state -------------------------------------------------------------------------
     def init(self, base_lr: float = 1.0) -> State:
         return {"t": None, "decay": 1.0, "guard": 1.0, "boost": 1.0, **_EMPTY_WINDOW, **_EMPTY_GUARD,
-                "guard_on": None, "cooldown": 0, "trigger": None, "quiet": 0,
+                "guard_on": None, "guard_scale": 0.0, "cooldown": 0, "trigger": None, "quiet": 0,
                 "seen": 0, "warm": self.warmup == 0, "ramp_done": self.warmup == 0}
 
     def _warmup_factor(self, t: float) -> float:
@@ -231,9 +237,11 @@ class Auto(Policy):
                 state["guard_values"] = window
                 if state["guard_ref"] is None or state["quiet"] % self.every == 0:
                     ref = trend.robust_reference(window)
-                    state["guard_ref"] = list(ref) + [max(window) if mode == "min" else min(window)] if ref else None
+                    state["guard_ref"] = [ref[0], max(ref[1], self._resolution(state)),
+                                          max(window) if mode == "min" else min(window)] if ref else None
                 if len(window) >= self.every and state["quiet"] % self.every == 0:
                     level = statistics.median(window[-self.every:])
+                    state["guard_scale"] = max(state.get("guard_scale", 0.0), abs(level))
                     levels = state["levels"] = _slide(state["levels"], level, max(self.window // self.every, 1))
                     if len(levels) > _LAG:  # the step between block medians _LAG blocks apart
                         steps = state.get("guard_steps") or []
@@ -256,11 +264,17 @@ class Auto(Policy):
         if not worse(level, 2.0 * best if mode == "min" else best / 2.0):
             return None
         se, how = self._level_se(state)  # only now, a doubling seen: the O(window) part
+        se = max(se, self._resolution(state))
         excess = level - best if mode == "min" else best - level
         if excess > self.spike_sigmas * se:
             return (f"level shift: median of the last {self.every} values {level:.6g} vs the window's best "
                     f"{best:.6g} ({excess / se if se > 0 else math.inf:.0f} standard errors, {how})")
         return None
+
+    @staticmethod
+    def _resolution(state: State) -> float:
+        """The floor of the guard's sigma and standard error: RESOLUTION of the run's scale."""
+        return RESOLUTION * state.get("guard_scale", 0.0)
 
     def _level_se(self, state: State) -> tuple[float, str]:
         """The standard error of a median of ``every`` values, the noise's autocorrelation in it,
