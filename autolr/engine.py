@@ -247,7 +247,7 @@ class RunEngine:
         key = record.epoch if unit == "epoch" else None if unit == "row" else record.step
         if key is not None and self.last_key is not None and (
                 key < self.last_key or (record.restart and key <= self.last_key)):
-            out.append(self._rewind(key))
+            out.append(self._rewind(key, record.epoch))
         self.state, decision = self.chain.update(self.state, record, columns)
         self._remember(record)
         if key is not None:
@@ -278,10 +278,11 @@ class RunEngine:
             self.checkpoints.popleft()
 
     # ---- rewind ------------------------------------------------------------------------
-    def _rewind(self, key: float) -> Decision:
+    def _rewind(self, key: float, epoch: float | None = None) -> Decision:
         old_scale, old_key = self.scale, self.last_key
         unit = self.state.get("unit")
         rows = self.rows
+        last_epoch = rows.key(len(rows) - 1, "epoch") if len(rows) else None
         keys = [rows.key(i, unit) for i in range(len(rows))]
         keep = next((i for i, k in enumerate(keys) if k is not None and k >= key), len(keys))
         cut_row = self.first_row + keep
@@ -307,6 +308,11 @@ class RunEngine:
         )
         if not exact:
             reason += " (older than the history window: restored the oldest checkpoint)"
+            log.warning("%s", reason)
+        if unit == "step" and epoch is not None and last_epoch is not None and epoch > last_epoch:
+            # A resumed job goes back in epochs too: this log's step may count within each epoch.
+            reason += (f"; but the epoch advanced ({last_epoch:g} -> {epoch:g}): if the log's step restarts "
+                       f"every epoch, log a global step, or watch with --unit epoch or --unit row")
             log.warning("%s", reason)
         return Decision(
             scale=self.scale,

@@ -448,3 +448,19 @@ def test_engine_checkpoints_are_packed_exactly_and_rewind_with_auto():
 
     odd = {"name": Name("x"), "values": [1.0]}
     assert _pack(odd) is odd and _unpack(_pack(odd)) is odd  # a type marshal refuses: kept as is
+
+
+def test_a_step_that_restarts_every_epoch_is_called_out():
+    """Steps going back while the epoch advances: a per-epoch counter, not a resumed job. It is
+    handled as a rewind (the only safe reading), and the reason says what to do."""
+    from autolr.engine import RunEngine
+    from autolr.records import Record
+
+    engine = RunEngine(Settings(policies=parse_policy_options(["auto"]), base_lr=0.1).chain(POLICIES))
+    rewinds = [d for epoch in range(2) for b in range(50)
+               for d in engine.feed(Record({"loss": 1.0}, b, float(epoch)), ["loss"]) if d.kind == "rewind"]
+    assert len(rewinds) == 1 and "the epoch advanced (0 -> 1)" in rewinds[0].reason
+    assert "--unit epoch" in rewinds[0].reason
+    # a real resume (epoch and step both back) says nothing of the kind
+    back = [d for d in engine.feed(Record({"loss": 1.0}, 10, 0.0), ["loss"]) if d.kind == "rewind"]
+    assert back and "epoch advanced" not in back[0].reason
