@@ -218,6 +218,30 @@ def test_loss_printed_at_zero_is_not_divergence():
     assert fired and fired[0][0] == 4500 and "jump to 3" in fired[0][2]
 
 
+@pytest.mark.parametrize("shape", ["plateau from epoch 25", "still declining"])
+def test_epoch_level_log_warms_up_one_epoch_and_decides_in_epochs(shape):
+    """One row per epoch and no step (Keras's CSVLogger): the warmup is the first epoch, the
+    window ``epoch_window`` epochs. Before, the warmup took 100 epochs and no test ran before
+    100 rows: a 60-epoch run never left its warmup."""
+    rng = np.random.default_rng(0)
+    eng = engine("auto")
+    scales, cuts = [], []
+    for ep in range(60):
+        if shape == "still declining":
+            v = 2.0 * math.exp(-ep / 40) + 0.3
+        else:
+            v = 2.0 * math.exp(-min(ep, 25) / 5) + 0.4
+        v += 0.002 * rng.standard_normal()
+        cuts += [ep for d in eng.feed(Record(metrics={"loss": 0.8 * v, "val_loss": v}, epoch=float(ep)))
+                 if "stalled" in d.reason]
+        scales.append(eng.scale)
+    assert eng.state["unit"] == "epoch" and scales[0] == 1.0
+    if shape == "still declining":
+        assert cuts == []
+    else:
+        assert cuts and 30 <= cuts[0] <= 36  # ReduceLROnPlateau (patience 10) would cut at 36
+
+
 def lightning_rows(train_name, jump_at=None, n=1500):
     """Lightning's CSV layout: training rows with the per-step loss, and every 25 steps a separate
     validation row (same step) holding only val_loss, here three times the training loss."""

@@ -148,3 +148,32 @@ def test_logged_loss_is_each_batch_own_not_the_running_mean(tmp_path):
     assert batch_loss(2.0, 0, None) == (2.0, (0, 2.0))
     assert batch_loss(3.0, 1, (0, 2.0))[0] == pytest.approx(4.0)  # (2·3 - 1·2) / 1
     assert batch_loss(5.0, 3, (1, 3.0))[0] == pytest.approx(7.0)  # (4·5 - 2·3) / 2
+
+
+def test_auto_on_a_keras_csvlogger_log_works_in_epochs(tmp_path):
+    """Keras's CSVLogger writes one row per epoch and no step: `auto`'s counter is the epoch.
+    Its warmup is then the first epoch (it was 100 epochs: after 30 the LR was at 37 %), and it
+    decides over ``epoch_window`` epochs (it needed 100 rows before its first test)."""
+    from autolr.config import Settings
+    from autolr.plugins import policy_classes, reader_classes
+    from autolr.replay import replay_log
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(256, 4)).astype("float32")
+    y = (x @ rng.normal(size=(4, 1)) + 0.5 * rng.normal(size=(256, 1))).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    log = tmp_path / "run" / "training.csv"
+    log.parent.mkdir()
+    with torch_threads(1):
+        model.fit(x, y, batch_size=32, epochs=40, verbose=0, validation_split=0.25,
+                  callbacks=[keras.callbacks.CSVLogger(str(log))])
+    lines = list(replay_log(log, Settings(), policy_classes(), reader_classes(), every_row=True))
+    scales = [line["scale"] for line in lines[1:]]  # after each epoch's row
+    assert len(scales) == 40 and lines[0]["scale"] == pytest.approx(0.1)  # epoch 0 at warmup_start
+    assert scales[0] == 1.0  # the warmup ended with the first epoch
+    # a linear model converges within a few epochs: its val_loss is flat noise from then on,
+    # and auto decays it, at the earliest once epoch_window epochs are in its window
+    cuts = [i for i in range(1, 40) if scales[i] < scales[i - 1]]
+    assert cuts and cuts[0] >= 10

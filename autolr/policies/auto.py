@@ -11,7 +11,10 @@ factor = warmup(t) · decay · guard · boost, where
   the window's later half is no better than that of its earlier half; never below
   ``min_factor``. The window holds the last ``window`` observations of the metric, or, for a
   metric logged on fewer rows (a validation loss every N steps), the observations of the last
-  ``window`` rows and at least ``min_window`` of them;
+  ``window`` rows and at least ``min_window`` of them. On an epoch-level log (no step: Keras's
+  CSVLogger) the counter is the epoch: the warmup is the first epoch (the LR can only change
+  when a row arrives) and the window is ``epoch_window`` epochs (default 10), tested every
+  epoch;
 - guard ← guard · guard_factor at once on a non-finite value; on a jump of ``spike_sigmas``
   robust sigmas that also doubles the largest value of the guard window (a spike of the size
   the window already holds is noise, not divergence; sigmas and standard errors are at least
@@ -100,6 +103,7 @@ class Auto(Policy):
     window: int = 100
     min_window: int = 20
     every: int = 10
+    epoch_window: int = 10
     confidence: float = 0.95
     factor: float = 0.5
     min_factor: float = 1e-3
@@ -120,6 +124,7 @@ class Auto(Policy):
         check(self.window >= 8, self.name, "window must be >= 8")
         check(self.min_window >= 8, self.name, "min_window must be >= 8")
         check(self.every >= 1, self.name, "every must be >= 1")
+        check(self.epoch_window >= 8, self.name, "epoch_window must be >= 8")
         check(0.5 <= self.confidence < 1, self.name, "confidence must be in [0.5, 1)")
         check(0 < self.factor < 1, self.name, "factor must be in (0, 1)")
         check(0 < self.min_factor <= 1, self.name, "min_factor must be in (0, 1]")
@@ -150,7 +155,23 @@ class Auto(Policy):
 
     def holds(self, obs: Observation) -> bool:
         t = obs.time(self.unit)
-        return self.warmup > 0 and t is not None and t < self.warmup
+        return self.warmup > 0 and t is not None and t < self._warmup_length(obs)
+
+    def _per_epoch(self, obs: Observation) -> bool:
+        """Whether this run's counter is the epoch (a log without steps: Keras's CSVLogger)."""
+        return (obs.unit if self.unit == "auto" else self.unit) == "epoch"
+
+    def _warmup_length(self, obs: Observation) -> int:
+        """``warmup`` in the run's unit; an epoch-level log's warmup is its first epoch (the
+        daemon can change the LR only when a row arrives, once an epoch)."""
+        return 1 if self.warmup > 0 and self._per_epoch(obs) else self.warmup
+
+    def _sizes(self, obs: Observation) -> tuple[int, int, int]:
+        """(window, min_window, every) in rows: ``epoch_window`` epochs tested every epoch on
+        an epoch-level log (``window`` = 100 epochs would outlast most trainings)."""
+        if self._per_epoch(obs):
+            return self.epoch_window, min(self.min_window, self.epoch_window), 1
+        return self.window, self.min_window, self.every
 
     def monitor_changed(self, state: State) -> State:
         return state if self.metric else dict(state, **_EMPTY_WINDOW)
@@ -161,7 +182,8 @@ class Auto(Policy):
         t = obs.time(self.unit)
         if t is not None and (new["t"] is None or t > new["t"]):
             new["t"] = t
-        if not new["ramp_done"] and t is not None and t + 1 >= self.warmup:
+        warmup = self._warmup_length(obs)
+        if not new["ramp_done"] and t is not None and t + 1 >= warmup:
             new["ramp_done"] = True
         metric = self.metric or obs.monitor
         guard_metric = self.guard_metric or new.get("guard_on") or self._training_loss(new, obs.metrics) or metric
@@ -171,7 +193,7 @@ class Auto(Policy):
         if note is not None or metric is None:
             return new, note
         if not new["warm"]:
-            if t is None or t < self.warmup:
+            if t is None or t < warmup:
                 return new, None
             new.update(warm=True, **_EMPTY_WINDOW)  # post-warmup data only
         new["rows"] += 1
@@ -183,15 +205,16 @@ class Auto(Policy):
         new["seen"] += 1
         new["since"] += 1
         time = t if t is not None else obs.row
-        new["values"] = _slide(new["values"], current, self.window)
-        new["times"] = _slide(new["times"], time, self.window)
-        new["at"] = _slide(new["at"], new["rows"], self.window)
+        window, min_window, every = self._sizes(obs)
+        new["values"] = _slide(new["values"], current, window)
+        new["times"] = _slide(new["times"], time, window)
+        new["at"] = _slide(new["at"], new["rows"], window)
         # The window: the last `window` observations or, for a metric logged on fewer rows (a
         # validation loss every N steps), those of the last `window` rows, and at least
         # `min_window` of them. Tested every `every` rows.
-        recent = len(new["at"]) - bisect.bisect_right(new["at"], new["rows"] - self.window)  # `at` ascends
-        n = min(max(recent, self.min_window), self.window)  # min_window above window: window
-        if len(new["values"]) < n or new["rows"] < self.window or new["rows"] - new["tested"] < self.every:
+        recent = len(new["at"]) - bisect.bisect_right(new["at"], new["rows"] - window)  # `at` ascends
+        n = min(max(recent, min_window), window)  # min_window above window: window
+        if len(new["values"]) < n or new["rows"] < window or new["rows"] - new["tested"] < every:
             return new, None
         new["tested"] = new["rows"]
         return self._decide(new, obs, metric, self.mode or default_mode(metric), n)
