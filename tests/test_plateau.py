@@ -50,6 +50,32 @@ def test_sparse_validation_loss_is_cut_after_it_levels_off(shape):
     assert d.evidence["plateau"]["metric"] == "val_loss" and "val_loss" in d.reason
 
 
+def epoch_first_cut(val, epochs=60, **params):
+    """One row per epoch and no step (Keras's CSVLogger): loss and val_loss."""
+    chain = build_chain([("plateau", params)], REGISTRY, base_lr=0.1)
+    state = chain.init()
+    for ep in range(epochs):
+        state, d = chain.update(state, Record(metrics={"loss": 0.8 * val(ep), "val_loss": val(ep)}, epoch=float(ep)))
+        if d is not None:
+            return ep, d, state
+    return None, None, state
+
+
+def test_epoch_level_log_is_decided_in_epochs():
+    """An epoch-level log is decided over epoch_window epochs with epoch_history kept, tested
+    every epoch. Before, 100 rows were 100 epochs: no test ran in a 60-epoch run."""
+    noise = 0.02 * np.random.default_rng(0).standard_normal(60)
+    ep, d, state = epoch_first_cut(lambda e: 2.0 * np.exp(-min(e, 25) / 5) + 0.4 + 0.4 * noise[e])
+    assert ep is not None and 30 <= ep <= 55 and "val_loss" in d.reason
+    assert state["unit"] == "epoch"
+    ep, _, _ = epoch_first_cut(lambda e: 2.0 * np.exp(-e / 40) + 0.3 + 0.002 * noise[e])  # still declining
+    assert ep is None
+    with pytest.raises(PolicyError):
+        build_chain([("plateau", {"epoch_window": 4})], REGISTRY)
+    with pytest.raises(PolicyError):  # a trend parameter
+        build_chain([("plateau", {"method": "threshold", "epoch_history": 50})], REGISTRY)
+
+
 def test_sparse_steady_decline_is_not_cut():
     s, _, state = sparse_first_cut(lambda s: 1 - 2e-4 * s + NOISE[s])
     assert s is None

@@ -8,7 +8,10 @@ least ``window``) and "the last window" is the observations of the last ``window
 ``every`` rows, once ``window`` rows have passed since the start or the last reduction and the
 last window holds its observations, three questions are asked; a "yes" to any means
 lr <- max(lr · factor, min_lr), and the kept observations are dropped (data taken at the old
-LR says nothing about the new one). With one observation per row, rows are observations.
+LR says nothing about the new one). With one observation per row, rows are observations. On
+an epoch-level log (no step: Keras's CSVLogger), where 100 rows would be 100 epochs, the run is
+decided as if ``window`` = ``epoch_window`` (10), ``min_window`` at most that, ``history`` =
+``epoch_history`` (100) and ``every`` = 1, all in epochs.
 
 1. No significant improvement over everything kept? (:func:`autolr.trend.improvement_test`:
    AR(1)-corrected one-sided slope test at ``confidence``, faster than ``min_improvement`` ·
@@ -50,6 +53,8 @@ than ``patience`` observations without one, reduce; then wait ``cooldown`` obser
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Literal
@@ -74,7 +79,8 @@ FADED_FRACTION = 0.5
 #: ... with at least this many observations before the last window, and MIN_EFFECTIVE
 #: effectively independent ones (the pace's standard error and t quantile carry the rest).
 MIN_BEFORE = 10
-TREND_ONLY = ("window", "min_window", "history", "slowdown", "confidence", "min_improvement", "every", "log")
+TREND_ONLY = ("window", "min_window", "history", "slowdown", "confidence", "min_improvement", "every", "log",
+              "epoch_window", "epoch_history")
 #: The kept observations, emptied after every reduction: ``values``; ``runs`` their times and
 #: rows (counted since the reduction) as arithmetic runs (see :func:`_push`); ``rows`` the rows
 #: seen, ``tested`` the rows at the last test.
@@ -162,6 +168,8 @@ class Plateau(Policy):
     min_improvement: float = 0.0
     every: int = 10
     log: bool = False
+    epoch_window: int = 10
+    epoch_history: int = 100
 
     def __post_init__(self) -> None:
         check(0 < self.factor < 1, self.name, "factor must be in (0, 1)")
@@ -176,6 +184,8 @@ class Plateau(Policy):
         check(0.5 <= self.confidence < 1, self.name, "confidence must be in [0.5, 1)")
         check(self.min_improvement >= 0, self.name, "min_improvement must be >= 0")
         check(self.every >= 1, self.name, "every must be >= 1")
+        check(self.epoch_window >= 8, self.name, "epoch_window must be >= 8")
+        check(self.epoch_history >= 8, self.name, "epoch_history must be >= 8")
         defaults = {f.name: f.default for f in fields(self)}
         other = THRESHOLD_ONLY if self.method == "trend" else TREND_ONLY
         for key in other:
@@ -210,8 +220,16 @@ class Plateau(Policy):
         current = float(obs.metrics[metric])
         mode = self.mode or default_mode(metric)
         if self.method == "trend":
-            return self._update_trend(state, obs, metric, current, mode)
+            sizes = self.in_epochs if obs.unit == "epoch" else self
+            return sizes._update_trend(state, obs, metric, current, mode)
         return self._update_threshold(state, obs, metric, current, mode)
+
+    @functools.cached_property
+    def in_epochs(self) -> "Plateau":
+        """This policy with the row counts of an epoch-level log: ``epoch_window``,
+        ``epoch_history``, a test every epoch."""
+        return dataclasses.replace(self, window=self.epoch_window, min_window=min(self.min_window, self.epoch_window),
+                                   history=self.epoch_history, every=1)
 
     def _reduce(self, state: State, lr: float) -> float | None:
         """The new factor after a reduction, or None when the change would be below eps."""
