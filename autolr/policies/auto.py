@@ -155,21 +155,21 @@ class Auto(Policy):
 
     def holds(self, obs: Observation) -> bool:
         t = obs.time(self.unit)
-        return self.warmup > 0 and t is not None and t < self._warmup_length(obs)
+        return self.warmup > 0 and t is not None and t < self._warmup_length(self._per_epoch(obs))
 
     def _per_epoch(self, obs: Observation) -> bool:
         """Whether this run's counter is the epoch (a log without steps: Keras's CSVLogger)."""
         return (obs.unit if self.unit == "auto" else self.unit) == "epoch"
 
-    def _warmup_length(self, obs: Observation) -> int:
+    def _warmup_length(self, per_epoch: bool) -> int:
         """``warmup`` in the run's unit; an epoch-level log's warmup is its first epoch (the
         daemon can change the LR only when a row arrives, once an epoch)."""
-        return 1 if self.warmup > 0 and self._per_epoch(obs) else self.warmup
+        return 1 if self.warmup > 0 and per_epoch else self.warmup
 
-    def _sizes(self, obs: Observation) -> tuple[int, int, int]:
+    def _sizes(self, per_epoch: bool) -> tuple[int, int, int]:
         """(window, min_window, every) in rows: ``epoch_window`` epochs tested every epoch on
         an epoch-level log (``window`` = 100 epochs would outlast most trainings)."""
-        if self._per_epoch(obs):
+        if per_epoch:
             return self.epoch_window, min(self.min_window, self.epoch_window), 1
         return self.window, self.min_window, self.every
 
@@ -182,7 +182,8 @@ class Auto(Policy):
         t = obs.time(self.unit)
         if t is not None and (new["t"] is None or t > new["t"]):
             new["t"] = t
-        warmup = self._warmup_length(obs)
+        per_epoch = self._per_epoch(obs)
+        warmup = self._warmup_length(per_epoch)
         if not new["ramp_done"] and t is not None and t + 1 >= warmup:
             new["ramp_done"] = True
         metric = self.metric or obs.monitor
@@ -205,7 +206,7 @@ class Auto(Policy):
         new["seen"] += 1
         new["since"] += 1
         time = t if t is not None else obs.row
-        window, min_window, every = self._sizes(obs)
+        window, min_window, every = self._sizes(per_epoch)
         new["values"] = _slide(new["values"], current, window)
         new["times"] = _slide(new["times"], time, window)
         new["at"] = _slide(new["at"], new["rows"], window)
