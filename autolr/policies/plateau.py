@@ -43,7 +43,7 @@ With ``history == window`` and ``slowdown=false`` this is the plain test over th
 
 ``cooldown`` counts observations after a reduction (as PyTorch counts epochs). Cost: one
 decision at 1500 kept observations takes about 0.5 ms (the three tests share one winsorised
-series), 40-90 µs per row at ``every=10`` on a metric logged every row (16-27 µs at
+series), 37-86 µs per row at ``every=10`` on a metric logged every row (15-25 µs at
 ``every=50``; ``benchmarks/bench_policy_cost.py``); the times and rows of the kept
 observations are stored as arithmetic runs, so the state holds little more than the kept values.
 
