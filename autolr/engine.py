@@ -270,9 +270,7 @@ class RunEngine:
         n = rows.first + kept
         if n % self.checkpoint_every == 0:
             self.checkpoints.append((n, _pack(self.state)))
-        if kept <= self.history + self.checkpoint_every:
-            return
-        while len(rows) > self.history + self.checkpoint_every and len(self.checkpoints) > 1:
+        while len(rows.flags) > self.history + self.checkpoint_every and len(self.checkpoints) > 1:
             drop_to = self.checkpoints[1][0]
             rows.drop_front(drop_to - rows.first)
             self.checkpoints.popleft()
