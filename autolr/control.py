@@ -11,6 +11,7 @@ its evidence, so the journal is never behind the control file. Writers take ``au
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import datetime as _dt
@@ -38,6 +39,8 @@ FILE_MODE = 0o644
 DIR_MODE = 0o755
 #: Recent changes a control file lists for step-exact application (multi-rank training).
 MAX_SCHEDULE = 32
+#: A journal line longer than this is skipped by a restart's reading (ours are < 64 KiB).
+MAX_JOURNAL_LINE = 16 << 20
 
 
 class ControlError(ValueError):
@@ -239,6 +242,119 @@ def read_journal(run: str | os.PathLike) -> list[dict[str, Any]]:
                 if isinstance(obj, dict):
                     out.append(obj)
     return out
+
+
+class JournalCursor:
+    """A run's journal entries (dicts with an integer ``seq``) from a byte offset on, read
+    lazily a block at a time, up to the journal's size when the cursor was made.
+
+    A restart matches the entries beyond the saved state against the decisions it re-derives;
+    a journal of millions of decisions (a per-row schedule on a long log) is then never held
+    in memory, and ``pop()`` is O(1). Torn and foreign lines are skipped, as ``read_journal``
+    skips them.
+    """
+
+    BLOCK = 256 << 10
+
+    def __init__(self, path: str | os.PathLike, offset: int = 0, end: int | None = None):
+        self.path = Path(path)
+        self.offset = offset
+        if end is None:
+            try:
+                end = os.stat(self.path).st_size
+            except FileNotFoundError:
+                end = 0
+        self.end = end
+        self.buffer: collections.deque[dict[str, Any]] = collections.deque()
+
+    @classmethod
+    def after(cls, path: str | os.PathLike, seq: int) -> "JournalCursor":
+        """The entries after the last one whose seq is ``seq`` or below. The journal is read
+        back from its end (seqs grow down the file), so the cost is that of the entries after
+        it, not of the whole journal."""
+        path = Path(path)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            return cls(path, 0, 0)
+        with f:
+            end = f.seek(0, os.SEEK_END)
+            pos, carry = end, b""  # carry: a line's start not yet seen (it began further back)
+            while True:
+                start = max(0, pos - cls.BLOCK)
+                f.seek(start)
+                data = f.read(pos - start) + carry
+                lines = data.split(b"\n")
+                carry = lines.pop(0) if start > 0 else b""
+                line_end = start + len(data)  # where the last line's bytes end
+                for line in reversed(lines):
+                    entry = _journal_entry(line)
+                    if entry is not None and entry["seq"] <= seq:
+                        return cls(path, min(line_end + 1, end), end)
+                    line_end -= len(line) + 1
+                if start == 0:
+                    return cls(path, 0, end)
+                if len(carry) > MAX_JOURNAL_LINE:
+                    carry = b""  # not one of ours: its first bytes are skipped as a torn line
+                pos = start
+
+    def _fill(self) -> None:
+        """Parse the next block of whole lines into the buffer (the unterminated end too)."""
+        while not self.buffer and self.offset < self.end:
+            want = self.BLOCK
+            try:
+                with open(self.path, "rb") as f:
+                    while True:
+                        f.seek(self.offset)
+                        data = f.read(min(want, self.end - self.offset))
+                        cut = data.rfind(b"\n") + 1
+                        if cut or self.offset + len(data) >= self.end or want >= MAX_JOURNAL_LINE:
+                            break
+                        want *= 4  # a line longer than a block
+            except FileNotFoundError:
+                data = b""
+            if not data:  # gone or truncated since: nothing more to match
+                self.offset = self.end
+                return
+            cut = cut or len(data)
+            self.offset += cut
+            for line in data[:cut].split(b"\n"):
+                entry = _journal_entry(line)
+                if entry is not None:
+                    self.buffer.append(entry)
+
+    def peek(self) -> dict[str, Any] | None:
+        """The next entry, or None at the end."""
+        if not self.buffer:
+            self._fill()
+        return self.buffer[0] if self.buffer else None
+
+    def pop(self) -> dict[str, Any]:
+        """Take the next entry (IndexError at the end)."""
+        if not self.buffer:
+            self._fill()
+        return self.buffer.popleft()
+
+    def clear(self) -> None:
+        """Drop every remaining entry."""
+        self.buffer.clear()
+        self.offset = self.end
+
+    def __bool__(self) -> bool:
+        return self.peek() is not None
+
+
+def _journal_entry(line: bytes) -> dict[str, Any] | None:
+    """A journal line as an entry with an integer seq, or None (blank, torn, foreign)."""
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(obj, dict) and type(obj.get("seq")) is int:
+        return obj
+    return None
 
 
 class ControlWriter:

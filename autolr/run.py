@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .chain import Decision
 from .config import Settings
-from .control import ControlError, ControlWriteError, ControlWriter, atomic_write_json, read_journal, read_json
+from .control import ControlError, ControlWriteError, ControlWriter, JournalCursor, atomic_write_json, read_json
 from .engine import RunEngine
 from .readers.base import Reader
 
@@ -28,6 +28,9 @@ log = logging.getLogger("autolr.run")
 STATE_NAME = "autolr.state.json"
 STATE_VERSION = 1
 MAX_STATE_BYTES = 256 << 20
+#: Decisions of one read published together at most: catching up on a log where every row
+#: decides (a per-step schedule) holds this many, not one per row of the read (~50k).
+PUBLISH_CHUNK = 1024
 
 
 class Run:
@@ -42,7 +45,7 @@ class Run:
         self.fsync = fsync
         self.sources: dict[Path, Reader] = {}
         self.seq = 0
-        self.pending: list[dict[str, Any]] = []  # journal entries beyond the saved state
+        self.pending = JournalCursor(self.writer.journal, 0, 0)  # journal entries beyond the saved state
         self.unpublished: list[Decision] = []  # decisions a failing disk refused; retried
         self.needs_repair = False  # journal ahead of the control file after a failed write
         self.schedule: list[dict[str, Any]] = []  # recent changes with their apply_at_step
@@ -78,8 +81,8 @@ class Run:
     def feed(self, reader: Reader, records) -> None:
         """Feed records read from ``reader`` through the engine and publish the decisions.
 
-        The decisions of one batch are published together: one journal write and fsync, then
-        one control-file replace holding the last. The state is saved only once the whole
+        The decisions of one batch are published together (PUBLISH_CHUNK at most): one journal
+        write and fsync, then one control-file replace holding the last. The state is saved only once the whole
         batch is fed, so the stored read positions never run ahead of the engine; a crash
         between the publish and the save is covered by the journal match at restart.
         """
@@ -109,6 +112,9 @@ class Run:
                 self.last_metric = record.metrics[monitor]
             if decisions:
                 batch += decisions
+                if len(batch) >= PUBLISH_CHUNK:  # a decision on every row of a long log
+                    self.publish(batch)
+                    batch = []
         if batch:
             # The state is saved by the daemon's flush timer, not here: a crash in between is
             # covered by matching the journal at restart, and a save per batch cost more than
@@ -119,8 +125,8 @@ class Run:
         """Publish decisions not already in the journal; True when something was written."""
         fresh = []
         for decision in decisions:
-            if self.pending and _same_decision(self.pending[0], decision):
-                self.seq = self.pending.pop(0)["seq"]
+            if self.pending and _same_decision(self.pending.peek(), decision):
+                self.seq = self.pending.pop()["seq"]
                 self._adopt_pending_manuals()
                 continue
             if self.pending:
@@ -182,8 +188,8 @@ class Run:
         self.dirty = True
 
     def _adopt_pending_manuals(self) -> None:
-        while self.pending and self.pending[0].get("kind") == "manual":
-            entry = self.pending.pop(0)
+        while self.pending and self.pending.peek().get("kind") == "manual":
+            entry = self.pending.pop()
             with contextlib.suppress(ValueError):
                 self.engine.override(scale=entry["scale"])
             self.seq = entry["seq"]
@@ -284,17 +290,17 @@ class Run:
         self.last_step = data.get("last_step")
         self.last_metric = data.get("last_metric")
         self.restored = True
-        self.pending = [e for e in read_journal(self.folder) if isinstance(e.get("seq"), int) and e["seq"] > self.seq]
+        self.pending = JournalCursor.after(self.writer.journal, self.seq)
         self._adopt_pending_manuals()
         self.writer.repair()
         return {str(self.folder / rel): v for rel, v in data.get("sources", {}).items()}
 
     def _resume_from_journal(self) -> None:
         """No usable state: re-derive everything, matching what the journal already holds."""
-        self.pending = [e for e in read_journal(self.folder) if isinstance(e.get("seq"), int)]
+        self.pending = JournalCursor(self.writer.journal)
         self.seq = 0
-        if self.pending and self.pending[0].get("kind") == "initial":
-            self.seq = self.pending.pop(0)["seq"]
+        if self.pending and self.pending.peek().get("kind") == "initial":
+            self.seq = self.pending.pop()["seq"]
         self._adopt_pending_manuals()
 
     def start(self) -> None:

@@ -719,3 +719,96 @@ def test_set_on_a_missing_folder_fails_and_creates_nothing(tmp_path):
 if __name__ == "__main__":
     role, *rest = sys.argv[1:]
     {"writer": _writer, "reader": _reader, "racer": _racer, "forever": _forever}[role](*rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# JournalCursor: the journal read lazily at a restart
+# ---------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from autolr.control import JournalCursor  # noqa: E402
+
+_LINE = st.one_of(
+    st.builds(lambda seq, kind: json.dumps({"seq": seq, "kind": kind, "reason": "x" * (seq % 7)}),
+              st.integers(0, 50), st.sampled_from(["decision", "manual", "initial"])),
+    st.sampled_from(["", "   ", "{torn", '{"seq": "3"}', "[1, 2]", '{"no": 1}', '{"seq": true}', "\x00\xff"]),
+)
+
+
+def _cursor_entries(cursor: JournalCursor) -> list[dict]:
+    out = []
+    while cursor:
+        out.append(cursor.pop())
+    return out
+
+
+def _valid(entries: list) -> list[dict]:
+    return [e for e in entries if isinstance(e, dict) and type(e.get("seq")) is int]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(_LINE, max_size=30), block=st.sampled_from([1, 5, 17, 64, 4096]),
+       newline_at_end=st.booleans())
+def test_journal_cursor_reads_what_read_journal_reads(tmp_path, monkeypatch, lines, block, newline_at_end):
+    """In any block size, torn, blank and foreign lines skipped, an unterminated end included."""
+    monkeypatch.setattr(JournalCursor, "BLOCK", block)
+    text = "\n".join(lines) + ("\n" if newline_at_end and lines else "")
+    (tmp_path / JOURNAL_NAME).write_bytes(text.encode("utf-8", "surrogateescape"))
+    expected = _valid(read_journal(tmp_path))
+    assert _cursor_entries(JournalCursor(tmp_path / JOURNAL_NAME)) == expected
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.integers(1, 3), max_size=25), noise=st.lists(st.integers(0, 24), max_size=4),
+       block=st.sampled_from([1, 7, 40, 4096]), saved=st.integers(-1, 60))
+def test_journal_cursor_after_a_saved_seq(tmp_path, monkeypatch, steps, noise, block, saved):
+    """``after(seq)``, read back from the end, gives every entry beyond the saved seq, in order."""
+    monkeypatch.setattr(JournalCursor, "BLOCK", block)
+    seqs = [sum(steps[: i + 1]) for i in range(len(steps))]  # increasing, as a journal's are
+    lines = [json.dumps({"seq": s, "kind": "decision"}) for s in seqs]
+    for at in sorted(noise, reverse=True):
+        lines.insert(min(at, len(lines)), "{torn")
+    (tmp_path / JOURNAL_NAME).write_text("\n".join(lines) + "\n")
+    got = _cursor_entries(JournalCursor.after(tmp_path / JOURNAL_NAME, saved))
+    assert [e["seq"] for e in got] == [s for s in seqs if s > saved]
+
+
+def test_journal_cursor_after_reads_only_the_tail(tmp_path, monkeypatch):
+    """A restart with a recent saved state parses the entries after it, not the whole journal
+    (200,000 entries here: a per-row schedule on a long log)."""
+    path = tmp_path / JOURNAL_NAME
+    path.write_text("".join(json.dumps({"seq": s, "kind": "decision", "reason": "r"}) + "\n"
+                            for s in range(1, 200_001)))
+    parsed = []
+    real = control._journal_entry
+    monkeypatch.setattr(control, "_journal_entry", lambda line: parsed.append(1) or real(line))
+    cursor = JournalCursor.after(path, 199_990)
+    assert [e["seq"] for e in _cursor_entries(cursor)] == list(range(199_991, 200_001))
+    assert len(parsed) < 100  # 10 entries after the saved seq, the one at it, the cursor's reads
+    assert _cursor_entries(JournalCursor.after(path, 200_000)) == []
+    assert JournalCursor.after(tmp_path / "missing.jsonl", 3).peek() is None
+
+
+def test_journal_cursor_stops_at_the_size_it_was_made_with(tmp_path):
+    """Entries appended after the restart read the journal (our own publishes) are not pending."""
+    path = tmp_path / JOURNAL_NAME
+    path.write_text(json.dumps({"seq": 1}) + "\n")
+    cursor = JournalCursor(path)
+    with open(path, "a") as f:
+        f.write(json.dumps({"seq": 2}) + "\n")
+    assert [e["seq"] for e in _cursor_entries(cursor)] == [1]
+    cursor = JournalCursor(path)
+    cursor.clear()
+    assert not cursor and cursor.peek() is None
+
+
+def test_journal_cursor_long_line_and_vanished_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(JournalCursor, "BLOCK", 16)
+    path = tmp_path / JOURNAL_NAME
+    long = json.dumps({"seq": 1, "reason": "y" * 1000})
+    path.write_text(long + "\n" + json.dumps({"seq": 2}) + "\n")
+    assert [e["seq"] for e in _cursor_entries(JournalCursor(path))] == [1, 2]
+    assert [e["seq"] for e in _cursor_entries(JournalCursor.after(path, 1))] == [2]
+    cursor = JournalCursor(path)
+    path.unlink()
+    assert _cursor_entries(cursor) == []

@@ -104,6 +104,61 @@ def test_lost_state_is_rebuilt_from_the_log_without_duplicating_the_journal(tmp_
     assert read_journal(tmp_path / "run") == before
 
 
+def test_lost_state_with_a_long_journal_is_matched_block_by_block(tmp_path, monkeypatch):
+    """A decision on every row (a per-step schedule): 3000 journal entries, read back a small
+    block at a time when the state is lost, and at most a few blocks in memory (the whole
+    journal was a list before: a 10M-row log would have held gigabytes)."""
+    import tracemalloc
+
+    from autolr.control import JournalCursor
+    from autolr.run import Run
+
+    monkeypatch.setattr(JournalCursor, "BLOCK", 4096)  # about 15 entries a block
+    log = tmp_path / "run" / "metrics.jsonl"
+    write_jsonl(log, [{"step": s, "loss": 1.0} for s in range(3000)])
+    policy = ("step:step_size=1,gamma=0.999",)
+    make_daemon(tmp_path, policy=policy)[0].run()
+    before = read_journal(tmp_path / "run")
+    assert len(before) == 3001  # the initial value and one decision a row
+    (tmp_path / "run" / "autolr.state.json").unlink()
+    daemon, _ = make_daemon(tmp_path, policy=policy)
+    peaks = []
+    real_load = Run.load
+
+    def load(run):
+        tracemalloc.start()
+        try:
+            return real_load(run)
+        finally:
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+
+    monkeypatch.setattr(Run, "load", load)
+    daemon.run()
+    assert read_journal(tmp_path / "run") == before  # every entry matched, none published twice
+    assert peaks and max(peaks) < 200_000  # the list of 3001 entries alone took ~2.5 MB
+
+
+def test_decisions_of_one_read_are_published_in_bounded_chunks(tmp_path, monkeypatch):
+    """One read of 1000 rows that each decide: published 100 at a time (PUBLISH_CHUNK), with
+    the same journal as in one piece."""
+    from autolr import run as run_mod
+    from autolr.control import ControlWriter
+
+    policy = ("step:step_size=1,gamma=0.999",)
+    write_jsonl(tmp_path / "whole" / "metrics.jsonl", [{"step": s, "loss": 1.0} for s in range(1000)])
+    make_daemon(tmp_path / "whole", policy=policy)[0].run()
+    monkeypatch.setattr(run_mod, "PUBLISH_CHUNK", 100)
+    sizes = []
+    real = ControlWriter.publish_many
+    monkeypatch.setattr(ControlWriter, "publish_many", lambda w, batch, **kw: sizes.append(len(batch)) or real(w, batch, **kw))
+    write_jsonl(tmp_path / "chunked" / "metrics.jsonl", [{"step": s, "loss": 1.0} for s in range(1000)])
+    make_daemon(tmp_path / "chunked", policy=policy)[0].run()
+    assert max(sizes) <= 100 and sum(sizes) == 1001
+    strip = lambda j: [{k: v for k, v in e.items() if k != "updated_at"} for e in j]  # noqa: E731
+    assert strip(read_journal(tmp_path / "chunked")) == strip(read_journal(tmp_path / "whole"))
+
+
 def test_crash_between_journal_and_state_does_not_repeat_a_decision(tmp_path):
     """Simulate a kill after publishing but before the state save: restore an older state."""
     log = tmp_path / "run" / "metrics.jsonl"
