@@ -23,6 +23,15 @@ def run_line(s: dict[str, Any]) -> str:
     return f"{s['run']}  step {s.get('step', '-')}  {metric}  {fmt_lr(s)}  [{decision}]{extra}"
 
 
+#: Decision lines printed a second at most, in bursts of up to as many: a per-row schedule on
+#: many runs, or catching up on a long log, decides thousands of times a second. The others
+#: are counted and summed up in one line; every decision is in its run's journal.
+DECISION_LINES_PER_SECOND = 20
+#: Seconds between redraws of the live table at the most (a tick or the end of a catch-up
+#: always redraws).
+REDRAW_INTERVAL = 0.5
+
+
 class View:
     """Receives daemon events; ``live`` redraws one line per run in place."""
 
@@ -33,6 +42,10 @@ class View:
         self.summaries = summaries or (lambda: [])
         self.drawn = 0
         self.last_draw = 0.0
+        self.tokens = float(DECISION_LINES_PER_SECOND)  # decision lines that may be printed now
+        self.refilled = time.monotonic()
+        self.unshown = 0  # decisions not printed since the last summary line
+        self.last_note = time.monotonic()
 
     def print(self, text: str) -> None:
         if self.live and self.drawn:
@@ -48,6 +61,9 @@ class View:
         elif kind == "source":
             self.print(f"  log {data['path']} ({data['reader']})")
         elif kind == "decision":
+            if not self._may_print_decision():
+                self.unshown += 1
+                return
             lr = data.get("lr")
             shown = f"lr {lr:.6g}" if lr is not None else f"scale {data['scale']:.6g}"
             self.print(f"{data['run']}: #{data['seq']} step {data['step']}: {shown} [{data['policy']}] {data['reason']}")
@@ -60,13 +76,38 @@ class View:
         elif kind == "ready":
             self.print(f"watching: {data['runs']} runs, {data['sources']} logs ({data['mode']}); catching up")
         elif kind == "caught_up":
+            self.report_unshown()
             self.print(f"caught up: {data['runs']} runs")
         elif kind == "progress":
             self.print(f"catching up: {data['rows']} rows read ({data['rate']:.0f} rows/s)")
         elif kind == "stopped":
+            self.report_unshown()
             self.print("stopped; state saved")
-        if kind in ("tick", "decision", "caught_up") and self.live:
+        elif kind == "tick":
+            self.report_unshown()
+        if self.live and (kind in ("tick", "caught_up") or (
+                kind == "decision" and time.monotonic() - self.last_draw >= REDRAW_INTERVAL)):
             self.draw()
+
+    def _may_print_decision(self) -> bool:
+        """A token bucket: DECISION_LINES_PER_SECOND lines a second, as many in a burst."""
+        now = time.monotonic()
+        self.tokens = min(float(DECISION_LINES_PER_SECOND),
+                          self.tokens + (now - self.refilled) * DECISION_LINES_PER_SECOND)
+        self.refilled = now
+        if self.tokens < 1.0:
+            if now - self.last_note >= 1.0 and self.unshown:
+                self.report_unshown()
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def report_unshown(self) -> None:
+        """One line for the decisions not printed since the last such line."""
+        self.last_note = time.monotonic()
+        if self.unshown:
+            n, self.unshown = self.unshown, 0
+            self.print(f"... {n} more decisions not shown (every one is in its run's autolr.decisions.jsonl)")
 
     def draw(self) -> None:
         width = shutil.get_terminal_size((120, 20)).columns
