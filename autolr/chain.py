@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .policy import Observation, Policy, PolicyError, State
+from .policy import TRAINING_LOSSES, VALIDATION_LOSSES, Observation, Policy, PolicyError, State
 from .records import Record
 
 #: Relative change below which a new LR is not a decision (floating-point noise).
@@ -30,18 +30,30 @@ class Decision:
     kind: str = "decision"
 
 
+#: Each known loss name's rank: validation losses first, then training losses, each in its
+#: order of preference (lower is better); any other name containing "loss" comes after them.
+_RANKS = {name: i for i, name in enumerate(VALIDATION_LOSSES + TRAINING_LOSSES)}
+_OTHER, _NONE = len(_RANKS), len(_RANKS) + 1
+_VALIDATION = frozenset(VALIDATION_LOSSES)
+_KNOWN = frozenset(_RANKS)
+
+
 def choose_metric(names: Iterable[str]) -> str | None:
-    """``val_loss`` if present, else ``loss``, else the first name containing "loss"."""
-    names = list(names)
-    for preferred in ("val_loss", "loss"):
-        if preferred in names:
-            return preferred
-    return next((n for n in names if "loss" in n.lower()), None)
+    """The best-ranked loss among ``names``: a validation loss (``val_loss``, ``eval_loss``,
+    ``val/loss``, ...), else a training loss (``loss``, ``train_loss``, ``train/loss``, ...),
+    else the first name containing "loss"; whatever order the names come in."""
+    best, best_rank = None, _NONE
+    for name in names:
+        rank = _RANKS.get(name, _OTHER if "loss" in name.lower() else _NONE)
+        if rank < best_rank:
+            best, best_rank = name, rank
+    return best
 
 
 def metric_rank(name: str | None) -> int:
-    """0 for val_loss, 1 for loss, 2 for another *loss* name, 3 for none."""
-    return {"val_loss": 0, "loss": 1}.get(name, 3 if name is None else 2)
+    """Lower is better: the validation losses, then the training losses (each in order of
+    preference), then another *loss* name, then none."""
+    return _NONE if name is None else _RANKS.get(name, _OTHER if "loss" in name.lower() else _NONE)
 
 
 @dataclass(frozen=True)
@@ -113,9 +125,9 @@ class Chain:
         """Feed one log row; return the new state and the decision it caused, if any."""
         state = dict(state)
         monitor = state["monitor"]
-        if self.metric is None and monitor != "val_loss" and (
-                monitor is None or "val_loss" in record.metrics or "val_loss" in columns
-                or (monitor != "loss" and ("loss" in record.metrics or "loss" in columns))):
+        if self.metric is None and monitor not in _VALIDATION and (
+                monitor is None or not _VALIDATION.isdisjoint(record.metrics) or not _VALIDATION.isdisjoint(columns)
+                or (monitor not in _KNOWN and not (_KNOWN.isdisjoint(record.metrics) and _KNOWN.isdisjoint(columns)))):
             # (otherwise no name in this row ranks above the monitor: nothing to upgrade)
             self._upgrade_monitor(state, choose_metric([*columns, *record.metrics]))
         if state["unit"] is None:
@@ -145,7 +157,8 @@ class Chain:
         return self._decide(state, obs, old_states, notes)
 
     def _upgrade_monitor(self, state: State, candidate: str | None) -> None:
-        """Adopt the automatic metric; a better one seen later (val_loss after loss) replaces it.
+        """Adopt the automatic metric; a better one seen later (a validation loss after a training
+        loss) replaces it.
 
         Policies then restart their statistics on the new metric and keep their factors.
         """

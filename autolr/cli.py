@@ -33,7 +33,7 @@ def settings_options(func):
                      help="NAME or NAME:KEY=VALUE,... ; repeat to chain (factors multiply)."),
         click.option("--config", "config_path", type=click.Path(dir_okay=False), help="autolr.toml with the chain and options."),
         click.option("--base-lr", type=float, help="The loop's base LR; without it only a scale is written."),
-        click.option("--metric", help="Monitored metric (default: val_loss, else loss, else a *loss* column)."),
+        click.option("--metric", help="Monitored metric (default: a validation loss such as val_loss or eval_loss, else a training loss, else a *loss* column)."),
         click.option("--mode", type=click.Choice(["min", "max"]), help="Default: min unless the metric name contains 'acc'."),
         click.option("--unit", type=click.Choice(["step", "epoch", "row"]), help="Time unit (default: step, else epoch, else row)."),
         click.option("--min-lr", type=float, help="Clamp the chain's LR from below."),

@@ -3,7 +3,7 @@
 ``autolr.toml``::
 
     base_lr = 0.1              # optional; without it the control file carries only a scale
-    metric = "val_loss"        # optional; default val_loss, else loss, else a *loss* column
+    metric = "val_loss"        # optional; default a validation loss (val_loss, eval_loss, ...), else a training loss
     mode = "min"               # optional; default min unless the metric name contains "acc"
     unit = "step"              # optional; default step, else epoch, else row
     min_lr = 1e-6              # optional clamp

@@ -69,6 +69,17 @@ class Observation:
 _obs_set = tuple(Observation.__dict__[f.name].__set__ for f in dataclasses.fields(Observation))
 
 
+#: Names of a validation loss, in order of preference: Keras's and Lightning's ``val_loss``,
+#: Hugging Face's ``eval_loss`` (``eval/loss`` in its TensorBoard and W&B logs), and the
+#: slash and long spellings. Monitored first when no ``--metric`` is given.
+VALIDATION_LOSSES = ("val_loss", "eval_loss", "val/loss", "eval/loss", "validation/loss", "valid_loss",
+                     "validation_loss", "valid/loss", "val_loss_epoch")
+#: Names of a per-step training loss, in order of preference: monitored next, and watched by
+#: ``auto``'s divergence guard.
+TRAINING_LOSSES = ("loss", "train_loss", "train/loss", "training_loss", "loss_step", "train_loss_step",
+                   "train/loss_step")
+
+
 @functools.lru_cache(maxsize=1024)
 def default_mode(metric: str | None) -> str:
     """``max`` for accuracy-like metrics (name contains ``acc``), else ``min``."""

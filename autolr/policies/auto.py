@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..hookspecs import hookimpl
-from ..policy import Note, Observation, Policy, State, check, default_mode
+from ..policy import TRAINING_LOSSES, Note, Observation, Policy, State, check, default_mode
 
 
 #: The decision window, emptied after every change: data taken at the old LR says nothing about the new.
@@ -61,9 +61,6 @@ from ..policy import Note, Observation, Policy, State, check, default_mode
 _EMPTY_WINDOW = {"values": [], "times": [], "at": [], "since": 0, "rows": 0, "tested": 0}
 
 
-#: Names of a per-step training loss, in order of preference, for the divergence guard.
-TRAINING_LOSSES = ("loss", "train_loss", "train/loss", "training_loss", "loss_step", "train_loss_step",
-                   "train/loss_step")
 #: The guard's statistics, restarted when it moves from the monitored metric to a training loss.
 _EMPTY_GUARD = {"guard_values": [], "guard_ref": None, "levels": [], "guard_steps": []}
 #: The guard's robust sigma and standard error are at least this fraction of the largest block

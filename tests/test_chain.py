@@ -1,0 +1,58 @@
+"""The chain's automatic metric: a validation loss under any framework's name, in any order."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from autolr.chain import build_chain, choose_metric, metric_rank
+from autolr.plugins import policy_classes
+from autolr.records import Record
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["loss", "eval_loss", "learning_rate", "grad_norm"], "eval_loss"),  # Hugging Face trainer_state.json
+    (["train/loss", "eval/loss", "train/learning_rate"], "eval/loss"),  # its TensorBoard and W&B logs
+    (["train_loss", "val_loss", "epoch"], "val_loss"),  # Lightning's CSVLogger
+    (["train_loss_step", "val/loss"], "val/loss"),
+    (["loss", "val_loss", "eval_loss"], "val_loss"),
+    (["train_loss", "loss"], "loss"),
+    (["my_loss", "acc"], "my_loss"),
+    (["acc", "lr"], None),
+])
+def test_choose_metric_prefers_a_validation_loss_whatever_the_order(names, expected):
+    for order in itertools.permutations(names):
+        assert choose_metric(order) == expected
+
+
+def test_ranks():
+    assert metric_rank("val_loss") < metric_rank("eval_loss") < metric_rank("loss") < metric_rank("train/loss")
+    assert metric_rank("train/loss_step") < metric_rank("my_loss") < metric_rank(None)
+    assert metric_rank("accuracy") == metric_rank(None)
+
+
+def monitor_after(rows) -> str | None:
+    chain = build_chain([("plateau", {"method": "threshold"})], policy_classes(), base_lr=0.1)
+    state = chain.init()
+    for r in rows:
+        state, _ = chain.update(state, r)
+    return state["monitor"]
+
+
+@pytest.mark.parametrize("train, val", [("loss", "eval_loss"), ("train/loss", "eval/loss"),
+                                        ("train_loss", "val/loss"), ("loss", "val_loss")])
+def test_monitor_moves_to_the_validation_loss_when_it_appears(train, val):
+    """Training rows first, an evaluation row every 5 (Hugging Face's layout)."""
+    rows = [Record({train: 1.0}, s) if s % 5 else Record({val: 1.0}, s) for s in range(1, 12)]
+    assert monitor_after(rows[:4]) == train
+    assert monitor_after(rows) == val
+    # and it stays: later training rows do not move it back
+    assert monitor_after(rows + [Record({train: 0.5}, 12)]) == val
+
+
+def test_an_explicit_metric_is_kept():
+    chain = build_chain([("plateau", {"method": "threshold"})], policy_classes(), base_lr=0.1, metric="loss")
+    state = chain.init()
+    for s in range(5):
+        state, _ = chain.update(state, Record({"loss": 1.0, "eval_loss": 1.0}, s))
+    assert state["monitor"] == "loss"
