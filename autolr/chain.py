@@ -6,7 +6,9 @@ and rewind exact.
 """
 from __future__ import annotations
 
+import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -30,30 +32,62 @@ class Decision:
     kind: str = "decision"
 
 
-#: Each known loss name's rank: validation losses first, then training losses, each in its
-#: order of preference (lower is better); any other name containing "loss" comes after them.
-_RANKS = {name: i for i, name in enumerate(VALIDATION_LOSSES + TRAINING_LOSSES)}
-_OTHER, _NONE = len(_RANKS), len(_RANKS) + 1
+#: Each known loss name's rank (lower is better): the validation losses, then other names of a
+#: validation loss, then the training losses, then other names of a training loss, then any
+#: other name containing "loss", then none. A name is "other validation" when one of its
+#: words (split at / _ . - or space) is val, valid, validation, eval or evaluation, and "other
+#: training" for train or training: TensorBoard's ``Loss/val`` and ``Loss/train``, add_scalars'
+#: ``loss/split/val``, Lightning's ``val_loss_step``.
+_RANKS = {name: i for i, name in enumerate(VALIDATION_LOSSES)}
+_VAL_OTHER = len(_RANKS)
+_RANKS.update({name: _VAL_OTHER + 1 + i for i, name in enumerate(TRAINING_LOSSES)})
+_TRAIN_OTHER = len(_RANKS) + 1
+_OTHER, _NONE = _TRAIN_OTHER + 1, _TRAIN_OTHER + 2
 _VALIDATION = frozenset(VALIDATION_LOSSES)
-_KNOWN = frozenset(_RANKS)
+_WORDS = re.compile(r"[/_.\-\s]+")
+_VAL_WORDS = frozenset({"val", "valid", "validation", "eval", "evaluation"})
+_TRAIN_WORDS = frozenset({"train", "training"})
+
+
+@functools.lru_cache(maxsize=4096)
+def metric_rank(name: str | None) -> int:
+    """Lower is better; see ``_RANKS``."""
+    if name is None:
+        return _NONE
+    rank = _RANKS.get(name)
+    if rank is not None:
+        return rank
+    lower = name.lower()
+    if "loss" not in lower:
+        return _NONE
+    words = set(_WORDS.split(lower))
+    return _VAL_OTHER if words & _VAL_WORDS else _TRAIN_OTHER if words & _TRAIN_WORDS else _OTHER
 
 
 def choose_metric(names: Iterable[str]) -> str | None:
-    """The best-ranked loss among ``names``: a validation loss (``val_loss``, ``eval_loss``,
-    ``val/loss``, ...), else a training loss (``loss``, ``train_loss``, ``train/loss``, ...),
-    else the first name containing "loss"; whatever order the names come in."""
+    """The best-ranked loss among ``names`` (see ``_RANKS``), the first of equals; None when no
+    name contains "loss"."""
     best, best_rank = None, _NONE
     for name in names:
-        rank = _RANKS.get(name, _OTHER if "loss" in name.lower() else _NONE)
+        rank = metric_rank(name)
         if rank < best_rank:
             best, best_rank = name, rank
     return best
 
 
-def metric_rank(name: str | None) -> int:
-    """Lower is better: the validation losses, then the training losses (each in order of
-    preference), then another *loss* name, then none."""
-    return _NONE if name is None else _RANKS.get(name, _OTHER if "loss" in name.lower() else _NONE)
+_ROW_BEST: dict[tuple, tuple[str | None, int]] = {}
+
+
+def _row_best(columns: tuple, names: tuple) -> tuple[str | None, int]:
+    """``choose_metric`` of a row's names and its rank, cached per name set (rows repeat them)."""
+    key = (columns, names)
+    hit = _ROW_BEST.get(key)
+    if hit is None:
+        if len(_ROW_BEST) >= 4096:  # a log whose rows keep inventing names
+            _ROW_BEST.clear()
+        best = choose_metric(columns + names)
+        hit = _ROW_BEST[key] = (best, metric_rank(best))
+    return hit
 
 
 @dataclass(frozen=True)
@@ -125,11 +159,10 @@ class Chain:
         """Feed one log row; return the new state and the decision it caused, if any."""
         state = dict(state)
         monitor = state["monitor"]
-        if self.metric is None and monitor not in _VALIDATION and (
-                monitor is None or not _VALIDATION.isdisjoint(record.metrics) or not _VALIDATION.isdisjoint(columns)
-                or (monitor not in _KNOWN and not (_KNOWN.isdisjoint(record.metrics) and _KNOWN.isdisjoint(columns)))):
-            # (otherwise no name in this row ranks above the monitor: nothing to upgrade)
-            self._upgrade_monitor(state, choose_metric([*columns, *record.metrics]))
+        if self.metric is None and monitor not in _VALIDATION:
+            best, rank = _row_best(tuple(columns), tuple(record.metrics))
+            if rank < metric_rank(monitor):  # a better-ranked name in this row
+                self._upgrade_monitor(state, best)
         if state["unit"] is None:
             state["unit"] = (
                 "step" if record.step is not None else "epoch" if record.epoch is not None else "row"

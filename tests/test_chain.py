@@ -18,6 +18,12 @@ from autolr.records import Record
     (["loss", "val_loss", "eval_loss"], "val_loss"),
     (["train_loss", "loss"], "loss"),
     (["my_loss", "acc"], "my_loss"),
+    (["Loss/train", "Loss/val"], "Loss/val"),  # PyTorch's TensorBoard tutorial's names
+    (["Loss/train", "Loss/test", "my_loss"], "Loss/train"),  # a test loss is not a validation loss
+    (["loss/split/train", "loss/split/val"], "loss/split/val"),  # add_scalars
+    (["train_loss_step", "val_loss_step", "train_loss_epoch"], "val_loss_step"),
+    (["loss", "Loss/val"], "Loss/val"),
+    (["train-loss", "my_loss"], "train-loss"),
     (["acc", "lr"], None),
 ])
 def test_choose_metric_prefers_a_validation_loss_whatever_the_order(names, expected):
@@ -26,9 +32,9 @@ def test_choose_metric_prefers_a_validation_loss_whatever_the_order(names, expec
 
 
 def test_ranks():
-    assert metric_rank("val_loss") < metric_rank("eval_loss") < metric_rank("loss") < metric_rank("train/loss")
-    assert metric_rank("train/loss_step") < metric_rank("my_loss") < metric_rank(None)
-    assert metric_rank("accuracy") == metric_rank(None)
+    assert metric_rank("val_loss") < metric_rank("eval_loss") < metric_rank("Loss/val") < metric_rank("loss")
+    assert metric_rank("loss") < metric_rank("train/loss") < metric_rank("Loss/train") < metric_rank("my_loss")
+    assert metric_rank("my_loss") < metric_rank(None) == metric_rank("accuracy") == metric_rank("val_acc")
 
 
 def monitor_after(rows) -> str | None:
@@ -40,7 +46,8 @@ def monitor_after(rows) -> str | None:
 
 
 @pytest.mark.parametrize("train, val", [("loss", "eval_loss"), ("train/loss", "eval/loss"),
-                                        ("train_loss", "val/loss"), ("loss", "val_loss")])
+                                        ("train_loss", "val/loss"), ("loss", "val_loss"),
+                                        ("Loss/train", "Loss/val")])
 def test_monitor_moves_to_the_validation_loss_when_it_appears(train, val):
     """Training rows first, an evaluation row every 5 (Hugging Face's layout)."""
     rows = [Record({train: 1.0}, s) if s % 5 else Record({val: 1.0}, s) for s in range(1, 12)]
@@ -56,3 +63,14 @@ def test_an_explicit_metric_is_kept():
     for s in range(5):
         state, _ = chain.update(state, Record({"loss": 1.0, "eval_loss": 1.0}, s))
     assert state["monitor"] == "loss"
+
+
+def test_a_row_name_cache_that_cannot_grow_without_bound():
+    """A log whose rows keep inventing names: the per-name-set cache is cleared, not grown."""
+    from autolr import chain as chain_mod
+
+    chain = build_chain([("plateau", {"method": "threshold"})], policy_classes(), base_lr=0.1)
+    state = chain.init()
+    for s in range(6000):
+        state, _ = chain.update(state, Record({f"m{s}": 1.0, "x_loss": 1.0}, s))
+    assert state["monitor"] == "x_loss" and len(chain_mod._ROW_BEST) <= 4096
