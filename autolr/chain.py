@@ -100,12 +100,17 @@ class Chain:
     max_lr: float | None = None
     metric: str | None = None
     unit: str | None = None
+    #: A change no policy gave a reason for (a schedule's next step) is published only once it
+    #: moves the LR by at least this fraction from the last published one; 0: every change.
+    min_change: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("base_lr", "min_lr", "max_lr"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise PolicyError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (math.isfinite(self.min_change) and 0 <= self.min_change < 1):
+            raise PolicyError(f"min_change must be in [0, 1), got {self.min_change!r}")
         if self.min_lr and self.max_lr and self.min_lr > self.max_lr:
             raise PolicyError(f"min_lr {self.min_lr} is above max_lr {self.max_lr}")
         # Only a policy that overrides holds() (a warmup) can hold the LR: the others are not asked.
@@ -206,6 +211,8 @@ class Chain:
         scale = self._target_scale(state)
         if not _changed(old_scale, scale):
             return state, None
+        if self.min_change and abs(scale - old_scale) < self.min_change * old_scale and not any(notes):
+            return state, None  # a schedule's small step: it waits until the steps add up to min_change
         old_values = [p.value(s) for p, s in zip(self.policies, old_states)]  # states are never modified
         changed, reasons, evidence = [], [], {}
         for policy, pstate, old, note in zip(self.policies, state["policies"], old_values, notes):
@@ -288,6 +295,7 @@ def build_chain(
     metric: str | None = None,
     mode: str | None = None,
     unit: str | None = None,
+    min_change: float = 0.0,
 ) -> Chain:
     """Instantiate ``(name, params)`` specs; run-level metric/mode/unit fill unset parameters."""
     policies = []
@@ -301,4 +309,5 @@ def build_chain(
             if value is not None and key in fields and key not in params:
                 params[key] = value
         policies.append(cls.from_params(params))
-    return Chain(tuple(policies), base_lr=base_lr, min_lr=min_lr, max_lr=max_lr, metric=metric, unit=unit)
+    return Chain(tuple(policies), base_lr=base_lr, min_lr=min_lr, max_lr=max_lr, metric=metric, unit=unit,
+                 min_change=min_change)

@@ -9,6 +9,7 @@
     min_lr = 1e-6              # optional clamp
     max_lr = 1.0               # optional clamp
     apply_margin = 20          # optional: changes apply 20 steps after the last logged step
+    min_change = 0.001         # optional: a schedule's change is published once it moves the LR 0.1 %
     policy = ["warmup:steps=200", "plateau:patience=20"]
 
     [[policies]]               # the same chain as tables, if preferred
@@ -31,7 +32,7 @@ from .policy import PolicyError
 from .spec import parse_spec
 
 DEFAULT_POLICIES: tuple[str, ...] = ("auto",)
-RUN_KEYS = ("base_lr", "min_lr", "max_lr", "metric", "mode", "unit", "history", "apply_margin")
+RUN_KEYS = ("base_lr", "min_lr", "max_lr", "metric", "mode", "unit", "history", "apply_margin", "min_change")
 
 
 class ConfigError(ValueError):
@@ -52,12 +53,15 @@ class Settings:
     history: int = 1024
     #: Publish changes to apply this many steps after the last logged step (multi-rank).
     apply_margin: int | None = None
+    #: A change without a policy's reason (a schedule's step) is published once it moves the
+    #: LR by this fraction since the last publish (0: every change).
+    min_change: float = 0.0
 
     def chain(self, registry: dict[str, type]) -> Chain:
         specs = self.policies or tuple(parse_spec(s) for s in DEFAULT_POLICIES)
         return build_chain(
             specs, registry, base_lr=self.base_lr, min_lr=self.min_lr, max_lr=self.max_lr,
-            metric=self.metric, mode=self.mode, unit=self.unit,
+            metric=self.metric, mode=self.mode, unit=self.unit, min_change=self.min_change,
         )
 
     def merged(self, overrides: Mapping[str, Any]) -> "Settings":
@@ -139,6 +143,10 @@ def _check_value(key: str, value: Any, path: Path, where: str) -> Any:
     if key in ("base_lr", "min_lr", "max_lr"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ConfigError(f"{path} ({where}): {key} must be a number > 0, got {value!r}")
+        return float(value)
+    if key == "min_change":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(f"{path} ({where}): min_change must be a number in [0, 1), got {value!r}")
         return float(value)
     if key in ("history", "apply_margin"):
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "history" else 0):

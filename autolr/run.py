@@ -31,6 +31,8 @@ MAX_STATE_BYTES = 256 << 20
 #: Decisions of one read published together at most: catching up on a log where every row
 #: decides (a per-step schedule) holds this many, not one per row of the read (~50k).
 PUBLISH_CHUNK = 1024
+#: Decisions a run publishes before the daemon checks whether most rows decide (see min_change).
+HINT_ROWS = 1000
 
 
 class Run:
@@ -59,6 +61,7 @@ class Run:
         self.errors: Counter[str] = Counter()
         self.on_decision = on_decision
         self.restored = False
+        self.published = 0  # decisions this process published (the min_change hint)
         # True when the daemon's inotify reader reports every change of the control file and
         # the journal (it calls adopt_manual() then): feed() need not stat both every time.
         self.manual_by_events = False
@@ -162,6 +165,7 @@ class Run:
                       self.folder, len(fresh), exc)
             return False
         self.unpublished = []
+        self._hint_min_change(len(records))
         self.schedule = records[-1].get("schedule", self.schedule)
         self.seq = records[-1]["seq"]
         self.last_decision = records[-1]
@@ -170,6 +174,15 @@ class Run:
             for record in records:
                 self.on_decision(self, record)
         return True
+
+    def _hint_min_change(self, n: int) -> None:
+        """Say once when most rows publish a decision (a per-step schedule) and min_change is 0."""
+        before, self.published = self.published, self.published + n
+        if before < HINT_ROWS <= self.published and self.published > self.rows // 2 and not self.settings.min_change:
+            log.warning("%s: %d decisions in %d rows (a schedule that changes the LR on every row); each is a "
+                        "journal entry and a control-file write. --min-change 0.001 (or min_change in "
+                        "autolr.toml) publishes one per 0.1 %% of LR change instead.", self.folder, self.published,
+                        self.rows)
 
     def adopt_manual(self) -> None:
         """Continue from an ``autolr set`` made since our last publish."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
@@ -74,3 +75,45 @@ def test_a_row_name_cache_that_cannot_grow_without_bound():
     for s in range(6000):
         state, _ = chain.update(state, Record({f"m{s}": 1.0, "x_loss": 1.0}, s))
     assert state["monitor"] == "x_loss" and len(chain_mod._ROW_BEST) <= 4096
+
+
+# ---- min_change: a schedule's small steps published once they add up --------------------------
+
+def _cosine_run(min_change: float, rows: int = 20_000):
+    chain = build_chain([("cosine", {"T_max": 100_000})], policy_classes(), base_lr=0.1, min_change=min_change)
+    state = chain.init()
+    published, seen = [], []
+    for s in range(rows):
+        state, d = chain.update(state, Record({"loss": 1.0}, s))
+        if d is not None:
+            published.append((s, d.lr))
+        seen.append((state["scale"], 0.5 * (1 + math.cos(math.pi * (s + 1) / 100_000))))
+    return published, seen
+
+
+def test_min_change_publishes_a_schedule_once_its_steps_add_up():
+    every, _ = _cosine_run(0.0)
+    assert len(every) == 20_000  # the exact schedule: a change on every row
+    fewer, seen = _cosine_run(1e-3)
+    assert 50 <= len(fewer) <= 150  # ln(1 / 0.9045) / 0.001 = 100 steps of 0.1 %
+    for published, exact in seen:  # the LR in force never strays min_change from the exact one (relative to it)
+        assert abs(exact - published) < 1e-3 * published
+    # each published value is the exact schedule at its row
+    exact_at = dict(every)
+    assert all(lr == exact_at[s] for s, lr in fewer)
+    assert _cosine_run(1e-3) == (fewer, seen)  # deterministic: replay and restart give the same
+
+
+def test_min_change_never_holds_back_a_policy_decision():
+    """A plateau reduction is a decision with a reason: published even when smaller than min_change."""
+    chain = build_chain([("plateau", {"method": "threshold", "patience": 2, "factor": 0.9999})],
+                        policy_classes(), base_lr=0.1, min_change=0.01)
+    state = chain.init()
+    decisions = []
+    for s in range(10):
+        state, d = chain.update(state, Record({"loss": 1.0}, s))
+        if d is not None:
+            decisions.append(d)
+    assert decisions and decisions[0].lr == pytest.approx(0.1 * 0.9999)
+    with pytest.raises(Exception, match="min_change"):
+        build_chain([("cosine", {"T_max": 10})], policy_classes(), min_change=1.0)

@@ -49,10 +49,20 @@ def test_cli_values_override_the_file(tmp_path):
     ("runs = 3\n", "table"),
     ("base_lr = \n", "invalid TOML"),
     ("unit = 'hour'\n", "unit must be"),
+    ("min_change = 1.5\n", "min_change must be a number in"),
+    ("min_change = -0.1\n", "min_change must be a number in"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
+
+
+def test_min_change_reaches_the_chain(tmp_path):
+    cfg = load_config(write(tmp_path, 'min_change = 0.001\n[runs."quiet"]\nmin_change = 0\n'))
+    registry = policy_classes()
+    assert cfg.for_run("a").chain(registry).min_change == 0.001
+    assert cfg.for_run("quiet").chain(registry).min_change == 0.0
+    assert Settings().chain(registry).min_change == 0.0  # every change, by default
 
 
 def test_missing_config_file(tmp_path):

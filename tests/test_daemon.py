@@ -159,6 +159,32 @@ def test_decisions_of_one_read_are_published_in_bounded_chunks(tmp_path, monkeyp
     assert strip(read_journal(tmp_path / "chunked")) == strip(read_journal(tmp_path / "whole"))
 
 
+def test_per_row_schedule_hint_and_min_change(tmp_path, caplog):
+    """A decision on every row: the daemon says once that --min-change exists; with it (the real
+    CLI) the journal holds one entry per 0.1 % of LR change instead of one per row."""
+    from .conftest import run_cli
+
+    rows = [{"step": s, "loss": 1.0} for s in range(3000)]
+    write_jsonl(tmp_path / "a" / "run" / "metrics.jsonl", rows)
+    with caplog.at_level("WARNING", logger="autolr.run"):
+        make_daemon(tmp_path / "a", policy=("cosine:T_max=20000",))[0].run()
+    hints = [r for r in caplog.records if "--min-change" in r.getMessage()]
+    assert len(hints) == 1 and "decisions in" in hints[0].getMessage()
+    every = read_journal(tmp_path / "a" / "run")
+    assert len(every) == 3001
+    write_jsonl(tmp_path / "b" / "run" / "metrics.jsonl", rows)
+    out = run_cli("watch", str(tmp_path / "b"), "--once", "--no-fsync", "--policy", "cosine:T_max=20000",
+                  "--base-lr", "0.1", "--min-change", "0.001")
+    fewer = read_journal(tmp_path / "b" / "run")
+    assert 30 <= len(fewer) <= 80  # ln(1 / cos-factor at 3000 of 20000: 0.946) / 0.001 = 56, plus the initial
+    assert "--min-change 0.001" not in out.stderr
+    assert fewer[-1]["lr"] == pytest.approx(every[-1]["lr"], rel=1e-3)
+    replayed = [json.loads(x) for x in run_cli("replay", str(tmp_path / "b" / "run" / "metrics.jsonl"), "--policy",
+                                               "cosine:T_max=20000", "--base-lr", "0.1", "--min-change",
+                                               "0.001").stdout.splitlines()]
+    assert [x["lr"] for x in replayed] == [e["lr"] for e in fewer]  # replay decides as the daemon did
+
+
 def test_crash_between_journal_and_state_does_not_repeat_a_decision(tmp_path):
     """Simulate a kill after publishing but before the state save: restore an older state."""
     log = tmp_path / "run" / "metrics.jsonl"
