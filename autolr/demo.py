@@ -95,15 +95,15 @@ def run_demo(folder: Path, *, steps: int = 1500, seed: int = 0, base_lr: float =
     run_dir.mkdir(parents=True, exist_ok=True)
     (folder / "autolr.toml").write_text(DEMO_CONFIG.format(base_lr=base_lr, min_lr=base_lr / 100))
     (run_dir / "metrics.jsonl").touch()
-    daemon_log = open(folder / "daemon.log", "w")
+    daemon_log = open(folder / "autolr.daemon.log", "w")
     daemon = subprocess.Popen(
         [sys.executable, "-m", "autolr.cli", "watch", str(folder), "--no-fsync"],
         stdout=daemon_log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     try:
-        _wait_for(lambda: "catching up" in (folder / "daemon.log").read_text() or daemon.poll() is not None)
+        _wait_for(lambda: "catching up" in (folder / "autolr.daemon.log").read_text() or daemon.poll() is not None)
         if daemon.poll() is not None:
-            raise SystemExit(f"the daemon exited early:\n{(folder / 'daemon.log').read_text()}")
+            raise SystemExit(f"the daemon exited early:\n{(folder / 'autolr.daemon.log').read_text()}")
         echo(f"autolr demo: daemon watching {folder} (pid {daemon.pid}); simulated training in {run_dir}")
         echo(f"  policy: auto (warmup 100 steps, trend-test decay, divergence guard) on the training loss; "
              f"base lr {base_lr}, min lr {base_lr / 100}")

@@ -53,7 +53,7 @@ _READ_SIZE = 256 << 10
 #: Names never reported: the daemon's own files. A change to the control file or the journal
 #: (``autolr set``, and our own publishes) is reported as the control file's path, so that the
 #: daemon adopts a manual override without checking both files before every read.
-_OWN = frozenset({b"autolr.state.json", b"autolr.lock", b"autolr.toml"})
+_OWN = frozenset({b"autolr.state.json", b"autolr.lock", b"autolr.toml", b"autolr.daemon.log"})
 _CONTROL = frozenset({b"autolr.json", b"autolr.decisions.jsonl"})
 
 #: File events that may change which file a path names.

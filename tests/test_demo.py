@@ -18,4 +18,8 @@ def test_demo_runs_through_the_daemon_and_leaves_the_run_folder(tmp_path):
     assert any("stalled" in r for r in reasons)
     control = json.loads((run / "autolr.json").read_text())
     assert control["lr"] < 0.05 and control["policy"] == "auto"
-    assert "caught up" in (tmp_path / "d" / "daemon.log").read_text()
+    assert "caught up" in (tmp_path / "d" / "autolr.daemon.log").read_text()
+    # the daemon's own output, in the watched folder, is not taken for a training log
+    assert not (tmp_path / "d" / "autolr.json").exists()
+    status = json.loads(run_cli("status", str(tmp_path / "d"), "--json").stdout)
+    assert [row["run"] for row in status] == [str(run)]

@@ -4,7 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 #: autolr's own files in a run folder; never read as logs.
-OWN_FILES = frozenset({"autolr.json", "autolr.decisions.jsonl", "autolr.state.json", "autolr.lock", "autolr.toml"})
+#: Files of autolr's own, never read as logs; ``autolr.daemon.log`` is the name to give the
+#: daemon's output when it goes into the watched tree (``autolr demo`` does).
+OWN_FILES = frozenset({"autolr.json", "autolr.decisions.jsonl", "autolr.state.json", "autolr.lock", "autolr.toml",
+                       "autolr.daemon.log"})
 
 
 def is_own_file(path: Path) -> bool:
