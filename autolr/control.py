@@ -232,16 +232,8 @@ def last_journal_entry(path: Path) -> dict[str, Any] | None:
 
 
 def read_journal(run: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every entry of a run's journal (torn lines skipped)."""
-    path = Path(run) / JOURNAL_NAME
-    out = []
-    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                obj = json.loads(line)
-                if isinstance(obj, dict):
-                    out.append(obj)
-    return out
+    """Every entry of a run's journal (torn and foreign lines skipped)."""
+    return list(JournalCursor(Path(run) / JOURNAL_NAME))
 
 
 class JournalCursor:
@@ -250,8 +242,7 @@ class JournalCursor:
 
     A restart matches the entries beyond the saved state against the decisions it re-derives;
     a journal of millions of decisions (a per-row schedule on a long log) is then never held
-    in memory, and ``pop()`` is O(1). Torn and foreign lines are skipped, as ``read_journal``
-    skips them.
+    in memory, and ``pop()`` is O(1). Torn lines and lines that are not an entry are skipped.
     """
 
     BLOCK = 256 << 10
@@ -342,6 +333,11 @@ class JournalCursor:
 
     def __bool__(self) -> bool:
         return self.peek() is not None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Take every remaining entry, in order."""
+        while self.peek() is not None:
+            yield self.buffer.popleft()
 
 
 def _journal_entry(line: bytes) -> dict[str, Any] | None:
