@@ -85,9 +85,10 @@ class Run:
         """Feed records read from ``reader`` through the engine and publish the decisions.
 
         The decisions of one batch are published together (PUBLISH_CHUNK at most): one journal
-        write and fsync, then one control-file replace holding the last. The state is saved only once the whole
-        batch is fed, so the stored read positions never run ahead of the engine; a crash
-        between the publish and the save is covered by the journal match at restart.
+        write and fsync, then one control-file replace holding the last. The state is saved
+        only once the whole batch is fed, so the stored read positions never run ahead of the
+        engine; a crash between the publish and the save is covered by the journal match at
+        restart.
         """
         if not self.manual_by_events:
             self.adopt_manual()

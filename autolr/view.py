@@ -61,12 +61,13 @@ class View:
         elif kind == "source":
             self.print(f"  log {data['path']} ({data['reader']})")
         elif kind == "decision":
-            if not self._may_print_decision():
+            if self._may_print_decision():
+                lr = data.get("lr")
+                shown = f"lr {lr:.6g}" if lr is not None else f"scale {data['scale']:.6g}"
+                self.print(f"{data['run']}: #{data['seq']} step {data['step']}: {shown} [{data['policy']}] "
+                           f"{data['reason']}")
+            else:
                 self.unshown += 1
-                return
-            lr = data.get("lr")
-            shown = f"lr {lr:.6g}" if lr is not None else f"scale {data['scale']:.6g}"
-            self.print(f"{data['run']}: #{data['seq']} step {data['step']}: {shown} [{data['policy']}] {data['reason']}")
         elif kind == "ignored":
             self.print(f"  log {data['path']} ({data['reader']}) ignored: this run is read from its {data['kept']} logs")
         elif kind == "vanished":
