@@ -36,16 +36,18 @@ class View:
     """Receives daemon events; ``live`` redraws one line per run in place."""
 
     def __init__(self, out: TextIO = sys.stdout, live: bool | None = None,
-                 summaries: Callable[[], list[dict[str, Any]]] | None = None):
+                 summaries: Callable[[], list[dict[str, Any]]] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.out = out
         self.live = out.isatty() if live is None else live
         self.summaries = summaries or (lambda: [])
+        self.clock = clock
         self.drawn = 0
         self.last_draw = 0.0
         self.tokens = float(DECISION_LINES_PER_SECOND)  # decision lines that may be printed now
-        self.refilled = time.monotonic()
+        self.refilled = self.clock()
         self.unshown = 0  # decisions not printed since the last summary line
-        self.last_note = time.monotonic()
+        self.last_note = self.clock()
 
     def print(self, text: str) -> None:
         if self.live and self.drawn:
@@ -87,12 +89,12 @@ class View:
         elif kind == "tick":
             self.report_unshown()
         if self.live and (kind in ("tick", "caught_up") or (
-                kind == "decision" and time.monotonic() - self.last_draw >= REDRAW_INTERVAL)):
+                kind == "decision" and self.clock() - self.last_draw >= REDRAW_INTERVAL)):
             self.draw()
 
     def _may_print_decision(self) -> bool:
         """A token bucket: DECISION_LINES_PER_SECOND lines a second, as many in a burst."""
-        now = time.monotonic()
+        now = self.clock()
         self.tokens = min(float(DECISION_LINES_PER_SECOND),
                           self.tokens + (now - self.refilled) * DECISION_LINES_PER_SECOND)
         self.refilled = now
@@ -105,7 +107,7 @@ class View:
 
     def report_unshown(self) -> None:
         """One line for the decisions not printed since the last such line."""
-        self.last_note = time.monotonic()
+        self.last_note = self.clock()
         if self.unshown:
             n, self.unshown = self.unshown, 0
             self.print(f"... {n} more decisions not shown (every one is in its run's autolr.decisions.jsonl)")
@@ -118,4 +120,4 @@ class View:
         self.out.write("".join(line + "\n" for line in lines))
         self.out.flush()
         self.drawn = len(lines)
-        self.last_draw = time.monotonic()
+        self.last_draw = self.clock()

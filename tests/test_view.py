@@ -6,7 +6,6 @@ import re
 
 import pytest
 
-from autolr import view as view_mod
 from autolr.view import DECISION_LINES_PER_SECOND, View
 
 
@@ -19,10 +18,8 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch):
-    c = Clock()
-    monkeypatch.setattr(view_mod.time, "monotonic", c)
-    return c
+def clock():
+    return Clock()
 
 
 def decision(seq: int) -> dict:
@@ -39,7 +36,7 @@ def counted(text: str) -> tuple[int, int]:
 
 def test_a_burst_of_decisions_prints_a_few_lines_and_counts_the_rest(clock):
     out = io.StringIO()
-    v = View(out, live=False)
+    v = View(out, live=False, clock=clock)
     v("ready", {"runs": 1, "sources": 1, "mode": "inotify"})
     for seq in range(1, 100_001):  # catching up on a log where every row decides
         v("decision", decision(seq))
@@ -52,7 +49,7 @@ def test_a_burst_of_decisions_prints_a_few_lines_and_counts_the_rest(clock):
 
 def test_the_allowance_refills_over_time_and_nothing_goes_uncounted(clock):
     out = io.StringIO()
-    v = View(out, live=False)
+    v = View(out, live=False, clock=clock)
     seq = 0
     for second in range(5):  # 200 decisions a second for 5 s
         for _ in range(200):
@@ -68,7 +65,7 @@ def test_the_allowance_refills_over_time_and_nothing_goes_uncounted(clock):
 
 def test_a_few_decisions_are_all_printed(clock):
     out = io.StringIO()
-    v = View(out, live=False)
+    v = View(out, live=False, clock=clock)
     for seq in range(1, DECISION_LINES_PER_SECOND + 1):
         v("decision", decision(seq))
     v("stopped", {})
@@ -78,7 +75,7 @@ def test_a_few_decisions_are_all_printed(clock):
 
 def test_live_table_is_redrawn_at_most_twice_a_second_on_decisions(clock):
     draws = []
-    v = View(io.StringIO(), live=True, summaries=lambda: draws.append(1) or [])
+    v = View(io.StringIO(), live=True, summaries=lambda: draws.append(1) or [], clock=clock)
     for seq in range(1000):
         clock.now += 0.001  # 1000 decisions in 1 s
         v("decision", decision(seq))
