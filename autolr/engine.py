@@ -5,13 +5,13 @@ earlier checkpoint. The history is cut at that step and the chain state rebuilt 
 the kept rows, so the decisions are exactly those of a run that never went past it.
 
 Memory is bounded: the engine keeps the last ``history`` rows (at most ``history`` +
-``checkpoint_every``) in column arrays (``History``, 17 bytes a row with one metric), plus a
-chain-state checkpoint every ``checkpoint_every`` rows (default ``history // 2``: three
-checkpoints, since a policy state with its windows is the larger part of a run's memory; a
-rewind replays at most ``checkpoint_every`` rows from the checkpoint before it). Checkpoints
-are held as ``marshal`` bytes of the state (exact, a quarter of the live objects' size; made
-and read only in this process). A rewind further back than the window restores the oldest
-checkpoint and says so.
+``checkpoint_every``) in column arrays (``History``, 9 bytes a row with one metric and a
+regular step), plus a chain-state checkpoint every ``checkpoint_every`` rows (default
+``history // 2``: three checkpoints, since a policy state with its windows is the larger part
+of a run's memory; a rewind replays at most ``checkpoint_every`` rows from the checkpoint
+before it). Checkpoints are held as ``marshal`` bytes of the state (exact, a quarter of the
+live objects' size; made and read only in this process). A rewind further back than the
+window restores the oldest checkpoint and says so.
 """
 from __future__ import annotations
 
@@ -31,10 +31,12 @@ log = logging.getLogger("autolr.engine")
 
 
 class History:
-    """The kept rows, column-wise: 17 bytes a row with one metric, not ~300 as tuples and dicts.
+    """The kept rows, column-wise: 9 bytes a row with one metric, not ~300 as tuples and dicts.
 
-    ``steps`` (int64) and ``flags`` (bit 0: a step, bit 1: an epoch) have one entry per row,
-    ``epochs`` (float64) too once a row has an epoch. The metric values of all rows follow each
+    ``flags`` (bit 0: a step, bit 1: an epoch) has one entry per row, ``epochs`` (float64) too
+    once a row has an epoch. Steps cost nothing while every kept row has one and they go up by
+    a fixed stride (the usual log): row i's step is ``step0 + stride · i`` and ``steps`` is
+    None; the first row that breaks the pattern turns ``steps`` into an int64 array. The metric values of all rows follow each
     other in ``values``; their names are a shared tuple, ``keysets[0]`` while every row has the
     same names (a row's values then start at ``i * len(names)``). Once names differ, ``keys``
     gives each row's name set and ``offsets`` where its values start (minus ``base``, the
@@ -43,7 +45,9 @@ class History:
     """
 
     def __init__(self) -> None:
-        self.steps = array("q")
+        self.steps: array | None = None  # None: row i's step is step0 + stride * i
+        self.step0 = 0
+        self.stride = 0
         self.flags = bytearray()
         self.values = array("d")
         self.epochs: array | None = None
@@ -67,7 +71,11 @@ class History:
                 if type(v) is not float:
                     break
             else:
-                self.steps.append(step)
+                steps = self.steps
+                if steps is not None:
+                    steps.append(step)
+                elif step != self.step0 + self.stride * len(self.flags):
+                    self._push_step(step)
                 self.flags.append(1)
                 self.values.extend(vals)
                 return
@@ -77,16 +85,14 @@ class History:
         for v in vals:
             if type(v) is not float:
                 fits = False
-        if fits:
-            try:
-                self.steps.append(0 if step is None else step)
-            except OverflowError:
-                fits = False
+        if fits and step is not None and not -2**63 <= step < 2**63:
+            fits = False
         if fits:
             names = tuple(metrics)
+            self._push_step(step)
         else:
             self.odd[self.first + n] = (step, epoch, dict(metrics))
-            self.steps.append(0)
+            self._push_step(None)
             names, vals = (), ()
         if epoch is not None and fits:
             if self.epochs is None:
@@ -109,6 +115,25 @@ class History:
         self.flags.append((step is not None) | (epoch is not None) << 1)
         self.values.extend(vals)
 
+    def _push_step(self, step: int | None) -> None:
+        """Record the step of the row about to be appended (None: the row has none; int64)."""
+        n = len(self.flags)
+        if self.steps is None:
+            if step is not None and n == 0:
+                self.step0 = step
+                return
+            if step is not None and n == 1 and -2**63 <= step - self.step0 < 2**63:
+                self.stride = step - self.step0
+                return
+            if step is not None and step == self.step0 + self.stride * n:
+                return
+            self.steps = array("q", [self.step0 + self.stride * i for i in range(n)])
+        self.steps.append(0 if step is None else step)
+
+    def _step(self, i: int) -> int:
+        steps = self.steps
+        return self.step0 + self.stride * i if steps is None else steps[i]
+
     def _span(self, i: int) -> tuple[tuple[str, ...], int]:
         if self.keys is None:
             names = self.keysets[0]
@@ -121,7 +146,7 @@ class History:
             return odd
         f = self.flags[i]
         names, at = self._span(i)
-        return (self.steps[i] if f & 1 else None, self.epochs[i] if f & 2 else None,
+        return (self._step(i) if f & 1 else None, self.epochs[i] if f & 2 else None,
                 dict(zip(names, self.values[at : at + len(names)])))
 
     def key(self, i: int, unit: str | None) -> float | None:
@@ -131,7 +156,7 @@ class History:
             return odd[1] if unit == "epoch" else odd[0]
         if unit == "epoch":
             return self.epochs[i] if self.flags[i] & 2 else None
-        return self.steps[i] if self.flags[i] & 1 else None
+        return self._step(i) if self.flags[i] & 1 else None
 
     def _columns(self) -> list:
         return [a for a in (self.steps, self.flags, self.epochs, self.keys, self.offsets) if a is not None]
@@ -148,6 +173,7 @@ class History:
             self.base += cut
         for a in self._columns():
             del a[:n]
+        self.step0 += self.stride * n
         self.first += n
         if self.odd:
             self.odd = {k: v for k, v in self.odd.items() if k >= self.first}
@@ -165,10 +191,12 @@ class History:
             self.odd = {k: v for k, v in self.odd.items() if k < end}
 
     def get_state(self) -> dict[str, Any]:
-        """The arrays as base64 of their bytes, in the machine's byte order (``byteorder``)."""
+        """The arrays as base64 of their bytes, in the machine's byte order (``byteorder``); the
+        steps as ``step_run`` [step0, stride] while they need no array."""
         b64 = lambda a: None if a is None else base64.b64encode(bytes(a)).decode("ascii")  # noqa: E731
         return {"format": 2, "byteorder": sys.byteorder, "keysets": [list(k) for k in self.keysets],
-                "steps": b64(self.steps), "flags": b64(self.flags), "epochs": b64(self.epochs),
+                "steps": b64(self.steps), "step_run": [self.step0, self.stride] if self.steps is None else None,
+                "flags": b64(self.flags), "epochs": b64(self.epochs),
                 "keys": b64(self.keys), "values": b64(self.values),
                 "odd": [[i - self.first, *row] for i, row in sorted(self.odd.items())]}
 
@@ -187,7 +215,15 @@ class History:
             if data.get("byteorder", sys.byteorder) != sys.byteorder:
                 a.byteswap()
             setattr(h, name, a)
-        if len(h.steps) != n or (h.epochs is not None and len(h.epochs) != n):
+        if h.steps is None:
+            run = data.get("step_run")
+            if not (isinstance(run, list) and len(run) == 2 and all(type(v) is int for v in run)) \
+                    or 0 in h.flags or 2 in h.flags:  # a row without a step needs the array
+                raise ValueError("inconsistent engine history")
+            h.step0, h.stride = run
+            if n and not (-2**63 <= h.step0 < 2**63 and -2**63 <= h.step0 + h.stride * (n - 1) < 2**63):
+                raise ValueError("inconsistent engine history")
+        if (h.steps is not None and len(h.steps) != n) or (h.epochs is not None and len(h.epochs) != n):
             raise ValueError("inconsistent engine history")
         if h.keys is None:
             width = len(h.keysets[0]) if h.keysets else 0

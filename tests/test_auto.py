@@ -166,6 +166,26 @@ def test_state_round_trips_through_json_and_replays_identically():
     assert da == db and guards(da)
 
 
+def test_state_saved_with_window_lists_continues_identically():
+    """A state from before the window's times and rows were kept as runs (two parallel lists
+    ``times`` and ``at``) loads and goes on to the very decisions of one never saved."""
+    rng = np.random.default_rng(11)
+    rows = [(5 * s, {"loss": 2 / (1 + s / 300) + 0.05 * rng.standard_normal()}) for s in range(4000)]
+    a, b = engine("auto"), engine("auto")
+    assert feed(a, rows[:1500]) == feed(b, rows[:1500])
+    old = json.loads(json.dumps(b.state))
+    policy = old["policies"][0]
+    runs = policy.pop("runs")
+    assert runs and len(runs) < len(policy["values"])  # kept compactly
+    policy["times"] = [t0 + dt * k for t0, dt, _, _, start, stop in runs for k in range(start, stop)]
+    policy["at"] = [r0 + dr * k for _, _, r0, dr, start, stop in runs for k in range(start, stop)]
+    assert len(policy["at"]) == len(policy["values"])
+    b.state = old
+    later = feed(a, rows[1500:])
+    assert feed(b, rows[1500:]) == later and any("stalled" in d[2] for d in later)
+    assert "at" not in b.state["policies"][0]
+
+
 def test_min_window_is_checked():
     with pytest.raises(PolicyError):
         engine("auto:min_window=4")

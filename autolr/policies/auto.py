@@ -44,7 +44,6 @@ empty.
 """
 from __future__ import annotations
 
-import bisect
 import importlib
 import math
 import statistics
@@ -54,11 +53,13 @@ from typing import Literal
 
 from ..hookspecs import hookimpl
 from ..policy import TRAINING_LOSSES, Note, Observation, Policy, State, check, default_mode
+from . import kept
 
 
 #: The decision window, emptied after every change: data taken at the old LR says nothing about the new.
-#: ``at`` holds each observation's row count, ``rows`` the rows seen, ``tested`` the rows at the last test.
-_EMPTY_WINDOW = {"values": [], "times": [], "at": [], "since": 0, "rows": 0, "tested": 0}
+#: ``runs`` holds each observation's time and row count as arithmetic runs (:mod:`.kept`), ``rows``
+#: the rows seen, ``tested`` the rows at the last test.
+_EMPTY_WINDOW = {"values": [], "runs": [], "since": 0, "rows": 0, "tested": 0}
 
 
 #: The guard's statistics, restarted when it moves from the monitored metric to a training loss.
@@ -176,6 +177,9 @@ class Auto(Policy):
     # ---- update ------------------------------------------------------------------------
     def update(self, state: State, obs: Observation) -> tuple[State, Note | None]:
         new = dict(state)
+        if "at" in new:  # a state saved before the window's times and rows became runs
+            n, times, at = len(new["values"]), new.pop("times"), new.pop("at")
+            new["runs"] = kept.from_lists(times[max(len(times) - n, 0):], at[max(len(at) - n, 0):])
         t = obs.time(self.unit)
         if t is not None and (new["t"] is None or t > new["t"]):
             new["t"] = t
@@ -204,13 +208,13 @@ class Auto(Policy):
         new["since"] += 1
         time = t if t is not None else obs.row
         window, min_window, every = self._sizes(per_epoch)
-        new["values"] = _slide(new["values"], current, window)
-        new["times"] = _slide(new["times"], time, window)
-        new["at"] = _slide(new["at"], new["rows"], window)
+        values = new["values"]
+        new["runs"] = runs = kept.slide(new["runs"], time, new["rows"], len(values) + 1 - window)
+        new["values"] = _slide(values, current, window)
         # The window: the last `window` observations or, for a metric logged on fewer rows (a
         # validation loss every N steps), those of the last `window` rows, and at least
         # `min_window` of them. Tested every `every` rows.
-        recent = len(new["at"]) - bisect.bisect_right(new["at"], new["rows"] - window)  # `at` ascends
+        recent = kept.count_after(runs, new["rows"] - window)
         n = min(max(recent, min_window), window)  # min_window above window: window
         if len(new["values"]) < n or new["rows"] < window or new["rows"] - new["tested"] < every:
             return new, None
@@ -338,7 +342,7 @@ class Auto(Policy):
 
     def _decide(self, state: State, obs: Observation, metric: str, mode: str, n: int) -> tuple[State, Note | None]:
         trend = _trend()
-        values, times = state["values"][-n:], state["times"][-n:]
+        values, times = state["values"][-n:], kept.times_list(state["runs"], n)
         half = len(values) // 2
         early, late = statistics.median(values[:half]), statistics.median(values[-half:])
         better = late < early if mode == "min" else late > early
