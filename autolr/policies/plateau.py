@@ -41,12 +41,13 @@ decided as if ``window`` = ``epoch_window`` (10), ``min_window`` at most that, `
    ``slowdown`` and ``departure``; :func:`autolr.trend.departure_test`) A parabola through
    all kept observations plus a change of slope before the last m (m = 10, 12, 14, ... up to
    n/2), fitted by generalised least squares (AR(1)-prewhitened, residuals clipped at 2.5
-   robust sigmas): stopped when the rate worsened at the break by more than
-   ``DEPARTURE_Z`` = 4.5 standard errors, which hold the extrapolation's uncertainty. Test 3
+   robust sigmas): stopped when the last m show no significant improvement and the rate
+   worsened at the break by more than ``DEPARTURE_Z`` = 4.5 standard errors (which hold the
+   extrapolation's uncertainty), with the AR(1) phi and by plain least squares alike. Test 3
    estimates the continued curve from the 3k observations before a break and asks for the
    power to see it; this one estimates it from everything kept and compares levels, so it
-   sees a stop sooner, above all under autocorrelated noise. A parabola through a decelerating
-   (exponential, power-law) loss expects less decline than the loss delivers: conservative.
+   sees a stop sooner. By least squares a parabola through a decelerating (exponential,
+   power-law) loss expects less decline than the loss delivers: conservative.
 
 With ``history == window`` and ``slowdown=false`` (which also turns 4 off) this is the plain test over the last
 ``window`` rows (the method before 2 and 3 and the long history existed).
@@ -319,7 +320,8 @@ class Plateau(Policy):
         if slow is not None and slow.stopped:
             return "slowdown", slow, trend.SLOWDOWN_MISS
         if self.departure:
-            left = trend.departure_test(y, x, mode=mode, phi=phi, prepared=prepared)
+            left = trend.departure_test(y, x, mode=mode, phi=phi, min_rate=min_rate, confidence=self.confidence,
+                                        prepared=prepared)
             if left is not None and left.stopped:
                 return "departure", left, trend.DEPARTURE_Z
         return None
