@@ -19,6 +19,11 @@ false-positive rate under AR(1) noise:
 Simulated under the null (AR(1) with phi up to 0.9, Gaussian or Student-t noise) the
 rejection rate stays at or below the nominal level: see tests/test_trend.py.
 
+"Did the recent rows leave the curve the whole history was following?" is
+:func:`departure_test`: a parabola through everything kept plus a change of slope before the
+last m rows, by generalised least squares, z > 4.5 with the AR(1) phi and by plain least
+squares alike.
+
 "Did a clear decline just stop?" is :func:`slowdown_test`: a continuous fit with a break
 before the last k observations (a parabola before it, a line after it), for k on a ladder;
 stopped when the line after the break is not significantly improving although, at the rate
@@ -906,10 +911,15 @@ def departure_test(y, x=None, *, mode: str = "min", z: float = DEPARTURE_Z, phi:
             phi = block_ar1(yw)
         phi = float(min(max(phi, 0.0), 0.98))
         m = np.asarray(ms)
-        zs, delta, se, slope_c, flat = _departure(yw, xn, phi, m, sign, rclip, min_rate * span / yscale, confidence)
-        zs = np.where(flat, zs, -np.inf)
-        if phi > 0 and (zs > z).any():  # the plain least-squares check, only when it can matter
-            zs = np.minimum(zs, _departure(yw, xn, 0.0, m, sign, rclip, 0.0, confidence, full=False)[0])
+        try:
+            zs, delta, se, slope_c, flat = _departure(yw, xn, phi, m, sign, rclip, min_rate * span / yscale,
+                                                      confidence)
+            zs = np.where(flat, zs, -np.inf)
+            if phi > 0 and (zs > z).any():  # the plain least-squares check, only when it can matter
+                zs = np.minimum(zs, _departure(yw, xn, 0.0, m, sign, rclip, 0.0, confidence, full=False)[0])
+        except np.linalg.LinAlgError:  # x takes fewer than three distinct values: no parabola
+            return Departure(False, ms[-1], n, 0.0, 0.0, 0.0, 0.0, phi)
+        zs = np.where(np.isnan(zs), -np.inf, zs)
         stopped = zs > z
     i = int(np.argmax(stopped)) if stopped.any() else int(np.argmax(zs))
     scale = yscale / span

@@ -348,6 +348,8 @@ def test_departure_short_flat_or_broken_input():
     assert trend.departure_test(np.arange(20.0)) is None  # fewer than 2 * 10 + 4
     assert not trend.departure_test(np.full(200, 3.0)).stopped
     assert trend.departure_test([1.0, math.nan] * 50) is None
+    two_times = np.repeat([0.0, 1.0], 50)  # no parabola through two distinct times
+    assert not trend.departure_test(np.arange(100.0), two_times).stopped
 
 # ---- plateau method=trend: the policy around both tests --------------------------------------
 
