@@ -19,6 +19,11 @@ false-positive rate under AR(1) noise:
 Simulated under the null (AR(1) with phi up to 0.9, Gaussian or Student-t noise) the
 rejection rate stays at or below the nominal level: see tests/test_trend.py.
 
+"Did the recent rows leave the curve the whole history was following?" is
+:func:`departure_test`: a parabola through everything kept plus a change of slope before the
+last m rows, by generalised least squares, z > 4.5 with the AR(1) phi and by plain least
+squares alike.
+
 "Did a clear decline just stop?" is :func:`slowdown_test`: a continuous fit with a break
 before the last k observations (a parabola before it, a line after it), for k on a ladder;
 stopped when the line after the break is not significantly improving although, at the rate
@@ -815,3 +820,183 @@ def divergent(value: float, reference: tuple[float, float] | None, *, mode: str 
 def divergence(window, value: float, *, mode: str = "min", k: float = 8.0, ratio: float = 2.0) -> str | None:
     """:func:`divergent` against the reference of ``window``."""
     return divergent(value, robust_reference(window), mode=mode, k=k, ratio=ratio)
+
+
+
+@dataclass(frozen=True)
+class Departure:
+    """Result of :func:`departure_test` for one candidate break (the first that says stopped,
+    else the one with the largest ``z``).
+
+    ``departure`` is the estimated change of the improvement rate at the break, per unit of x
+    (positive: the metric improves more slowly than the continued curve, or worsens); ``se``
+    its standard error, ``z`` = departure / se; ``before`` the improvement rate of the
+    continued curve at the break (positive: improving).
+    """
+
+    stopped: bool
+    recent: int
+    n: int
+    departure: float
+    se: float
+    z: float
+    before: float
+    phi: float
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+#: :func:`departure_test` says stopped beyond this many standard errors: one-sided p 3.4e-6 per
+#: candidate under Gaussian noise, since z is tested at every evaluation for every candidate.
+#: On continuing declines (a line, two power laws, an exponential; Gaussian, t3, AR(1) 0.5 and
+#: 0.9 noise; 3000 rows tested every 10 over the last 1500) it is exceeded somewhere in at most
+#: 1 run of 100 (AR(0.9) line); at 4.0 in up to 2 (``benchmarks/bench_departure_null.py``).
+DEPARTURE_Z = 4.5
+DEPARTURE_MIN_RECENT = 10
+#: Prewhitened residuals are clipped at this many robust sigmas, so one spike or a heavy tail
+#: in the last rows (where the ramp weighs most) cannot make a departure alone.
+DEPARTURE_CLIP = 2.5
+
+
+def departure_test(y, x=None, *, mode: str = "min", z: float = DEPARTURE_Z, phi: float | None = None,
+                   min_rate: float = 0.0, confidence: float = 0.95, min_recent: int = DEPARTURE_MIN_RECENT,
+                   clip: float = 3.0, rclip: float = DEPARTURE_CLIP, prepared=None) -> Departure | None:
+    """Did the recent observations leave the curve that the whole history was following?
+
+    The null model is one smooth curve through everything kept: a parabola a + b·x + c·x²
+    over all n observations. For each candidate m on a ladder (``min_recent``, then about 19%
+    apart, up to n/2) a column (x - x_c)·[x > x_c] is added for the last m observations: a
+    change of slope at the break, the curve staying continuous (a decline that stops there).
+    Its coefficient, the departure from the extrapolated parabola, is estimated by generalised
+    least squares: rows prewhitened with the AR(1) ``phi`` (default :func:`block_ar1` of the
+    winsorised series), so its standard error holds both the noise of the last m observations
+    and the uncertainty of the extrapolation (the parabola is fitted to everything kept, not
+    to a window). A candidate says stopped when
+
+    * departure / se > ``z`` (worse in the direction of ``mode``), both with ``phi`` and with
+      phi = 0 (plain least squares): an underestimated phi is what the first guards against,
+      an overestimated one the second. A strongly curved, nearly noiseless loss (the start of
+      a power law) passes for autocorrelated noise (:func:`block_ar1` says up to 0.98), and
+      whitened that hard the fit follows its local slopes, which break away from a parabola's;
+      by plain least squares a parabola through a loss that decelerates as losses do (third
+      derivative of the sign of the first: exponential, power law) extrapolates too high, so
+      it expects less decline than the loss delivers and the error is on the safe side;
+    * the last m observations are not significantly improving (the prewhitened line over them,
+      one-sided t test at ``confidence`` against ``min_rate``).
+
+    ``z`` is large because the test runs at every evaluation for every m. Winsorised as in
+    :func:`slowdown_test` (``clip``; ``prepared`` likewise); the prewhitened residuals of the
+    parabola are clipped at ``rclip`` robust sigmas (and made orthogonal to it again), so one
+    spike or a heavy tail in the last rows, where the ramp weighs most, does not make a
+    departure. O(n) for all m (suffix sums).
+
+    Returns the first stopped candidate (fewest recent observations), else the one with the
+    largest z (-inf where the last m are improving; the smaller of the two z when some
+    candidate passes with ``phi``, the plain least-squares fit being computed only then); None
+    when fewer than 2·``min_recent`` + 4 observations.
+    """
+    x, y = _xy(y, x)
+    n = len(y)
+    ms = slowdown_ladder(n - 4, min_recent, 1)
+    if not ms or not (np.isfinite(y).all() and np.isfinite(x).all()):
+        return None
+    norm = _normalised(y, x, clip) if prepared is None else prepared
+    if norm is None:
+        return Departure(False, ms[-1], n, 0.0, 0.0, 0.0, 0.0, 0.0)
+    yw, xn, yscale, span = norm
+    sign = 1.0 if mode == "min" else -1.0
+    with np.errstate(all="ignore"):
+        if phi is None:
+            phi = block_ar1(yw)
+        phi = float(min(max(phi, 0.0), 0.98))
+        m = np.asarray(ms)
+        try:
+            zs, delta, se, slope_c, flat = _departure(yw, xn, phi, m, sign, rclip, min_rate * span / yscale,
+                                                      confidence)
+            zs = np.where(flat, zs, -np.inf)
+            if phi > 0 and (zs > z).any():  # the plain least-squares check, only when it can matter
+                zs = np.minimum(zs, _departure(yw, xn, 0.0, m, sign, rclip, 0.0, confidence, full=False)[0])
+        except np.linalg.LinAlgError:  # x takes fewer than three distinct values: no parabola
+            return Departure(False, ms[-1], n, 0.0, 0.0, 0.0, 0.0, phi)
+        zs = np.where(np.isnan(zs), -np.inf, zs)
+        stopped = zs > z
+    i = int(np.argmax(stopped)) if stopped.any() else int(np.argmax(zs))
+    scale = yscale / span
+    return Departure(bool(stopped[i]), int(ms[i]), n, float(sign * delta[i] * scale), float(se[i] * scale),
+                     float(zs[i]), float(-sign * slope_c[i] * scale), phi)
+
+
+def _departure(yw: np.ndarray, xn: np.ndarray, phi: float, m: np.ndarray, sign: float, rclip: float,
+               min_rate: float, confidence: float, full: bool = True):
+    """:func:`departure_test`'s fit for one phi, on normalised data: per candidate m, z (worse
+    positive), the departure and its se, the parabola's slope at the break (normalised units)
+    and whether the last m are not significantly improving (z alone unless ``full``)."""
+    n = len(yw)
+    u = 1.0 - phi
+    # Prewhitened rows t = 1..n-1 at index t - 1: columns u (1), v (x), a (x²); z (y).
+    v = xn[1:] - phi * xn[:-1]
+    sq = xn * xn
+    a = sq[1:] - phi * sq[:-1]
+    zw = yw[1:] - phi * yw[:-1]
+    cols = np.stack([np.full(n - 1, u), v, a])
+    ginv = np.linalg.inv(cols @ cols.T)
+    beta0 = ginv @ (cols @ zw)
+    r = zw - beta0 @ cols  # residuals of the parabola
+    if rclip:
+        s = MAD_SCALE * _mad(r)
+        if s > 0:
+            r = _clip(r, rclip * s)
+            r -= (ginv @ (cols @ r)) @ cols  # orthogonal to the parabola again
+    rss0 = float(r @ r)
+    c = n - 1 - m  # last row before the break: rows c+1..n-1 after it, at index c..n-2
+    # Suffix sums of 1, v, a, v·v, v·a, r, v·r (and z, v·z, z·z for the line after the break)
+    # from index c and c + 1; the ramp's prewhitened column is w_t = v_t - u·x_c after the
+    # break (0 before). Segment sums between the (ascending) starts, accumulated from the end.
+    terms = [np.ones(n - 1), v, a, v * v, v * a, r, v * r]
+    if full:
+        terms += [zw, v * zw, zw * zw]
+    starts, inverse = _departure_starts(n, tuple(m))
+    seg = np.add.reduceat(np.stack(terms), starts, axis=1)
+    suf = np.cumsum(seg[:, ::-1], axis=1)[:, ::-1]
+    at = suf[:, inverse[0]]
+    cnt, sv, sa, svv, sva, sr, svr = at[:7]
+    xc = xn[c]
+    vw = np.stack([u * (sv - cnt * u * xc), svv - u * xc * sv, sva - u * xc * sa])  # columns · w
+    ww = svv - 2 * u * xc * sv + cnt * u * u * xc * xc
+    wr = svr - u * xc * sr
+    q = ww - np.einsum("ik,ij,jk->k", vw, ginv, vw)  # w's sum of squares beyond the parabola
+    delta = wr / q
+    # y is in [-1, 1]: a residual variance below 1e-18 is the rounding of an exact curve
+    s2 = np.maximum(np.maximum(rss0 - delta * wr, 0.0) / max(n - 5, 1), 1e-18)
+    se = np.sqrt(s2 / q)
+    zs = np.where(q > 0, sign * delta / se, -np.inf)
+    if not full:
+        return zs, None, None, None, None
+    beta = beta0[:, None] - (ginv @ vw) * delta  # the joint fit's parabola
+    slope_c = beta[1] + 2 * beta[2] * xc
+    flat = _not_improving(suf[:, inverse[1]], sign, min_rate, m - 3, confidence)  # first row after dropped
+    return zs, delta, se, slope_c, flat
+
+
+@functools.lru_cache(maxsize=256)
+def _departure_starts(n: int, m: tuple) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """The sorted distinct indices c and c + 1 (c = n - 1 - m) and where each is among them."""
+    c = n - 1 - np.asarray(m)
+    starts = np.unique(np.concatenate([c, c + 1]))
+    inverse = (np.searchsorted(starts, c), np.searchsorted(starts, c + 1))
+    for a in (starts, *inverse):
+        a.flags.writeable = False
+    return starts, inverse
+
+def _not_improving(sums, sign, min_rate, dofs, confidence) -> np.ndarray:
+    """Per candidate: the prewhitened line over the rows of ``sums`` (suffix sums of 1, v, a,
+    v·v, v·a, r, v·r, z, v·z, z·z) is not significantly improving at ``confidence``."""
+    cnt, sv, svv, sz, svz, szz = sums[0], sums[1], sums[3], sums[7], sums[8], sums[9]
+    sxx = svv - sv * sv / cnt
+    sxz = svz - sv * sz / cnt
+    beta = sxz / sxx
+    rss = np.maximum(szz - sz * sz / cnt - beta * sxz, 0.0)
+    se = np.sqrt(rss / np.maximum(cnt - 2.0, 1.0) / sxx)
+    tc, _ = _critical(dofs, confidence, 0.5)
+    return (sxx > 0) & (-sign * beta - min_rate < tc * se)

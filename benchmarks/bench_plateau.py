@@ -311,7 +311,8 @@ def eval_cost(reps: int) -> list[tuple[str, float]]:
         y = 1.0 + 0.001 * (n - x) + 0.01 * rng.standard_normal(n)
         cases = [(f"`trend.improvement_test`, n={n}", lambda: trend.improvement_test(y, x)),
                  (f"`trend.slowdown_test`, n={n}", lambda: trend.slowdown_test(y, x)),
-                 (f"`Plateau.trend_decision` (both), n={n}", lambda: pol.trend_decision(y, x, "min")),
+                 (f"`trend.departure_test`, n={n}", lambda: trend.departure_test(y, x)),
+                 (f"`Plateau.trend_decision` (all tests), n={n}", lambda: pol.trend_decision(y, x, "min")),
                  (f"`numpy.polyfit(x, y, 1)`, n={n}", lambda: np.polyfit(x, y, 1))]
         for label, f in cases:
             for _ in range(20):

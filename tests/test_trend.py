@@ -233,6 +233,124 @@ def test_block_ar1_is_conservative_and_ignores_a_kink(phi):
     assert np.median(est) < phi + 0.1
 
 
+
+# ---- departure test: did the recent rows leave the curve of the whole history? ---------------
+
+def _departure_direct(y, x, m, phi):
+    """The departure model by plain least squares (no winsorising or clipping): parabola over
+    all rows plus a ramp after row n-1-m, prewhitened; the ramp's coefficient / se."""
+    n = len(y)
+    xn = (x - x[-1]) / (x[-1] - x[0])
+    c = n - 1 - m
+    design = np.column_stack([np.ones(n), xn, xn * xn, np.maximum(xn - xn[c], 0)])
+    dp, yp = design[1:] - phi * design[:-1], y[1:] - phi * y[:-1]
+    beta, *_ = np.linalg.lstsq(dp, yp, rcond=None)
+    resid = yp - dp @ beta
+    cov = float(resid @ resid) / (n - 5) * np.linalg.inv(dp.T @ dp)
+    span = x[-1] - x[0]
+    return beta[3] / span, math.sqrt(cov[3, 3]) / span, -(beta[1] + 2 * beta[2] * xn[c]) / span
+
+
+@pytest.mark.parametrize("n", [60, 333, 1500])
+def test_departure_sums_match_a_direct_least_squares_fit(n):
+    rng = np.random.default_rng(n)
+    x = np.cumsum(rng.integers(1, 30, n)).astype(float) + 5e5  # uneven steps far from 0
+    y = 3.0 + 0.002 * np.maximum(x[-n // 5] - x, 0) + 0.05 * rng.standard_normal(n)
+    got = trend.departure_test(y, x, phi=0.4, clip=0, rclip=0, z=math.inf)  # the largest z
+    dep, se, before = _departure_direct(y, x, got.recent, 0.4)
+    assert (got.departure, got.se, got.before) == pytest.approx((dep, se, before), rel=1e-7)
+    assert got.z == pytest.approx(dep / se, rel=1e-7)
+    assert not got.stopped
+
+
+def test_departure_exact_curves_do_not_depart():
+    x = np.arange(1500.0)
+    for y in (2.0 - 1e-3 * x, 1 + (1 + x / 50) ** -0.5, 1 + np.exp(-x / 300), np.full(1500, 3.0)):
+        for end in (100, 700, 1500):
+            res = trend.departure_test(y[:end], x[:end])
+            assert not res.stopped, (end, res)
+
+
+@pytest.mark.parametrize("noise", [1e-4, 1e-3, 1e-2])
+def test_departure_is_not_fooled_by_a_power_law_or_exponential_decay(noise):
+    """Losses that only decelerate, from their start (the steepest curvature), low noise
+    included. block_ar1 takes the curvature for autocorrelation (0.98); whitened that hard
+    alone, without the plain least-squares check, the test stopped 0.5 + 1/(1 + x/20) at noise
+    1e-4 from 100 rows on when this was written."""
+    x = np.arange(2000.0)
+    rng = np.random.default_rng(int(noise * 1e5))
+    for y in ((1 + x / 5) ** -0.3, 0.5 + (1 + x / 20) ** -1.0, 1 + (1 + x / 50) ** -0.5, 1 + np.exp(-x / 300)):
+        yy = y + noise * rng.standard_normal(2000)
+        for end in range(100, 2001, 50):
+            lo = max(0, end - 1500)
+            res = trend.departure_test(yy[lo:end], x[lo:end])
+            assert not res.stopped, (end, res)
+
+
+def test_departure_sees_a_line_that_stops_after_a_known_lag():
+    """1e-3 per row in white noise of 0.01 (10 sigmas per 100 rows), stopping at row 1000:
+    z grows with the lag (expected about 4.9 at 15 rows, 7.4 at 20), so the alarm comes within
+    a few dozen rows, and not before the stop."""
+    rng = np.random.default_rng(21)
+    x = np.arange(1300.0)
+    y = 1 + 1e-3 * np.maximum(1000 - x, 0) + 0.01 * rng.standard_normal(1300)
+    first = next(end for end in range(900, 1300) if trend.departure_test(y[:end], x[:end]).stopped)
+    assert 1005 <= first <= 1035
+    res = trend.departure_test(y[:first + 30], x[:first + 30])
+    assert res.stopped and res.before == pytest.approx(1e-3, rel=0.2) and res.departure > 3 * res.se
+    assert trend.departure_test(-y[:first + 30], x[:first + 30], mode="max").stopped  # accuracy-like
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("df", [None, 3])
+def test_departure_rarely_stops_a_continuing_decline(phi, df):
+    """A steady decline (the worst case: the parabola is exact) in AR(1) noise, Gaussian or
+    Student t: 'stopped' in at most 1% of 300 windows of 600 at each of two rates (per
+    window about 90 correlated candidates at z = 4.5)."""
+    rng = np.random.default_rng(int(phi * 10) + (df or 0) + 50)
+    x = np.arange(600.0)
+    for rate in (0.01, 0.2):
+        stops = sum(trend.departure_test(-rate * x + ar1(rng, 600, phi, math.sqrt(1 - phi * phi), df), x).stopped
+                    for _ in range(300))
+        assert stops <= 3, (rate, stops)
+
+
+def test_departure_ignores_a_spike_at_the_end():
+    """One spike of 5 to 100 sigmas on the last row, or 5 to 10 on the last two, is no departure
+    (residuals are clipped at 2.5 robust sigmas); two rows at 100 sigmas may be one (a jump)."""
+    rng = np.random.default_rng(4)
+    x = np.arange(800.0)
+    y = 1 + 1e-4 * (800 - x) + 0.01 * rng.standard_normal(800)
+    assert not trend.departure_test(y, x).stopped
+    for size in (0.05, 0.1, 1.0):
+        spiked = y.copy()
+        spiked[-1] += size
+        assert not trend.departure_test(spiked, x).stopped, size
+        spiked[-2] += size
+        assert size > 0.1 or not trend.departure_test(spiked, x).stopped, size
+
+
+def test_departure_is_shift_and_scale_invariant():
+    rng = np.random.default_rng(12)
+    x = np.arange(900.0)
+    y = 2 + 1e-3 * np.maximum(860 - x, 0) + 0.01 * ar1(rng, 900, 0.3)
+    ref = trend.departure_test(y, x)
+    assert ref.stopped
+    for shift, scale in [(100.0, 1.0), (-3.0, 1e-4), (7.0, 1e3)]:
+        got = trend.departure_test(shift + scale * y, x * 50.0 + 1000)
+        assert (got.stopped, got.recent) == (ref.stopped, ref.recent)
+        assert got.phi == pytest.approx(ref.phi, rel=1e-9)
+        assert got.z == pytest.approx(ref.z, rel=1e-6)
+        assert got.departure * 50 / scale == pytest.approx(ref.departure, rel=1e-6)
+
+
+def test_departure_short_flat_or_broken_input():
+    assert trend.departure_test(np.arange(20.0)) is None  # fewer than 2 * 10 + 4
+    assert not trend.departure_test(np.full(200, 3.0)).stopped
+    assert trend.departure_test([1.0, math.nan] * 50) is None
+    two_times = np.repeat([0.0, 1.0], 50)  # no parabola through two distinct times
+    assert not trend.departure_test(np.arange(100.0), two_times).stopped
+
 # ---- plateau method=trend: the policy around both tests --------------------------------------
 
 def _first_cut(values, **params):
@@ -255,7 +373,9 @@ def test_plateau_cuts_soon_after_a_steep_decline_stops():
     y = 1 + 1e-3 * np.maximum(1500 - x, 0) + 0.01 * rng.standard_normal(2000)
     t, d = _first_cut(y)
     assert 1500 <= t <= 1560
-    assert d.evidence["plateau"]["test"] == "slowdown" and "stopped improving" in d.reason
+    assert d.evidence["plateau"]["test"] == "departure" and "stopped improving" in d.reason
+    t_slow, d_slow = _first_cut(y, departure=False)  # the slowdown test alone comes later
+    assert t <= t_slow <= 1560 and d_slow.evidence["plateau"]["test"] == "slowdown"
     t_old, _ = _first_cut(y, history=100, slowdown=False)
     assert t_old > t  # the plain 100-row test waits until the window is mostly flat
 

@@ -37,14 +37,26 @@ decided as if ``window`` = ``epoch_window`` (10), ``min_window`` at most that, `
    one), they would have shown one with probability above 1 - 1e-5; k runs over 10, 12, 14,
    17, ... up to n/4, so a steep decline that stops is seen within a few dozen observations
    and a slow one within as many as it takes to see it at all.
+4. Did the recent observations leave the curve the whole history was following? (when
+   ``slowdown`` and ``departure``; :func:`autolr.trend.departure_test`) A parabola through
+   all kept observations plus a change of slope before the last m (m = 10, 12, 14, ... up to
+   n/2), fitted by generalised least squares (AR(1)-prewhitened, residuals clipped at 2.5
+   robust sigmas): stopped when the last m show no significant improvement and the rate
+   worsened at the break by more than ``DEPARTURE_Z`` = 4.5 standard errors (which hold the
+   extrapolation's uncertainty), with the AR(1) phi and by plain least squares alike. Test 3
+   estimates the continued curve from the 3k observations before a break and asks for the
+   power to see it; this one estimates it from everything kept and compares levels, so it
+   sees a stop sooner. By least squares a parabola through a decelerating (exponential,
+   power-law) loss expects less decline than the loss delivers: conservative.
 
-With ``history == window`` and ``slowdown=false`` this is the plain test over the last
+With ``history == window`` and ``slowdown=false`` (which also turns 4 off) this is the plain test over the last
 ``window`` rows (the method before 2 and 3 and the long history existed).
 
 ``cooldown`` counts observations after a reduction (as PyTorch counts epochs). Cost: one
-decision at 1500 kept observations takes about 0.5 ms (the three tests share one winsorised
-series), 37-86 µs per row at ``every=10`` on a metric logged every row (15-25 µs at
-``every=50``; ``benchmarks/bench_policy_cost.py``); the times and rows of the kept
+decision at 1500 kept observations takes about 0.9 ms (0.6 ms with ``departure=false``, same
+machine and load; tests 2-4 share one winsorised series and its phi), 42-114 µs per row at
+``every=10`` on a metric logged every row (39-89 µs with ``departure=false``, same run; 16-31
+µs at ``every=50``; ``benchmarks/bench_policy_cost.py``); the times and rows of the kept
 observations are stored as arithmetic runs, so the state holds little more than the kept values.
 
 ``method=threshold``: PyTorch's ReduceLROnPlateau exactly: an observation is better when
@@ -79,7 +91,7 @@ FADED_FRACTION = 0.5
 #: ... with at least this many observations before the last window, and MIN_EFFECTIVE
 #: effectively independent ones (the pace's standard error and t quantile carry the rest).
 MIN_BEFORE = 10
-TREND_ONLY = ("window", "min_window", "history", "slowdown", "confidence", "min_improvement", "every", "log",
+TREND_ONLY = ("window", "min_window", "history", "slowdown", "departure", "confidence", "min_improvement", "every", "log",
               "epoch_window", "epoch_history")
 #: The kept observations, emptied after every reduction: ``values``; ``runs`` their times and
 #: rows (counted since the reduction) as arithmetic runs (see :func:`_push`); ``rows`` the rows
@@ -164,6 +176,7 @@ class Plateau(Policy):
     min_window: int = 20
     history: int = 1500
     slowdown: bool = True
+    departure: bool = True
     confidence: float = 0.95
     min_improvement: float = 0.0
     every: int = 10
@@ -256,7 +269,8 @@ class Plateau(Policy):
         ``recent`` is the number of observations in the last window (default ``window``) and
         ``covered`` the rows since the first kept observation (default: one per observation).
         Returns ("trend", :class:`autolr.trend.TrendTest`, the p-value threshold), ("faded" or
-        "slowdown", :class:`autolr.trend.Slowdown`, miss). Pure: the policy calls it every
+        "slowdown", :class:`autolr.trend.Slowdown`, miss) or ("departure",
+        :class:`autolr.trend.Departure`, its z threshold). Pure: the policy calls it every
         ``every`` rows once ``window`` rows and ``recent`` observations are kept.
         """
         import numpy as np
@@ -294,17 +308,23 @@ class Plateau(Policy):
             return "trend", result, alpha
         if not self.slowdown:
             return None
-        prepared = trend._normalised(y, x, 3.0)  # winsorised once for both tests
+        prepared = trend._normalised(y, x, 3.0)  # winsorised once for the three tests
         faded = trend.faded_test(y, x, mode=mode, min_rate=min_rate, confidence=self.confidence,
                                  min_recent=recent, min_before=MIN_BEFORE, min_effective=MIN_BEFORE,
                                  fraction=FADED_FRACTION,
                                  prepared=prepared)
         if faded is not None and faded.stopped:
             return "faded", faded, trend.SLOWDOWN_MISS
+        phi = trend.block_ar1(prepared[0]) if prepared is not None else None  # slowdown_test's default
         slow = trend.slowdown_test(y, x, mode=mode, confidence=self.confidence, min_rate=min_rate,
-                                   prepared=prepared)
+                                   phi=phi, prepared=prepared)
         if slow is not None and slow.stopped:
             return "slowdown", slow, trend.SLOWDOWN_MISS
+        if self.departure:
+            left = trend.departure_test(y, x, mode=mode, phi=phi, min_rate=min_rate, confidence=self.confidence,
+                                        prepared=prepared)
+            if left is not None and left.stopped:
+                return "departure", left, trend.DEPARTURE_Z
         return None
 
     def _update_trend(self, state, obs, metric, current, mode):
@@ -356,6 +376,14 @@ class Plateau(Policy):
                 f"after {result.before:.3g}/unit (se {result.before_se:.3g}) over the {result.n - result.recent} "
                 f"before, at which a continuing decline would have shown with probability > {1 - threshold:.6g} "
                 f"(AR(1) phi={result.phi:.2f}"
+                f"{forecast}): lr x{factor / state['factor']:.6g}"
+            )
+        elif kind == "departure":
+            reason = (
+                f"{metric} stopped improving: over the last {result.recent} observations it left the curve of "
+                f"the {result.n - result.recent} before them (a parabola through all {result.n}, at a rate of "
+                f"{result.before:.3g}/unit at the break): the rate changed by {result.departure:.3g}/unit "
+                f"(se {result.se:.3g}, z = {result.z:.2f} > {threshold:g}; AR(1) phi={result.phi:.2f}"
                 f"{forecast}): lr x{factor / state['factor']:.6g}"
             )
         else:
