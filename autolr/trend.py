@@ -822,7 +822,6 @@ def divergence(window, value: float, *, mode: str = "min", k: float = 8.0, ratio
     return divergent(value, robust_reference(window), mode=mode, k=k, ratio=ratio)
 
 
-
 @dataclass(frozen=True)
 class Departure:
     """Result of :func:`departure_test` for one candidate break (the first that says stopped,
@@ -988,6 +987,7 @@ def _departure_starts(n: int, m: tuple) -> tuple[np.ndarray, tuple[np.ndarray, n
     for a in (starts, *inverse):
         a.flags.writeable = False
     return starts, inverse
+
 
 def _not_improving(sums, sign, min_rate, dofs, confidence) -> np.ndarray:
     """Per candidate: the prewhitened line over the rows of ``sums`` (suffix sums of 1, v, a,

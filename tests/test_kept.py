@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import json
 
 from hypothesis import given, settings, strategies as st
 
@@ -51,6 +52,7 @@ def test_runs_equal_plain_lists(ops, probe):
             assert got == want  # the same numbers (an int time may come back as the equal float)
         assert kept.times(runs).tolist() == [float(tm) for tm, _ in model]
     assert kept.from_lists([tm for tm, _ in model], [r for _, r in model]) is not None
+    assert json.loads(json.dumps(runs)) == runs  # a state's runs survive its JSON file
 
 
 def test_a_regular_log_is_one_run():

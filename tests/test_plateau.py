@@ -100,32 +100,6 @@ def test_min_window_is_checked_and_capped_by_window():
     assert p.recent_count([[0, 1, 1, 1, 0, 3]], 3) == 10
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_runs_store_times_and_rows_exactly(seed):
-    """The compact runs give back the same times (as floats) and row counts as plain lists."""
-    from autolr.policies import plateau as pl
-
-    rng = np.random.default_rng(seed)
-    runs, times, rows = [], [], []
-    row, t = 0, 0.0 if seed % 2 else 0
-    for _ in range(600):
-        row += int(rng.choice([1, 1, 1, 25, 3]))
-        t = t + (rng.choice([1, 1, 25, 0.1, 0.3]) if seed % 2 else int(rng.choice([1, 1, 25, 7])))
-        runs = pl._push(runs, t, row)
-        times.append(t)
-        rows.append(row)
-        limit = row - int(rng.integers(50, 400))
-        runs, dropped = pl._drop_through(runs, limit)
-        keep = [r > limit for r in rows]
-        assert dropped == len(keep) - sum(keep)
-        times = [x for x, k in zip(times, keep) if k]
-        rows = [r for r, k in zip(rows, keep) if k]
-        assert pl._times(runs).tolist() == [float(x) for x in times]
-        edge = row - int(rng.integers(0, 300))
-        assert pl._count_after(runs, edge) == sum(r > edge for r in rows)
-    assert json.loads(json.dumps(runs)) == runs
-
-
 def test_dense_metric_tests_every_row_count_as_before():
     """One observation per row: windows in rows are windows in observations."""
     rng = np.random.default_rng(8)

@@ -73,6 +73,7 @@ from typing import Literal
 
 from ..hookspecs import hookimpl
 from ..policy import Note, Observation, Policy, State, check, default_mode
+from .kept import count_after, drop_through, push, times as times_of
 
 THRESHOLD_ONLY = ("patience", "threshold", "threshold_mode")
 #: Before the history is full, a plateau needs at least this many effectively independent
@@ -94,63 +95,9 @@ MIN_BEFORE = 10
 TREND_ONLY = ("window", "min_window", "history", "slowdown", "departure", "confidence", "min_improvement", "every", "log",
               "epoch_window", "epoch_history")
 #: The kept observations, emptied after every reduction: ``values``; ``runs`` their times and
-#: rows (counted since the reduction) as arithmetic runs (see :func:`_push`); ``rows`` the rows
+#: rows (counted since the reduction) as arithmetic runs (:mod:`.kept`); ``rows`` the rows
 #: seen, ``tested`` the rows at the last test.
 _EMPTY_HISTORY = {"values": [], "runs": [], "rows": 0, "tested": 0}
-
-
-# ---- times and rows of the kept observations, stored as arithmetic runs -----------------------
-# A run [t0, dt, r0, dr, start, stop] holds the observations k = start..stop-1 at time t0 + dt·k
-# and row r0 + dr·k: one run for a metric logged at a fixed stride (every row, every 25 steps)
-# instead of two numbers per observation. A run only grows when t0 + dt·k reproduces the time
-# exactly, so the expansion gives back the very same floats.
-
-def _push(runs: list, t: float, row: int) -> list:
-    """``runs`` (not modified) with one more observation at time ``t`` and row ``row``."""
-    if runs:
-        t0, dt, r0, dr, start, stop = runs[-1]
-        if stop - start == 1 and start == 0 and row > r0 and t0 + (t - t0) * 1 == t:
-            return runs[:-1] + [[t0, t - t0, r0, row - r0, 0, 2]]
-        if stop - start > 1 and t0 + dt * stop == t and r0 + dr * stop == row:
-            return runs[:-1] + [[t0, dt, r0, dr, start, stop + 1]]
-    return runs + [[t, 0, row, 0, 0, 1]]
-
-
-def _drop_through(runs: list, row: int) -> tuple[list, int]:
-    """``runs`` without the observations at rows <= ``row``, and how many were dropped."""
-    out, dropped = list(runs), 0
-    while out:
-        t0, dt, r0, dr, start, stop = out[0]
-        if r0 + dr * start > row:
-            break
-        k = stop if dr == 0 else min(stop, (row - r0) // dr + 1)  # first k with r0 + dr·k > row
-        dropped += k - start
-        if k >= stop:
-            out.pop(0)
-        else:
-            out[0] = [t0, dt, r0, dr, k, stop]
-            break
-    return out, dropped
-
-
-def _count_after(runs: list, row: int) -> int:
-    """How many observations are at rows > ``row``."""
-    n = 0
-    for t0, dt, r0, dr, start, stop in reversed(runs):
-        if r0 + dr * (stop - 1) <= row:
-            break
-        k = start if dr == 0 or r0 + dr * start > row else (row - r0) // dr + 1
-        n += stop - max(k, start)
-    return n
-
-
-def _times(runs: list):
-    """The times of all observations, as one float array."""
-    import numpy as np
-
-    if not runs:
-        return np.empty(0)
-    return np.concatenate([t0 + dt * np.arange(start, stop, dtype=float) for t0, dt, _, _, start, stop in runs])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,7 +207,7 @@ class Plateau(Policy):
     def recent_count(self, runs: list, rows: int) -> int:
         """Observations that make up "the last window": those of the last ``window`` rows, at
         least ``min_window`` (at most ``window``)."""
-        return min(max(_count_after(runs, rows - self.window), self.min_window), self.window)
+        return min(max(count_after(runs, rows - self.window), self.min_window), self.window)
 
     def trend_decision(self, values, times, mode: str, *, recent: int | None = None,
                        covered: int | None = None) -> tuple[str, object, float] | None:
@@ -333,8 +280,8 @@ class Plateau(Policy):
             return dict(state, rows=rows, seen=state["seen"] + 1), None
         t = obs.time("auto")
         t = obs.row if t is None else t
-        runs, drop = _drop_through(state["runs"], rows - self.kept)  # older than the kept rows
-        runs = _push(runs, t, rows)
+        runs, drop = drop_through(state["runs"], rows - self.kept)  # older than the kept rows
+        runs = push(runs, t, rows)
         values = state["values"][drop:]  # a copy: states stay immutable
         values.append(current)
         new = dict(state, seen=state["seen"] + 1, rows=rows, values=values, runs=runs)
@@ -345,7 +292,7 @@ class Plateau(Policy):
         if rows < self.window or len(values) < recent or rows - new["tested"] < self.every:
             return new, None
         new["tested"] = rows
-        times = _times(runs)
+        times = times_of(runs)
         first_row = runs[0][2] + runs[0][3] * runs[0][4]
         verdict = self.trend_decision(values, times, mode, recent=recent, covered=rows - first_row + 1)
         if verdict is None:
