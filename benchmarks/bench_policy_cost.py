@@ -29,7 +29,7 @@ from _common import git_revision, machine_line, md_table, median  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ["constant", "step:step_size=1000", "cosine:T_max=100000", "plateau:method=threshold",
-            "auto", "plateau", "plateau:every=50"]
+            "auto", "plateau", "plateau:departure=false", "plateau:every=50"]
 CURVES = {
     "declining": lambda s, g: 1.0 / (1.0 + 0.01 * s) * (1.0 + 0.05 * g),
     "flat": lambda s, g: 1.0 + 0.05 * g,
@@ -79,7 +79,8 @@ def trend_costs(repeat: int) -> list[list]:
             "slowdown_test": lambda: trend.slowdown_test(y, x, prepared=prepared),
             "faded_test": lambda: trend.faded_test(y, x, min_recent=100, min_before=10, min_effective=10,
                                                    prepared=prepared),
-            "winsorise for both (_normalised)": lambda: trend._normalised(y, x, 3.0),
+            "departure_test": lambda: trend.departure_test(y, x, prepared=prepared),
+            "winsorise for all (_normalised)": lambda: trend._normalised(y, x, 3.0),
         }
         for name, call in calls.items():
             times = []
