@@ -55,7 +55,7 @@ With ``history == window`` and ``slowdown=false`` (which also turns 4 off) this 
 ``cooldown`` counts observations after a reduction (as PyTorch counts epochs). Cost: one
 decision at 1500 kept observations takes about 0.9 ms (0.6 ms with ``departure=false``, same
 machine and load; tests 2-4 share one winsorised series and its phi), 42-114 µs per row at
-``every=10`` on a metric logged every row (39-89 µs with ``departure=false``, same run; 16-31
+``every=10`` on a metric logged every row (38-86 µs with ``departure=false``, same run; 16-31
 µs at ``every=50``; ``benchmarks/bench_policy_cost.py``); the times and rows of the kept
 observations are stored as arithmetic runs, so the state holds little more than the kept values.
 
