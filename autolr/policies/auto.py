@@ -281,12 +281,18 @@ class Auto(Policy):
     def _level_shift(self, state: State, value: float, mode: str, worse) -> str | None:
         """The median of the last ``every`` values against the best such median of the window."""
         levels = state["levels"]
+        if not levels or state["guard_ref"] is None:
+            return None
         recent = state["guard_values"][-(self.every - 1):] + [value] if self.every > 1 else [value]
-        if not levels or len(recent) < self.every or state["guard_ref"] is None:
+        if len(recent) < self.every:
+            return None
+        best = min(levels) if mode == "min" else max(levels)
+        bound = 2.0 * best if mode == "min" else best / 2.0
+        # The median is no worse than the worst value: most rows end here without sorting.
+        if not worse(max(recent) if mode == "min" else min(recent), bound):
             return None
         level = statistics.median(recent)
-        best = min(levels) if mode == "min" else max(levels)
-        if not worse(level, 2.0 * best if mode == "min" else best / 2.0):
+        if not worse(level, bound):
             return None
         se, how = self._level_se(state)  # only now, a doubling seen: the O(window) part
         se = max(se, self._resolution(state))
