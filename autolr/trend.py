@@ -320,7 +320,19 @@ def _improvement(y: np.ndarray, x: np.ndarray, *, modes: tuple[str, ...], min_ra
 
 
 @dataclass(frozen=True)
-class Slowdown:
+class Verdict:
+    """A stop test's answer: ``stopped``, over the last ``recent`` of ``n`` observations."""
+
+    stopped: bool
+    recent: int
+    n: int
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Slowdown(Verdict):
     """Result of :func:`slowdown_test` for one candidate change point.
 
     Rates are improvement per unit of x (positive: improving). ``stopped`` is True when the
@@ -329,17 +341,11 @@ class Slowdown:
     at least 1 - ``miss``.
     """
 
-    stopped: bool
-    recent: int
-    n: int
     before: float
     before_se: float
     after: float
     after_se: float
     phi: float
-
-    def as_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
 def block_ar1(y: np.ndarray, block: int = 200) -> float:
@@ -462,15 +468,12 @@ def slowdown_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confid
     ks = slowdown_ladder(n, min_recent, ratio)
     if not ks or not (np.isfinite(y).all() and np.isfinite(x).all()):
         return None
-    norm = _normalised(y, x, clip) if prepared is None else prepared
-    if norm is None:
+    inputs = _stop_inputs(y, x, clip, prepared, phi)
+    if inputs is None:
         return Slowdown(False, ks[-1], (ratio + 1) * ks[-1], 0.0, 0.0, 0.0, 0.0, 0.0)
-    yw, xn, yscale, span = norm
+    (yw, xn, yscale, span), phi = inputs
     sign = 1.0 if mode == "min" else -1.0
     with np.errstate(all="ignore"):
-        if phi is None:
-            phi = block_ar1(yw)
-        phi = float(min(max(phi, 0.0), 0.98))
         u = 1.0 - phi
         # Prewhitened rows t = 1..n-1: z_t = y_t - phi·y_{t-1} regressed on the prewhitened
         # columns 1 -> u, x -> v_t = x_t - phi·x_{t-1}, the hinge (x - x_c)·[t > c] -> w_t =
@@ -532,6 +535,18 @@ def slowdown_test(y, x=None, *, mode: str = "min", min_rate: float = 0.0, confid
     i = int(np.argmax(stopped)) if stopped.any() else len(ks) - 1
     return Slowdown(bool(stopped[i]), int(ks[i]), int((ratio + 1) * ks[i]), float(before[i]), float(se_b[i]),
                     float(after[i]), float(se_a[i]), phi)
+
+
+def _stop_inputs(y: np.ndarray, x: np.ndarray, clip: float, prepared, phi: float | None):
+    """The stop tests' series: winsorised and normalised (:func:`_normalised`, or ``prepared``),
+    and the AR(1) phi (default :func:`block_ar1` of it) clipped to [0, 0.98]; None when flat."""
+    norm = _normalised(y, x, clip) if prepared is None else prepared
+    if norm is None:
+        return None
+    if phi is None:
+        with np.errstate(all="ignore"):
+            phi = block_ar1(norm[0])
+    return norm, float(min(max(phi, 0.0), 0.98))
 
 
 @functools.lru_cache(maxsize=256)
@@ -823,7 +838,7 @@ def divergence(window, value: float, *, mode: str = "min", k: float = 8.0, ratio
 
 
 @dataclass(frozen=True)
-class Departure:
+class Departure(Verdict):
     """Result of :func:`departure_test` for one candidate break (the first that says stopped,
     else the one with the largest ``z``).
 
@@ -833,17 +848,11 @@ class Departure:
     continued curve at the break (positive: improving).
     """
 
-    stopped: bool
-    recent: int
-    n: int
     departure: float
     se: float
     z: float
     before: float
     phi: float
-
-    def as_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
 #: :func:`departure_test` says stopped beyond this many standard errors: one-sided p 3.4e-6 per
@@ -900,15 +909,12 @@ def departure_test(y, x=None, *, mode: str = "min", z: float = DEPARTURE_Z, phi:
     ms = slowdown_ladder(n - 4, min_recent, 1)
     if not ms or not (np.isfinite(y).all() and np.isfinite(x).all()):
         return None
-    norm = _normalised(y, x, clip) if prepared is None else prepared
-    if norm is None:
+    inputs = _stop_inputs(y, x, clip, prepared, phi)
+    if inputs is None:
         return Departure(False, ms[-1], n, 0.0, 0.0, 0.0, 0.0, 0.0)
-    yw, xn, yscale, span = norm
+    (yw, xn, yscale, span), phi = inputs
     sign = 1.0 if mode == "min" else -1.0
     with np.errstate(all="ignore"):
-        if phi is None:
-            phi = block_ar1(yw)
-        phi = float(min(max(phi, 0.0), 0.98))
         m = np.asarray(ms)
         try:
             zs, delta, se, slope_c, flat = _departure(yw, xn, phi, m, sign, rclip, min_rate * span / yscale,
