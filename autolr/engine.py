@@ -36,12 +36,13 @@ class History:
     ``flags`` (bit 0: a step, bit 1: an epoch) has one entry per row, ``epochs`` (float64) too
     once a row has an epoch. Steps cost nothing while every kept row has one and they go up by
     a fixed stride (the usual log): row i's step is ``step0 + stride · i`` and ``steps`` is
-    None; the first row that breaks the pattern turns ``steps`` into an int64 array. The metric values of all rows follow each
-    other in ``values``; their names are a shared tuple, ``keysets[0]`` while every row has the
-    same names (a row's values then start at ``i * len(names)``). Once names differ, ``keys``
-    gives each row's name set and ``offsets`` where its values start (minus ``base``, the
-    offset of ``values[0]``). A row that does not fit (a step beyond int64, a value that is not
-    a float) is kept whole in ``odd``, by its index among the rows ever appended.
+    None; the first row that breaks the pattern turns ``steps`` into an int64 array. The
+    metric values of all rows follow each other in ``values``; their names are a shared tuple,
+    ``keysets[0]`` while every row has the same names (a row's values then start at
+    ``i * len(names)``). Once names differ, ``keys`` gives each row's name set and ``offsets``
+    where its values start (minus ``base``, the offset of ``values[0]``). A row that does not
+    fit (a step beyond int64, a value that is not a float) is kept whole in ``odd``, by its
+    index among the rows ever appended.
     """
 
     def __init__(self) -> None:
