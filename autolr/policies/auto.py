@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import operator
 import statistics
 import sys
 from dataclasses import dataclass
@@ -180,10 +181,11 @@ class Auto(Policy):
         if "at" in new:  # a state saved before the window's times and rows became runs
             n, times, at = len(new["values"]), new.pop("times"), new.pop("at")
             new["runs"] = kept.from_lists(times[max(len(times) - n, 0):], at[max(len(at) - n, 0):])
-        t = obs.time(self.unit)
+        unit = obs.unit if self.unit == "auto" else self.unit  # obs.time() and _per_epoch(), inline
+        t = obs.step if unit == "step" else obs.epoch if unit == "epoch" else obs.row
         if t is not None and (new["t"] is None or t > new["t"]):
             new["t"] = t
-        per_epoch = self._per_epoch(obs)
+        per_epoch = unit == "epoch"
         warmup = self._warmup_length(per_epoch)
         if not new["ramp_done"] and t is not None and t + 1 >= warmup:
             new["ramp_done"] = True
@@ -235,9 +237,8 @@ class Auto(Policy):
 
     def _guard(self, state: State, obs: Observation, metric: str, value: float) -> tuple[State, Note | None]:
         """O(window) per row at most: robust (median, sigma, extreme) refreshed every ``every`` values."""
-        trend = _trend()
         mode = self.mode or default_mode(metric)
-        worse = (lambda a, b: a > b) if mode == "min" else (lambda a, b: a < b)
+        worse = operator.gt if mode == "min" else operator.lt
         state["quiet"] += 1
         why = None
         if state["cooldown"] > 0:
@@ -249,7 +250,11 @@ class Auto(Policy):
                 why = f"escalates to {value:.6g} during the cooldown (fired at {trigger:.6g})"
         else:
             ref = state["guard_ref"]
-            why = trend.divergent(value, tuple(ref[:2]) if ref else None, mode=mode, k=self.spike_sigmas)
+            if ref is not None and math.isfinite(value) and \
+                    (value - ref[0] if mode == "min" else ref[0] - value) <= self.spike_sigmas * ref[1]:
+                why = None  # within spike_sigmas of the median: trend.divergent's first test, without the call
+            else:
+                why = _trend().divergent(value, tuple(ref[:2]) if ref else None, mode=mode, k=self.spike_sigmas)
             if why is not None and math.isfinite(value) and ref is not None:
                 extreme = ref[2]  # the worst value of the window: a jump must double it
                 if not worse(value, 2.0 * extreme if mode == "min" else extreme / 2.0):
@@ -261,7 +266,7 @@ class Auto(Policy):
                 window = _slide(state["guard_values"], value, self.window)
                 state["guard_values"] = window
                 if state["guard_ref"] is None or state["quiet"] % self.every == 0:
-                    ref = trend.robust_reference(window)
+                    ref = _trend().robust_reference(window)
                     state["guard_ref"] = [ref[0], max(ref[1], self._resolution(state)),
                                           max(window) if mode == "min" else min(window)] if ref else None
                 if len(window) >= self.every and state["quiet"] % self.every == 0:
