@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -812,7 +813,7 @@ def robust_reference(window) -> tuple[float, float] | None:
     return med, max(s, _diff_noise(w), 1e-12 * max(abs(med), 1.0))
 
 
-def divergent(value: float, reference: tuple[float, float] | None, *, mode: str = "min",
+def divergent(value: float, reference: Sequence[float] | None, *, mode: str = "min",
               k: float = 8.0, ratio: float = 2.0) -> str | None:
     """Why ``value`` looks like divergence against a :func:`robust_reference`, or None. O(1).
 
@@ -824,7 +825,7 @@ def divergent(value: float, reference: tuple[float, float] | None, *, mode: str 
         return f"non-finite value {value}"
     if reference is None:
         return None
-    med, sigma = reference
+    med, sigma = reference[0], reference[1]  # (a longer sequence's other items are ignored)
     excess = value - med if mode == "min" else med - value
     relative = (ratio - 1.0) if mode == "min" else (1.0 - 1.0 / ratio)
     if excess > k * sigma and excess > relative * abs(med):

@@ -181,11 +181,10 @@ class Auto(Policy):
         if "at" in new:  # a state saved before the window's times and rows became runs
             n, times, at = len(new["values"]), new.pop("times"), new.pop("at")
             new["runs"] = kept.from_lists(times[max(len(times) - n, 0):], at[max(len(at) - n, 0):])
-        unit = obs.unit if self.unit == "auto" else self.unit  # obs.time() and _per_epoch(), inline
-        t = obs.step if unit == "step" else obs.epoch if unit == "epoch" else obs.row
+        t = obs.time(self.unit)
         if t is not None and (new["t"] is None or t > new["t"]):
             new["t"] = t
-        per_epoch = unit == "epoch"
+        per_epoch = self._per_epoch(obs)
         warmup = self._warmup_length(per_epoch)
         if not new["ramp_done"] and t is not None and t + 1 >= warmup:
             new["ramp_done"] = True
@@ -249,12 +248,8 @@ class Auto(Policy):
             elif trigger is not None and worse(value, 2.0 * trigger if mode == "min" else trigger / 2.0):
                 why = f"escalates to {value:.6g} during the cooldown (fired at {trigger:.6g})"
         else:
-            ref = state["guard_ref"]
-            if ref is not None and math.isfinite(value) and \
-                    (value - ref[0] if mode == "min" else ref[0] - value) <= self.spike_sigmas * ref[1]:
-                why = None  # within spike_sigmas of the median: trend.divergent's first test, without the call
-            else:
-                why = _trend().divergent(value, tuple(ref[:2]) if ref else None, mode=mode, k=self.spike_sigmas)
+            ref = state["guard_ref"]  # [median, sigma, extreme]
+            why = _trend().divergent(value, ref, mode=mode, k=self.spike_sigmas)
             if why is not None and math.isfinite(value) and ref is not None:
                 extreme = ref[2]  # the worst value of the window: a jump must double it
                 if not worse(value, 2.0 * extreme if mode == "min" else extreme / 2.0):
