@@ -33,15 +33,16 @@ import heapq
 import logging
 import math
 import os
-import sqlite3
 import weakref
 from pathlib import Path
-from typing import Any, Iterable
-from urllib.request import pathname2url
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..hookspecs import hookimpl
 from ..records import Record
 from .base import Reader, TextTailer
+
+if TYPE_CHECKING:
+    import sqlite3
 
 log = logging.getLogger("autolr.readers")
 
@@ -69,9 +70,19 @@ def sqlite_run_folder(db_path: str | os.PathLike, run_id: str) -> Path:
     return Path(db_path).parent / RUNS_FOLDER / run_id
 
 
+def _sqlite():
+    """The ``sqlite3`` module, imported on first use: with ``urllib.request`` for the URI, ~8 MB
+    of a daemon's memory that only a folder holding an MLflow database needs."""
+    import sqlite3
+
+    return sqlite3
+
+
 def _connect(path: Path) -> sqlite3.Connection:
+    from urllib.request import pathname2url
+
     uri = "file:" + pathname2url(os.path.abspath(path)) + "?mode=ro"
-    return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT)
+    return _sqlite().connect(uri, uri=True, timeout=BUSY_TIMEOUT)
 
 
 def _has_metrics_table(path: Path) -> bool:
@@ -87,7 +98,7 @@ def _has_metrics_table(path: Path) -> bool:
             ).fetchone()
         finally:
             conn.close()
-    except (OSError, sqlite3.Error):
+    except (OSError, _sqlite().Error):
         return False
     sql = (row[0] or "").lower() if row else ""
     return all(col in sql for col in ("run_uuid", "is_nan", "step", "value"))
@@ -175,6 +186,7 @@ class MlflowDbReader(Reader):
         self.identity = identity
 
     def _fetch(self, signature: tuple) -> list[tuple]:
+        sqlite3 = _sqlite()
         try:
             conn = _connect(self.path)
         except sqlite3.Error as exc:
