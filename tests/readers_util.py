@@ -4,7 +4,11 @@ from __future__ import annotations
 import json
 import math
 import random
+import tempfile
 from pathlib import Path
+from unittest import mock
+
+from autolr.readers import base
 
 MAX_READS = 10_000  # a read loop that never ends is a bug, not a hang
 
@@ -87,3 +91,20 @@ def rewrite_in_place(path: Path, data: bytes, how: str = "r+") -> None:
     else:
         with open(path, "wb") as f:
             f.write(data)
+
+
+def check_parse_cuts(cls, suffix: str, data: bytes, cuts, parse: int) -> None:
+    """Reads that hand on at most ``parse`` bytes of lines (``PARSE_BLOCK``; more only for a
+    longer first line) give the records and skip counts of reads that hand on every line, read
+    whole or grown piece by piece. MAX_LINE 24 and READ_BLOCK 64: over-long lines in most files."""
+    with mock.patch.object(base, "MAX_LINE", 24), mock.patch.object(base, "READ_BLOCK", 64), \
+            tempfile.TemporaryDirectory() as d:
+        whole_path = Path(d) / ("whole" + suffix)
+        whole_path.write_bytes(data)
+        want, want_skipped = whole(cls, whole_path)
+        with mock.patch.object(base, "PARSE_BLOCK", parse):
+            assert norm(whole(cls, whole_path)[0]) == norm(want)
+            path = Path(d) / ("grown" + suffix)
+            reader = cls(path)
+            assert norm(grow(reader, path, data, cuts)) == norm(want)
+            assert dict(reader.skipped) == want_skipped

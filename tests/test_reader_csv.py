@@ -23,6 +23,7 @@ from autolr.readers import base
 from autolr.readers.csv import CsvReader
 
 from .readers_util import (
+    check_parse_cuts,
     drain,
     grow,
     norm,
@@ -565,6 +566,9 @@ CSV_TOKENS = [b"step", b"epoch", b"loss", b",", b",", b"\r\n", b"\n", b"\r", b'"
               b"-3e2", b"NA", b"nan", b"inf", b" ", b"\xce\xbb", b"\xff", b"\x00", b"\t"]
 csv_like = st.lists(st.sampled_from(CSV_TOKENS), max_size=60).map(b"".join)
 any_bytes = st.binary(max_size=300) | csv_like
+#: A header, then short rows (some odd): records that survive MAX_LINE 24.
+csv_files = st.lists(st.sampled_from([b"1,2.5\n", b"3,nan\n", b"x\n", b"7,-3e2,9\n", b"\n", b"4,\r\n"]),
+                     max_size=30).map(lambda rows: b"step,loss\n" + b"".join(rows))
 
 
 def check_chunking(data: bytes, cuts: list[int]) -> None:
@@ -589,6 +593,12 @@ def test_property_with_tiny_line_limit(data, cuts):
     """Over-long lines and read windows everywhere: MAX_LINE 8 bytes, READ_BLOCK 32."""
     with mock.patch.object(base, "MAX_LINE", 8), mock.patch.object(base, "READ_BLOCK", 32):
         check_chunking(data, cuts)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=any_bytes | csv_files, cuts=st.lists(st.integers(1, 300), max_size=12), parse=st.integers(1, 80))
+def test_property_reads_cut_at_parse_block(data, cuts, parse):
+    check_parse_cuts(CsvReader, ".csv", data, cuts, parse)
 
 
 metric_rows = st.lists(

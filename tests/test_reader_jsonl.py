@@ -22,6 +22,7 @@ from autolr.readers.jsonl import JsonlReader, numeric_items
 from autolr.records import Record
 
 from .readers_util import (
+    check_parse_cuts,
     drain,
     grow,
     norm,
@@ -288,6 +289,24 @@ def test_three_megabyte_line_is_skipped_counted_and_never_returned(tmp_path):
     assert norm(got) == norm(records) and grown.skipped == {"over-long line": 1}
 
 
+def test_a_large_log_is_handed_on_a_parse_block_at_a_time(tmp_path):
+    """Catching up on a large log: each read's records come from at most PARSE_BLOCK bytes of
+    lines (the Records of one read are live at once), ``more`` until the end, nothing lost."""
+    line = b'{"step": %d, "loss": 0.5}\n'
+    data = b"".join(line % i for i in range(100_000))  # 2.7 MB: beyond one READ_BLOCK
+    reader = JsonlReader(write(tmp_path / "big.jsonl", data))
+    sizes, steps = [], []
+    while True:
+        records = reader.read()
+        sizes.append(len(records))
+        steps += [r.step for r in records]
+        if not reader.more:
+            break
+    assert steps == list(range(100_000))
+    assert max(sizes) <= base.PARSE_BLOCK // len(line % 0) + 1
+    assert len(sizes) >= len(data) // base.PARSE_BLOCK
+
+
 def test_over_long_line_memory_is_bounded(tmp_path):
     data = b'{"step": 1}\n' + b'{"x": "' + b"8" * (3 << 20) + b'"}\n{"step": 2}\n'
     path = write(tmp_path / "huge.jsonl", data)
@@ -365,6 +384,12 @@ def test_property_with_tiny_line_limit(data, cuts):
     """Over-long lines and read windows everywhere: MAX_LINE 8 bytes, READ_BLOCK 32."""
     with mock.patch.object(base, "MAX_LINE", 8), mock.patch.object(base, "READ_BLOCK", 32):
         check_chunking(data, cuts)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=any_bytes, cuts=st.lists(st.integers(1, 300), max_size=12), parse=st.integers(1, 80))
+def test_property_reads_cut_at_parse_block(data, cuts, parse):
+    check_parse_cuts(JsonlReader, ".jsonl", data, cuts, parse)
 
 
 def expected_metrics(obj, prefix=""):
