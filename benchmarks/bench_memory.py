@@ -13,7 +13,7 @@ history and the readers read bounded blocks.
 
 Usage::
 
-    python benchmarks/bench_memory.py                       # 10M rows threshold, 500k rows auto (~10 min)
+    python benchmarks/bench_memory.py                       # 10M rows threshold, 10M rows auto (~8 min)
     python benchmarks/bench_memory.py --rows 1000000 --auto-rows 100000   # ~2 min
 """
 from __future__ import annotations
@@ -113,8 +113,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=10_000_000, help="rows for the cheap policy")
     ap.add_argument("--chunk", type=int, default=500_000)
     ap.add_argument("--policy", default="plateau:method=threshold")
-    ap.add_argument("--auto-rows", type=int, default=500_000, help="rows for the stateful trend policy (0: skip)")
-    ap.add_argument("--auto-chunk", type=int, default=50_000)
+    ap.add_argument("--auto-rows", type=int, default=10_000_000, help="rows for the stateful trend policy (0: skip)")
+    ap.add_argument("--auto-chunk", type=int, default=500_000)
     ap.add_argument("--auto-policy", default="auto")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one chunk")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "memory.md")
