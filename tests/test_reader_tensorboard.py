@@ -538,7 +538,7 @@ def test_small_read_blocks_and_records_longer_than_a_block(tmp_path, rich_file, 
     """``more`` drives the caller's loop; a record longer than a block is read whole."""
     path = _write(tmp_path, rich_file)
     expected = reprs(read_all(path))
-    monkeypatch.setattr(tbmod, "READ_BLOCK", 700)  # the images are ~10 KB
+    monkeypatch.setattr(tbmod, "PARSE_BLOCK", 700)  # the images are ~10 KB
     reader = TensorBoardReader(path)
     assert reprs(read_all(path, reader=reader)) == expected and not reader.skipped
 

@@ -59,7 +59,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..hookspecs import hookimpl
 from ..records import EPOCH_KEYS, Record
-from .base import READ_BLOCK, Reader
+from .base import PARSE_BLOCK, Reader
 
 #: Declared record lengths above this are skipped without being read.
 MAX_RECORD = 64 << 20
@@ -629,9 +629,10 @@ class TensorBoardReader(Reader):
         self.identity = identity
 
     def _load(self, f, size: int) -> bytes:
-        """Up to READ_BLOCK bytes from the offset, more if the first record is longer."""
+        """Up to PARSE_BLOCK bytes from the offset, more if the first record is longer (the
+        Records of one read are live at once; 256 KiB reads as fast as 2 MiB, or faster)."""
         f.seek(self.offset)
-        buf = f.read(min(READ_BLOCK, size - self.offset))
+        buf = f.read(min(PARSE_BLOCK, size - self.offset))
         if len(buf) >= 12:
             length, hcrc = _HEADER.unpack_from(buf, 0)
             need = length + 16
