@@ -426,3 +426,21 @@ def test_property_every_number_reaches_the_record(objs):
         records, skipped = whole(JsonlReader, write(Path(d) / "a.jsonl", data))
     assert skipped == {}
     assert norm(records) == norm([Record(expected_metrics(o)) for o in objs])
+
+
+def test_give_back_reads_the_tail_again(tmp_path):
+    """``give_back`` returns the tail of the last block from a line start; it refuses (and
+    changes nothing) when the block was not the file's bytes one for one."""
+    path = write(tmp_path / "a.jsonl", b'{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    reader = JsonlReader(path)
+    tailer = reader.tailer
+    block = tailer.read_block()
+    assert tailer.give_back(block, len(b'{"step": 1}\n'))
+    assert [r.step for r in reader.read()] == [2, 3] and reader.read() == []
+    assert not tailer.give_back(block, 0)  # the last read handed on nothing: nothing to give back
+    with mock.patch.object(base, "MAX_LINE", 16):
+        long = write(tmp_path / "b.jsonl", b'{"step": 1}\n{"step": 2, "x": 12345}\n{"step": 3}\n')
+        reader = JsonlReader(long)
+        block = reader.tailer.read_block()  # the long line left out
+        assert not reader.tailer.give_back(block, 0)
+        assert reader.read() == [] and dict(reader.skipped) == {"over-long line": 1}

@@ -8,8 +8,11 @@ import random
 import shutil
 import sqlite3
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 mlflow = pytest.importorskip("mlflow")
 np = pytest.importorskip("numpy")
@@ -373,3 +376,81 @@ def test_daemon_reads_a_file_store_run_as_one_run(store, tmp_path):
     steps = {s for logged in store["logged"].values() for s, _ in logged}
     assert engine.rewinds == 0 and engine.state["rows"] >= len(steps)
     assert run_daemon(tmp_path).runs[run_dir].engine.state["rows"] == engine.state["rows"]
+
+
+def _file_run(root: Path, files: dict[str, bytes]) -> list[Path]:
+    metrics = root / "mlruns" / "0" / "run" / "metrics"
+    metrics.mkdir(parents=True)
+    for name, data in files.items():
+        (metrics / name).write_bytes(data)
+    return [metrics / name for name in files]
+
+
+def _read_run(paths: list[Path]):
+    """Every record of a file-store run, read through one of its readers until ``more`` is off,
+    and the skip counts of all its readers."""
+    readers = [MlflowFileReader(p) for p in paths]
+    records = []
+    for _ in range(10_000):
+        records += readers[0].read()
+        if not readers[0].more:
+            break
+    else:
+        raise AssertionError("more never turned off")
+    skipped: dict[str, int] = {}
+    for r in readers:
+        for what, n in r.skipped.items():
+            skipped[what] = skipped.get(what, 0) + n
+    return records, skipped
+
+
+def test_file_store_long_key_file_read_in_parts_never_steps_back(tmp_path):
+    """A loss logged every step for 100k steps (3 MB, read a PARSE_BLOCK at a time) and a
+    val_loss every 100: the other file's later rows wait, so steps only go up, one record each."""
+    t0 = 1_700_000_000_000
+    loss = b"".join(b"%d %r %d\n" % (t0 + s, 1 / (1 + s), s) for s in range(100_000))
+    val = b"".join(b"%d %r %d\n" % (t0 + s, 2 / (1 + s), s) for s in range(0, 100_000, 100))
+    records, skipped = _read_run(_file_run(tmp_path, {"loss": loss, "val_loss": val}))
+    assert [r.step for r in records] == list(range(100_000)) and skipped == {}
+    assert [r.step for r in records if "val_loss" in r.metrics] == list(range(0, 100_000, 100))
+    assert all(r.metrics["loss"] == 1 / (1 + r.step) for r in records)
+
+
+_lines = st.one_of(
+    st.tuples(st.integers(0, 50), st.integers(0, 9)).map(lambda t: b"%d 0.5 %d\n" % t),
+    st.sampled_from([b"garbage\n", b"\n", b"1 x 2\r\n", b"7 0.25\r\n"]),
+)
+
+
+def _in_time_order(blob: bytes) -> bool:
+    times = [int(f[0]) for f in (line.split() for line in blob.splitlines()) if len(f) >= 2 and f[0].isdigit()
+             and f[1] != b"x"]
+    return times == sorted(times)
+
+
+_ordered_file = st.lists(
+    st.tuples(st.integers(0, 50), st.integers(0, 9), st.sampled_from([b"", b"garbage\n", b"\n", b"1 x 2\r\n"])),
+    max_size=25,
+).map(lambda rows: b"".join(b"%d 0.5 %d\n%s" % row for row in sorted(rows, key=lambda row: row[0])))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files=st.lists(_ordered_file | st.lists(_lines, max_size=25).map(b"".join), min_size=1, max_size=3),
+       parse=st.integers(1, 120))
+def test_file_store_reads_cut_at_parse_block_equal_a_whole_read(files, parse):
+    """Any key files (garbage, blank lines, CRLF), read PARSE_BLOCK bytes of lines at a time:
+    the reads end, with every row and skip count of reading each file whole; in the same order
+    when each file's times go up, as MLflow writes them."""
+    import tempfile
+
+    from autolr.readers import base
+
+    data = {f"k{i}": blob for i, blob in enumerate(files)}
+    with tempfile.TemporaryDirectory() as d:
+        want = _read_run(_file_run(Path(d) / "whole", data))
+        with mock.patch.object(base, "PARSE_BLOCK", parse):
+            got = _read_run(_file_run(Path(d) / "cut", data))
+    assert flatten(got[0]) == flatten(want[0]) and got[1] == want[1]  # the same rows (sorted)
+    if all(_in_time_order(blob) for blob in files):  # and the steps in the same order (rows
+        # logged at the same time and step may come in another order, or in two records)
+        assert [r.step for r in got[0] for _ in r.metrics] == [r.step for r in want[0] for _ in r.metrics]

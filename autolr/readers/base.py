@@ -123,6 +123,7 @@ class TextTailer:
         self.fd_identity: tuple[int, int] | None = None
         self.last_stat: os.stat_result | None = None  # the stat taken by head()
         self.in_place = False  # the next read may skip the stat (Reader.assume_in_place)
+        self.given: tuple[int, bytes] | None = None  # (offset, mark) before the last block: see give_back
 
     def get_state(self) -> dict[str, Any]:
         return {"offset": self.offset, "identity": self.identity, "skipping": self.skipping,
@@ -287,12 +288,27 @@ class TextTailer:
 
         ``reuse_stat``: use the stat of the ``head()`` called just before (one stat a read)."""
         data = self._fetch(reuse_stat)
+        self.given = None
         if not data:
             return b""
-        start = self.offset
+        start, mark = self.offset, self.mark
         block = self._block(data)
         self._remember(data, start)
+        if self.offset - start == len(block):  # the file's bytes one for one: see give_back
+            self.given = (start, mark)
         return block
+
+    def give_back(self, block: bytes, keep: int) -> bool:
+        """Hand back all but the first ``keep`` bytes of ``block``, the last ``read_block()``:
+        the next read starts again at ``keep`` (a line start). False, and nothing changes, when
+        that block is not the file's bytes one for one (an over-long line was left out)."""
+        if self.given is None or not 0 <= keep <= len(block):
+            return False
+        start, mark = self.given
+        self.offset = start + keep
+        self.mark = ((mark if start else b"") + block[:keep])[-MARK:]
+        self.given = None
+        return True
 
     def read_lines(self) -> list:
         """Complete lines (without line ends) from the offset, at most READ_BLOCK bytes."""

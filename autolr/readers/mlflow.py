@@ -274,18 +274,52 @@ class RunFiles:
 
         The files are merged by their timestamps, so a job resumed from a checkpoint, which
         logs lower steps to the same run, shows its step going back once, where it resumed.
+        A member whose read stopped short (a long file: ``more``) holds the others back: their
+        rows logged after its last one are handed back to their files, read again next time.
         """
-        streams: list[list[tuple[int, int, str, float]]] = []
+        blocks = []
         more = restarted = False
+        # Rows after the frontier wait for the member cut short at it (the holder, which always
+        # keeps its rows, so every read makes progress whatever the files hold).
+        frontier: tuple[float, int] = (math.inf, 0)
+        holder = None
         for path in sorted(self.members):
             reader = self.members.get(path)
             if reader is None:
                 continue
             reader.restarted = False
-            parsed = filter(None, map(reader.parse, reader.tailer.read_lines()))
-            streams.append([(ts, step, reader.key, v) for ts, step, v in parsed])
+            blocks.append((reader, reader.tailer.read_block()))
+            if reader.more:
+                last = _last_time(blocks[-1][1])
+                if holder is None or last < frontier:
+                    frontier, holder = last, reader
             more, restarted = more or reader.more, restarted or reader.restarted
+        streams: list[list[tuple[int, int, str, float]]] = []
+        for reader, block in blocks:
+            rows, pos, hold = [], 0, reader is not holder
+            lines = block.split(b"\n")
+            lines.pop()  # after the last line end
+            for line in lines:
+                parsed = reader.parse(line)
+                if parsed is not None:
+                    if hold and parsed[:2] > frontier and reader.tailer.give_back(block, pos):
+                        break
+                    rows.append((parsed[0], parsed[1], reader.key, parsed[2]))
+                pos += len(line) + 1
+            streams.append(rows)
         return list(heapq.merge(*streams, key=lambda row: (row[0], row[1]))), more, restarted
+
+
+def _last_time(block: bytes) -> tuple[float, int]:
+    """(timestamp, step) of the last well-formed line of ``block``; before any when none is."""
+    for line in reversed(block.split(b"\n")):
+        try:
+            parsed = parse_metric_line(line)
+        except ValueError:
+            continue
+        if parsed is not None:
+            return parsed[:2]
+    return (-math.inf, 0)
 
 
 #: One RunFiles per run folder of a file store, alive while any of its readers is.
@@ -335,20 +369,24 @@ class MlflowFileReader(Reader):
         return list(group_steps(rows))
 
     def parse(self, line: bytes) -> tuple[int, int, float] | None:
-        """``timestamp value [step [dataset digest]]`` as ``(timestamp, step, value)``."""
-        fields = line.split()
-        if not fields:
-            return None
+        """:func:`parse_metric_line`, a malformed line counted and skipped."""
         try:
-            if len(fields) < 2:
-                raise ValueError("fewer than 2 fields")
-            timestamp = int(fields[0])
-            value = float(fields[1])
-            step = int(fields[2]) if len(fields) >= 3 else 0
+            return parse_metric_line(line)
         except ValueError as exc:
             self.skip("malformed MLflow metric line", str(exc)[:80])
             return None
-        return timestamp, step, value
+
+
+def parse_metric_line(line: bytes) -> tuple[int, int, float] | None:
+    """``timestamp value [step [dataset digest]]`` as ``(timestamp, step, value)``; None for a
+    blank line, ValueError for a malformed one."""
+    fields = line.split()
+    if not fields:
+        return None
+    if len(fields) < 2:
+        raise ValueError("fewer than 2 fields")
+    timestamp, value = int(fields[0]), float(fields[1])
+    return timestamp, int(fields[2]) if len(fields) >= 3 else 0, value
 
 
 def group_steps(rows: Iterable[tuple[int, int, str, float]]) -> Iterable[Record]:
