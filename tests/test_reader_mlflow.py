@@ -25,6 +25,7 @@ from autolr.readers.mlflow import (  # noqa: E402
     MlflowDbReader,
     MlflowFileReader,
     locate_metric_file,
+    parse_metric_line,
     sqlite_run_folder,
 )
 
@@ -423,15 +424,22 @@ _lines = st.one_of(
 
 
 def _in_time_order(blob: bytes) -> bool:
-    times = [int(f[0]) for f in (line.split() for line in blob.splitlines()) if len(f) >= 2 and f[0].isdigit()
-             and f[1] != b"x"]
-    return times == sorted(times)
+    """The (timestamp, step) of the well-formed lines go up: the order the files are merged in."""
+    keys = []
+    for line in blob.splitlines():
+        try:
+            parsed = parse_metric_line(line)
+        except ValueError:
+            continue
+        if parsed is not None:
+            keys.append(parsed[:2])
+    return keys == sorted(keys)
 
 
 _ordered_file = st.lists(
     st.tuples(st.integers(0, 50), st.integers(0, 9), st.sampled_from([b"", b"garbage\n", b"\n", b"1 x 2\r\n"])),
     max_size=25,
-).map(lambda rows: b"".join(b"%d 0.5 %d\n%s" % row for row in sorted(rows, key=lambda row: row[0])))
+).map(lambda rows: b"".join(b"%d 0.5 %d\n%s" % row for row in sorted(rows, key=lambda row: row[:2])))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

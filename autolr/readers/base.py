@@ -200,6 +200,7 @@ class TextTailer:
 
     def _fetch(self, reuse_stat: bool = False) -> bytes:
         """The bytes from the offset (at most READ_BLOCK), after the restart checks."""
+        self.given = None  # any read ends what give_back may return
         self.reader.more = False
         if self.in_place:
             self.in_place = False
@@ -288,7 +289,6 @@ class TextTailer:
 
         ``reuse_stat``: use the stat of the ``head()`` called just before (one stat a read)."""
         data = self._fetch(reuse_stat)
-        self.given = None
         if not data:
             return b""
         start, mark = self.offset, self.mark
