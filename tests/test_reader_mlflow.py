@@ -415,6 +415,9 @@ def test_file_store_long_key_file_read_in_parts_never_steps_back(tmp_path):
     assert [r.step for r in records] == list(range(100_000)) and skipped == {}
     assert [r.step for r in records if "val_loss" in r.metrics] == list(range(0, 100_000, 100))
     assert all(r.metrics["loss"] == 1 / (1 + r.step) for r in records)
+    daemon = run_daemon(tmp_path)  # the daemon: no rewind (before, a step went back here)
+    engine = daemon.runs[tmp_path / "mlruns" / "0" / "run"].engine
+    assert engine.rewinds == 0 and engine.state["rows"] == 100_000
 
 
 _lines = st.one_of(
