@@ -2,7 +2,9 @@
 
 The "model" is a linear regression trained by minibatch SGD on noisy data: the loss falls,
 then levels off at a floor that grows with the learning rate, so every cut of the LR after a
-plateau buys a lower validation loss. The loop writes ``metrics.jsonl`` and reads its LR from
+plateau buys a lower validation loss. At the end the same training (same data, same seed) is
+run at a constant base LR and at a constant ``min_lr``, in process, for comparison: too high a
+constant LR stays above the floor, too low a one has not converged. The loop writes ``metrics.jsonl`` and reads its LR from
 ``autolr.json`` at every step, exactly as a real training loop would.
 """
 from __future__ import annotations
@@ -59,8 +61,9 @@ def train(lr_at: Callable[[int, list[dict]], float], *, steps: int, seed: int) -
 
 
 def simulate(run_dir: Path, ctl: Control, *, steps: int, base_lr: float, seed: int,
-             echo: Callable[[str], None], step_seconds: float = 0.01) -> list[tuple[int, float]]:
-    """Train, logging to ``run_dir/metrics.jsonl``; return the (step, lr) changes applied."""
+             echo: Callable[[str], None], step_seconds: float = 0.01) -> tuple[list[tuple[int, float]], float | None]:
+    """Train, logging to ``run_dir/metrics.jsonl``; return the (step, lr) changes applied and
+    the last validation loss."""
     applied = [(0, ctl.lr(base_lr))]
     seq = ctl.seq
 
@@ -73,15 +76,35 @@ def simulate(run_dir: Path, ctl: Control, *, steps: int, base_lr: float, seed: i
             quiet = "warmup" in (rec.get("reason") or "") or (
                 "factor" in (rec.get("reason") or "") and lr < base_lr and 1 < len(applied) and step <= 101)
             if not quiet:  # warmup moves every step: show its first and last change
-                echo(f"  step {step:5d}: lr {applied[-1][1]:.4g} -> {lr:.4g}   ({rec.get('reason')})")
+                val = _last_val_loss(rows)
+                seen = f", val_loss {val:.4f}" if val is not None else ""
+                echo(f"  step {step:5d}: lr {applied[-1][1]:.4g} -> {lr:.4g}{seen}   ({rec.get('reason')})")
             applied.append((step, lr))
         return lr
 
+    val = None
     with open(run_dir / "metrics.jsonl", "a", buffering=1) as log:
         for row in train(lr_at, steps=steps, seed=seed):
             log.write(json.dumps(row) + "\n")
+            val = row.get("val_loss", val)
             time.sleep(step_seconds)
-    return applied
+    return applied, val
+
+
+def _last_val_loss(rows: list[dict]) -> float | None:
+    """The latest ``val_loss`` logged (one every 25 rows)."""
+    for row in reversed(rows[-25:]):
+        if "val_loss" in row:
+            return row["val_loss"]
+    return None
+
+
+def constant_val_loss(lr: float, *, steps: int, seed: int) -> float | None:
+    """The last validation loss of the same training (same data, same seed) at a constant LR."""
+    val = None
+    for row in train(lambda step, rows: lr, steps=steps, seed=seed):
+        val = row.get("val_loss", val)
+    return val
 
 
 def run_demo(folder: Path, *, steps: int = 1500, seed: int = 0, base_lr: float = 0.05,
@@ -107,11 +130,16 @@ def run_demo(folder: Path, *, steps: int = 1500, seed: int = 0, base_lr: float =
         echo(f"autolr demo: daemon watching {folder} (pid {daemon.pid}); simulated training in {run_dir}")
         echo(f"  policy: auto (warmup 100 steps, trend-test decay, divergence guard) on the training loss; "
              f"base lr {base_lr}, min lr {base_lr / 100}")
-        applied = simulate(run_dir, Control(run_dir), steps=steps, base_lr=base_lr, seed=seed, echo=echo)
+        applied, val = simulate(run_dir, Control(run_dir), steps=steps, base_lr=base_lr, seed=seed, echo=echo)
     finally:
         stop_watch(daemon)
         daemon_log.close()
-    echo(f"done: {len(applied) - 1} LR changes applied. Look at {run_dir}:")
+    echo(f"done: {len(applied) - 1} LR changes applied.")
+    if val is not None:
+        fixed = "; ".join(f"at a constant lr {lr:g}: {constant_val_loss(lr, steps=steps, seed=seed):.4f}"
+                          for lr in (base_lr, base_lr / 100))
+        echo(f"  final val_loss {val:.4f} (the noise floor is 0.5); the same data and seed {fixed}")
+    echo(f"Look at {run_dir}:")
     echo("  metrics.jsonl (the log), autolr.json (control file), autolr.decisions.jsonl (journal)")
     echo(f"  autolr status {folder}    autolr replay {run_dir / 'metrics.jsonl'} --config {folder / 'autolr.toml'}")
     return applied
