@@ -143,14 +143,20 @@ class Chain:
         return state["scale"]
 
     def lr(self, state: State) -> float | None:
-        """The absolute LR, or None when no base LR is known."""
-        return None if self.base_lr is None else self.base_lr * state["scale"]
+        """The absolute LR, or None when no base LR is known (``base_lr``, or one learnt from a
+        manual LR: see :meth:`override`)."""
+        base = self.base_lr if self.base_lr is not None else state.get("base")
+        return None if base is None else base * state["scale"]
 
-    def _target_scale(self, state: State) -> float:
+    def _raw(self, state: State) -> float:
+        """manual × Π factors, before the min_lr/max_lr clamp."""
         raw = state["manual"]
         for policy, pstate in zip(self.policies, state["policies"]):
             raw *= policy.value(pstate)
-        lr = self.base * raw
+        return raw
+
+    def _target_scale(self, state: State) -> float:
+        lr = self.base * self._raw(state)
         if self.min_lr is not None:
             lr = max(lr, self.min_lr)
         if self.max_lr is not None:
@@ -252,16 +258,36 @@ class Chain:
 
     # ---- manual override ---------------------------------------------------------------
     def override(self, state: State, *, lr: float | None = None, scale: float | None = None) -> State:
-        """Adopt a manual LR (or scale): later policy decisions continue from it."""
-        if (lr is None) == (scale is None):
-            raise ValueError("give exactly one of lr or scale")
-        target = scale if scale is not None else lr / self.base
+        """Adopt a manual LR or scale: the LR is that value now and later policy decisions
+        continue from it. manual = target / Π factors, taken before the min_lr/max_lr clamp,
+        so the clamp recomputed on the next row gives the target again; while the factors
+        multiply to 0 (a cosine to ``eta_min=0``) manual = target, and the target holds until
+        a policy gives a usable LR again.
+
+        With ``base_lr`` an ``lr`` decides. Without one, ``scale`` decides (the current one
+        when not given: ``autolr set --lr`` with no base LR known keeps the scale), and an
+        ``lr`` teaches the chain the loop's base LR, lr / scale, so that later decisions
+        publish absolute LRs continuing from the manual one."""
+        if lr is None and scale is None:
+            raise ValueError("give lr or scale")
+        for v in (lr, scale):
+            if v is not None and not _usable(v):
+                raise ValueError(f"manual value must be finite and > 0, got {v!r}")
+        if lr is not None and self.base_lr is not None:
+            target = lr / self.base_lr
+        elif scale is not None:
+            target = scale
+        else:  # an absolute LR and no base LR known: the scale stays, the base is learnt
+            target = state["scale"]
         if not _usable(target):
-            raise ValueError(f"manual value must be finite and > 0, got {lr if scale is None else scale!r}")
+            raise ValueError(f"manual value out of range: lr {lr!r} on base_lr {self.base_lr!r}")
         state = dict(state)
-        current = self._target_scale(dict(state, manual=1.0))
-        state["manual"] = target / current
+        raw = self._raw(dict(state, manual=1.0))
+        manual = target / raw if _usable(raw) else target
+        state["manual"] = manual if _usable(manual) else target
         state["scale"] = target
+        if lr is not None and self.base_lr is None:
+            state["base"] = lr / target
         return state
 
 

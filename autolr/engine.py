@@ -297,8 +297,8 @@ class RunEngine:
         """Adopt a manual LR; the history is kept and later decisions continue from it."""
         self.state = self.chain.override(self.state, lr=lr, scale=scale)
         # Later rewinds replay from checkpoints taken before the override: carry it forward.
-        manual = self.state["manual"]
-        self.checkpoints = deque((n, _pack(dict(_unpack(s), manual=manual))) for n, s in self.checkpoints)
+        carry = {k: self.state[k] for k in ("manual", "base") if k in self.state}
+        self.checkpoints = deque((n, _pack(dict(_unpack(s), **carry))) for n, s in self.checkpoints)
 
     def _remember(self, record: Record) -> None:
         rows = self.rows

@@ -194,19 +194,27 @@ class Run:
             return
         self.seq = current["seq"]
         self.last_decision = current
-        if current.get("policy") == "manual":
-            with contextlib.suppress(ValueError):
-                self.engine.override(scale=current["scale"])
-                log.info("%s: adopted manual override seq %d (scale %g)", self.folder,
-                         current["seq"], current["scale"])
+        if current.get("policy") == "manual" and self._override(current):
+            log.info("%s: adopted manual override seq %d (scale %g, lr %s)", self.folder,
+                     current["seq"], current["scale"], current.get("lr"))
         self.dirty = True
 
     def _adopt_pending_manuals(self) -> None:
         while self.pending and self.pending.peek().get("kind") == "manual":
             entry = self.pending.pop()
-            with contextlib.suppress(ValueError):
-                self.engine.override(scale=entry["scale"])
+            self._override(entry)
             self.seq = entry["seq"]
+
+    def _override(self, entry: dict[str, Any]) -> bool:
+        """Continue from a manual control record or journal entry (its lr decides when the
+        chain knows a base LR; without one its scale, and its lr teaches the base). A value
+        the chain cannot take is logged and left out: it never stops the run."""
+        try:
+            self.engine.override(lr=entry.get("lr"), scale=entry.get("scale"))
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            log.warning("%s: manual override seq %s not adopted: %s", self.folder, entry.get("seq"), exc)
+            return False
+        return True
 
     # ---- persistence ---------------------------------------------------------------------
     @property

@@ -117,3 +117,70 @@ def test_min_change_never_holds_back_a_policy_decision():
     assert decisions and decisions[0].lr == pytest.approx(0.1 * 0.9999)
     with pytest.raises(Exception, match="min_change"):
         build_chain([("cosine", {"T_max": 10})], policy_classes(), min_change=1.0)
+
+
+# ---- manual override -----------------------------------------------------------------------
+def _chain(*specs, **kw):
+    from autolr.config import parse_policy_options
+
+    return build_chain(parse_policy_options(list(specs)), policy_classes(), **kw)
+
+
+def _feed(chain, state, steps):
+    decisions = []
+    for s in steps:
+        state, d = chain.update(state, Record({"loss": 1.0}, s))
+        decisions.append(d)
+    return state, decisions
+
+
+@pytest.mark.parametrize("specs, kw, set_lr", [
+    (("multistep:milestones=[2],gamma=0.01",), {"base_lr": 1.0, "min_lr": 0.1}, 0.5),  # factor under min_lr
+    (("constant:factor=2",), {"base_lr": 1.0, "max_lr": 1.0}, 0.5),  # factor over max_lr
+    (("constant:factor=2",), {"base_lr": 1.0, "max_lr": 1.0}, 0.2),
+])
+def test_a_manual_lr_survives_the_clamp_on_the_next_rows(specs, kw, set_lr):
+    """Regression: manual was target / the clamped LR, so the clamp recomputed on the next row
+    undid it (min_lr gave 0.1, max_lr 1.0 back)."""
+    chain = _chain(*specs, **kw)
+    state, _ = _feed(chain, chain.init(), range(5))
+    state = chain.override(state, lr=set_lr)
+    assert chain.lr(state) == pytest.approx(set_lr)
+    state, ds = _feed(chain, state, range(5, 10))
+    assert ds == [None] * 5 and chain.lr(state) == pytest.approx(set_lr)
+
+
+def test_a_manual_lr_while_the_factors_are_zero_holds_until_a_policy_moves():
+    """Regression: a polynomial decay at total_iters (or a cosine to eta_min=0) multiplies to 0,
+    and the override divided by it: ZeroDivisionError, and the daemon failed on every start."""
+    chain = _chain("polynomial:total_iters=10", base_lr=0.1)
+    state, _ = _feed(chain, chain.init(), range(12))
+    assert chain._raw(state) == 0 and chain.lr(state) > 0  # the last good LR stays
+    state = chain.override(state, lr=0.05)
+    assert chain.lr(state) == pytest.approx(0.05)
+    state, ds = _feed(chain, state, range(12, 20))
+    assert ds == [None] * 8 and chain.lr(state) == pytest.approx(0.05)
+
+
+def test_a_manual_lr_without_a_base_lr_teaches_the_base():
+    """``autolr set --lr`` with no base LR known keeps the scale; later decisions continue
+    from the manual LR in absolute terms (they published lr null and lost it)."""
+    chain = _chain("step:step_size=5,gamma=0.5")
+    state, _ = _feed(chain, chain.init(), range(3))
+    assert chain.lr(state) is None
+    state = chain.override(state, lr=0.003, scale=chain.scale(state))
+    assert chain.scale(state) == 1.0 and chain.lr(state) == pytest.approx(0.003)
+    state, ds = _feed(chain, state, range(3, 7))
+    assert [d.scale for d in ds if d] == [0.5] and chain.lr(state) == pytest.approx(0.0015)
+    assert chain.override(state, lr=0.01)["scale"] == state["scale"]  # lr alone: the scale stays
+    # with a base LR the LR decides, whatever scale the record carried
+    based = _chain("step:step_size=5,gamma=0.5", base_lr=0.1)
+    s2 = based.override(based.init(), lr=0.5, scale=1.0)
+    assert based.scale(s2) == pytest.approx(5.0) and based.lr(s2) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("lr, scale", [(None, None), (0.0, None), (None, -1.0), (math.nan, None), (None, math.inf)])
+def test_override_refuses_unusable_values(lr, scale):
+    chain = _chain("constant", base_lr=0.1)
+    with pytest.raises(ValueError):
+        chain.override(chain.init(), lr=lr, scale=scale)

@@ -545,3 +545,37 @@ def test_a_step_that_restarts_every_epoch_is_called_out():
     # a real resume (epoch and step both back) says nothing of the kind
     back = [d for d in engine.feed(Record({"loss": 1.0}, 10, 0.0), ["loss"]) if d.kind == "rewind"]
     assert back and "epoch advanced" not in back[0].reason
+
+
+def test_a_manual_set_while_the_factors_are_zero_never_stops_the_run(tmp_path):
+    """Regression: ``autolr set`` after a polynomial decay reached 0 raised ZeroDivisionError
+    in the daemon at every start (the journal's manual entry is adopted again at load)."""
+    from autolr.manual import set_manual
+
+    run = tmp_path / "run"
+    policy = ("polynomial:total_iters=10",)
+    write_jsonl(run / "metrics.jsonl", flat_then_flat(range(10)))
+    make_daemon(tmp_path, policy=policy)[0].run()
+    set_manual(run, lr=0.05)
+    for extra in (range(10, 12), range(12, 14)):  # two more starts, each adopting the journal
+        write_jsonl(run / "metrics.jsonl", flat_then_flat(extra))
+        make_daemon(tmp_path, policy=policy)[0].run()
+        control = json.loads((run / "autolr.json").read_text())
+        assert control["lr"] == pytest.approx(0.05) and control["policy"] == "manual"
+    manual = [e for e in read_journal(run) if e["kind"] == "manual"]
+    assert len(manual) == 1 and read_journal(run)[-1]["seq"] == manual[0]["seq"]  # nothing after it
+
+
+def test_a_manual_lr_set_before_the_daemon_knows_the_base_lr(tmp_path):
+    """``autolr set --lr`` before the first start (no base LR in the file: scale 1), then
+    ``watch --base-lr 0.1``: the LR is the manual 0.5 and the next decision halves it (it was
+    0.1 × 0.5: the manual LR read as a scale of 1)."""
+    from autolr.manual import set_manual
+
+    run = tmp_path / "run"
+    run.mkdir()
+    set_manual(run, lr=0.5)
+    write_jsonl(run / "metrics.jsonl", flat_then_flat(range(7)))
+    make_daemon(tmp_path, policy=("step:step_size=5,gamma=0.5",), base_lr=0.1)[0].run()
+    entries = [(e["kind"], e["lr"]) for e in read_journal(run)]
+    assert entries[0] == ("manual", 0.5) and entries[-1] == ("decision", pytest.approx(0.25)), entries
