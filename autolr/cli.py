@@ -208,7 +208,7 @@ def watch(reg: Registry, root: str, config_path: str | None, poll: float | None,
         default_cfg = root_path / "autolr.toml"
         config = load_config(config_path or (default_cfg if default_cfg.is_file() else None))
         overrides = cli_overrides(kw)
-        config.defaults.merged(overrides).chain(reg.policies)
+        config.check(reg.policies, overrides)
     except (ConfigError, PolicyError) as exc:
         fail(str(exc))
     options = Options(poll=poll, once=once, follow_symlinks=follow_symlinks, rescan=rescan, fsync=not no_fsync)

@@ -10,7 +10,7 @@
     max_lr = 1.0               # optional clamp
     apply_margin = 20          # optional: changes apply 20 steps after the last logged step
     min_change = 0.001         # optional: a schedule's change is published once it moves the LR 0.1 %
-    policy = ["warmup:steps=200", "plateau:patience=20"]
+    policy = ["warmup:steps=200", "plateau:method=threshold,patience=20"]
 
     [[policies]]               # the same chain as tables, if preferred
     name = "warmup"
@@ -76,6 +76,18 @@ class Config:
 
     defaults: Settings = field(default_factory=Settings)
     runs: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+
+    def check(self, registry: dict[str, type], overrides: Mapping[str, Any] | None = None) -> None:
+        """Build the chain of the defaults and of every ``[runs."glob"]`` section on top of
+        them, ``overrides`` (the CLI flags) last: a bad spec or parameter fails at start with
+        the section named, not when a matching run appears."""
+        overrides = overrides or {}
+        self.defaults.merged(overrides).chain(registry)
+        for pattern, section in self.runs:
+            try:
+                self.defaults.merged(section).merged(overrides).chain(registry)
+            except PolicyError as exc:
+                raise PolicyError(f'[runs."{pattern}"]: {exc}') from exc
 
     def for_run(self, run: str) -> Settings:
         """Settings for a run path (relative to the watched root); later globs win."""

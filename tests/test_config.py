@@ -82,3 +82,41 @@ def test_replay_uses_the_config_file(tmp_path):
 
 def test_default_chain_is_used_without_policies():
     assert Settings().chain(policy_classes()).names == "auto"
+
+
+def test_a_bad_policy_in_a_run_section_fails_at_start_with_the_section_named(tmp_path):
+    """Regression: only the defaults were checked; a run present at start died with a
+    traceback, one appearing later was never tuned (an error in the daemon's log)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+    (tmp_path / "autolr.toml").write_text('policy = ["constant"]\n[runs."x*"]\npolicy = ["nosuch"]\n')
+    res = run_cli("watch", str(tmp_path), "--once", check=False)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert '[runs."x*"]' in res.stderr and "nosuch" in res.stderr, res.stderr
+    (tmp_path / "autolr.toml").write_text('[runs."run"]\npolicy = ["plateau:patience=5"]\n')  # trend has no patience
+    res = run_cli("watch", str(tmp_path), "--once", check=False)
+    assert res.returncode != 0 and '[runs."run"]' in res.stderr and "patience" in res.stderr, res.stderr
+    assert not (tmp_path / "run" / "autolr.json").exists()
+
+
+def _toml_blocks(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"```toml\n(.*?)```", text, re.S)
+
+
+def test_the_documented_config_examples_load_and_build(tmp_path):
+    """The README's autolr.toml and this module's docstring example (the README's had a
+    parameter its policy's default method refuses)."""
+    import autolr.config
+    from pathlib import Path
+    import textwrap
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    doc = autolr.config.__doc__.split("``autolr.toml``::", 1)[1]
+    examples = _toml_blocks(readme) + [textwrap.dedent(doc)]
+    assert len(examples) >= 2
+    for text in examples:
+        config = load_config(write(tmp_path, text))
+        config.check(policy_classes())
+        assert config.defaults.policies and config.runs
