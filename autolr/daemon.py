@@ -294,7 +294,10 @@ class Daemon:
         for path in list(self.sources):
             if self.stop_event.is_set():
                 return
-            self.process(path)
+            try:
+                self.process(path)
+            except Exception as exc:  # one run's failure must not stop the others (or the start)
+                self.count("unexpected error", path, exc)
 
     def _report_progress(self, rows: int) -> None:
         """A progress line at most once a second while reading large existing logs."""

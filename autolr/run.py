@@ -107,8 +107,9 @@ class Run:
             step = record.step
             if step is not None:
                 self.last_step = step
-                if self.max_step is None or step > self.max_step:
-                    self.max_step = step
+                if self.max_step is None or step > self.max_step or (
+                        decisions and any(d.kind == "rewind" for d in decisions)):
+                    self.max_step = step  # after a rewind: the resumed job's step, not the old branch's
             elif record.epoch is not None:
                 self.last_step = _int_if_whole(record.epoch)
             monitor = engine.state["monitor"]
@@ -146,7 +147,9 @@ class Run:
         for d in fresh:
             fields = self._control_fields(d, last_at)
             if d.kind == "rewind" and "apply_at_step" in fields:
-                schedule = [e for e in schedule if e["at"] < fields["apply_at_step"]]
+                # entries the resumed job has not reached are void; the initial one (at None)
+                # is in force from the start
+                schedule = [e for e in schedule if e["at"] is None or e["at"] < fields["apply_at_step"]]
             last_at = fields.get("apply_at_step", last_at)
             batch.append(fields)
         try:

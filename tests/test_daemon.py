@@ -579,3 +579,50 @@ def test_a_manual_lr_set_before_the_daemon_knows_the_base_lr(tmp_path):
     make_daemon(tmp_path, policy=("step:step_size=5,gamma=0.5",), base_lr=0.1)[0].run()
     entries = [(e["kind"], e["lr"]) for e in read_journal(run)]
     assert entries[0] == ("manual", 0.5) and entries[-1] == ("decision", pytest.approx(0.25)), entries
+
+
+def _margin_daemon(root: Path, policy=("auto:warmup=0",), margin=5) -> Daemon:
+    overrides = {"policies": parse_policy_options(policy), "base_lr": 0.1, "apply_margin": margin}
+    return Daemon(root, load_config(None), overrides, POLICIES, READERS, Options(once=True, fsync=False))
+
+
+def test_apply_margin_a_resumed_run_journals_its_rewind_and_guard_and_restarts(tmp_path):
+    """Regression: with --apply-margin, a rewind compared the initial entry's apply_at_step
+    (None) with an int: TypeError after the engine had taken the rows, so the rewind and the
+    guard's cut were lost, and every later start failed the same way. And a change after a
+    rewind applied at the abandoned branch's last step + margin (304 here, not 214)."""
+    run = tmp_path / "exp"
+    write_jsonl(run / "metrics.jsonl", [{"step": s, "loss": 1.0 / (1 + 0.01 * s)} for s in range(300)])
+    _margin_daemon(tmp_path).run()
+    write_jsonl(run / "metrics.jsonl", [{"step": s, "loss": 1.0 / (1 + 0.01 * s) if s < 205 else "NaN"}
+                                        for s in range(200, 210)])
+    _margin_daemon(tmp_path).run()
+    journal = read_journal(run)
+    kinds = [(e["kind"], e["step"], e.get("apply_at_step")) for e in journal if e["kind"] != "initial"]
+    assert ("rewind", 200, 205) in kinds, kinds
+    guard = [e for e in journal if "divergence guard" in (e.get("reason") or "")]
+    assert len(guard) == 1 and guard[0]["step"] == 205 and guard[0]["apply_at_step"] == 214, kinds
+    control = json.loads((run / "autolr.json").read_text())
+    assert control["seq"] == journal[-1]["seq"] and control["scale"] == pytest.approx(0.5)
+    write_jsonl(run / "metrics.jsonl", [{"step": 210, "loss": 1.0}])
+    _margin_daemon(tmp_path).run()  # a later start catches up without failing
+    assert read_journal(run)[-1]["seq"] >= journal[-1]["seq"]
+
+
+def test_one_run_failing_during_catch_up_leaves_the_others_and_the_start(tmp_path, monkeypatch):
+    from autolr import run as runmod
+
+    for name in ("a", "b"):
+        write_jsonl(tmp_path / name / "metrics.jsonl", flat_then_flat(range(10)))
+    real = runmod.Run.feed
+
+    def feed(self, reader, records):
+        if self.folder.name == "a":
+            raise RuntimeError("a bug in this run's path")
+        return real(self, reader, records)
+
+    monkeypatch.setattr(runmod.Run, "feed", feed)
+    daemon, _ = make_daemon(tmp_path)
+    daemon.run()
+    assert daemon.errors["unexpected error"] == 1
+    assert decisions(tmp_path / "b") == replay_changes(tmp_path / "b" / "metrics.jsonl")
