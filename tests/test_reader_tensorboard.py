@@ -641,3 +641,35 @@ def test_daemon_reads_and_resumes_through_a_plugin_file(tmp_path, torch_writer, 
     cli(*args)
     state = json.loads((run / "autolr.state.json").read_text())
     assert state["rows"] == 40 and len(state["sources"]) == 2
+
+
+def test_lightning_hp_metric_placeholder_does_not_take_a_resumed_run_to_step_0(tmp_path):
+    """Lightning's TensorBoardLogger writes hp_metric = -1 at step 0 whenever a fit starts with
+    hyperparameters, a resumed one too: read as a row, it rewound the run to step 0 and threw
+    its history away (a multistep cut at step 30 was undone after a resume at step 40)."""
+    pytest.importorskip("lightning")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from autolr.config import load_config, parse_policy_options
+    from autolr.control import read_journal
+    from autolr.daemon import Daemon, Options
+    from autolr.plugins import get_plugin_manager, policy_classes, reader_classes
+
+    def fit(steps):
+        logger = TensorBoardLogger(tmp_path, name="lt", version=0)
+        logger.log_hyperparams({"width": 8})
+        for s in steps:
+            logger.log_metrics({"train_loss": 1.0 / (1 + s)}, s)
+        logger.finalize("success")
+
+    pm = get_plugin_manager(entry_points=False)
+    overrides = {"policies": parse_policy_options(["multistep:milestones=[30],gamma=0.5"]), "base_lr": 0.1}
+    fit(range(80))
+    fit(range(40, 60))  # resumed from the checkpoint at step 40: a second events file
+    Daemon(tmp_path, load_config(None), overrides, policy_classes(pm), reader_classes(pm),
+           Options(once=True, fsync=False)).run()
+    journal = read_journal(tmp_path / "lt" / "version_0")
+    assert [(e["kind"], e["step"]) for e in journal if e["kind"] == "rewind"] == [("rewind", 40)], journal
+    assert journal[-1]["lr"] == pytest.approx(0.05)  # the cut at step 30 still holds
+    reader = TensorBoardReader(sorted((tmp_path / "lt" / "version_0").glob("events.out.tfevents.*"))[0])
+    assert all("hp_metric" not in r.metrics for r in reader.read())

@@ -317,6 +317,11 @@ def _bytes_equal(arr: np.ndarray, pos: np.ndarray, expect: bytes) -> np.ndarray:
     return ok
 
 
+#: Lightning's TensorBoardLogger writes ``hp_metric = -1`` at step 0 whenever a fit starts with
+#: hyperparameters (the hparams tab's placeholder), a resumed fit too: read, that row takes the
+#: run back to step 0 and throws its history away. That exact value at step 0 is left out.
+_HP_METRIC = b"hp_metric"
+
 #: One summary value: (tag bytes, scalar or None, came from a tensor, plugin name or None).
 Value = tuple[bytes, "float | None", bool, "bytes | None"]
 
@@ -674,6 +679,8 @@ class TensorBoardReader(Reader):
                 if tensor[i] and tag in non_scalar:
                     continue
                 name, epoch_kind = names.get(tag) or self._metric_name(tag)
+                if tag == _HP_METRIC and values[i] == -1.0 and steps[i] == 0:
+                    continue
                 add(steps[i], epoch_kind, name, values[i])
 
     def _decode(self, buf: bytes, start: int, end: int):
@@ -697,6 +704,8 @@ class TensorBoardReader(Reader):
             if plugin is not None:
                 self._note_plugin(tag, plugin)
             if value is None or (tensor and tag in self.non_scalar):
+                continue
+            if tag == _HP_METRIC and value == -1.0 and step == 0:
                 continue
             name, epoch_kind = self._names.get(tag) or self._metric_name(tag)
             self.group.add(step, epoch_kind, name, value)
