@@ -631,3 +631,15 @@ def test_property_lightning_writer_with_new_keys_read_any_time(rows, reads):
         want, skipped = whole(CsvReader, path)
         assert len(want) == len(rows) and skipped == {}
         assert norm(got) == norm(want)
+
+
+def test_a_utf8_byte_order_mark_before_the_header_is_not_part_of_the_first_name(tmp_path):
+    """Regression: Excel's and Python's utf-8-sig CSV starts with a BOM; the first column read
+    as "\\ufeffstep", so the log lost its step counter."""
+    plain, marked = tmp_path / "a" / "log.csv", tmp_path / "b" / "log.csv"
+    for path, head in ((plain, ""), (marked, "\ufeff")):
+        path.parent.mkdir()
+        path.write_text(head + "step,loss\n" + "".join(f"{s * 10},{1 / (1 + s)}\n" for s in range(5)), encoding="utf-8")
+    assert marked.read_bytes().startswith(b"\xef\xbb\xbfstep")
+    got, want = CsvReader(marked).read(), CsvReader(plain).read()
+    assert got == want and [r.step for r in got] == [0, 10, 20, 30, 40]

@@ -128,7 +128,10 @@ class CsvReader(Reader):
             return False
         if self.need_header and row is not BAD_ROW:
             self.need_header = False
-            self._take_header([c.strip() for c in row])
+            cells = [c.strip() for c in row]
+            if cells[0].startswith("\ufeff"):  # a UTF-8 byte order mark (Excel, utf-8-sig)
+                cells[0] = cells[0][1:].strip()
+            self._take_header(cells)
             return False
         if not self.need_header:
             # Every data row counts, good or bad: Lightning's rewrite writes them all again.
