@@ -59,6 +59,7 @@ class Run:
         self.dirty = False
         self.saved_at = 0.0  # time.monotonic() of the last state save
         self.errors: Counter[str] = Counter()
+        self.skipped_before: Counter[str] = Counter()  # counted before the last restart (saved state)
         self.on_decision = on_decision
         self.restored = False
         self.published = 0  # decisions this process published (the min_change hint)
@@ -78,6 +79,7 @@ class Run:
         for reader in self.sources.values():
             total.update(reader.skipped)
         total.update(self.errors)
+        total.update(self.skipped_before)
         return total
 
     # ---- processing ----------------------------------------------------------------------
@@ -314,6 +316,10 @@ class Run:
         self.max_step = data.get("max_step")
         self.last_step = data.get("last_step")
         self.last_metric = data.get("last_metric")
+        # the readers resume past what they skipped: their counts carry on from the saved ones
+        saved = data.get("skipped")
+        if isinstance(saved, dict):
+            self.skipped_before = Counter({str(k): v for k, v in saved.items() if type(v) is int and v > 0})
         self.restored = True
         self.pending = JournalCursor.after(self.writer.journal, self.seq)
         self._adopt_pending_manuals()

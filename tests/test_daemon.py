@@ -626,3 +626,23 @@ def test_one_run_failing_during_catch_up_leaves_the_others_and_the_start(tmp_pat
     daemon.run()
     assert daemon.errors["unexpected error"] == 1
     assert decisions(tmp_path / "b") == replay_changes(tmp_path / "b" / "metrics.jsonl")
+
+
+def test_skip_counts_carry_over_a_restart(tmp_path):
+    """Regression: the counts were the live readers' own, and a restarted reader resumes past
+    what it skipped: `autolr status` showed nothing after a restart, then only the new ones."""
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.parent.mkdir()
+    log.write_text('{"step": 0, "loss": 1}\nGARBAGE\n{"step": 1, "loss": "abc"}\n[1,2]\n')
+    make_daemon(tmp_path)[0].run()
+    first = json.loads((tmp_path / "run" / "autolr.state.json").read_text())["skipped"]
+    assert sum(first.values()) == 2, first  # the garbage line and the array (a string value is no error)
+    with open(log, "a") as f:
+        f.write('{"step": 2, "loss": 1}\n')
+    make_daemon(tmp_path)[0].run()
+    assert json.loads((tmp_path / "run" / "autolr.state.json").read_text())["skipped"] == first
+    with open(log, "a") as f:
+        f.write('MORE GARBAGE\n{"step": 3, "loss": 1}\n')
+    make_daemon(tmp_path)[0].run()
+    last = json.loads((tmp_path / "run" / "autolr.state.json").read_text())["skipped"]
+    assert sum(last.values()) == 3 and all(last[k] >= v for k, v in first.items()), last
