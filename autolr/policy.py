@@ -174,7 +174,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         raise PolicyError(f"{where}: expected true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
             raise PolicyError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if hint is float:

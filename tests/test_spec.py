@@ -62,6 +62,12 @@ def test_unknown_parameter_lists_the_valid_ones():
     ("cosine:T_max=abc", "number"),
     ("multistep:milestones=[1,x]", "integer"),
     ("step:step_size=2,gamma=true", "number"),
+    # an integer parameter given inf, nan or an overflowing number: was a raw OverflowError/ValueError
+    ("step:step_size=inf", "integer, got inf"),
+    ("step:step_size=nan", "integer, got nan"),
+    ("plateau:method=threshold,patience=1e400", "integer, got inf"),
+    ("multistep:milestones=[10,inf]", "integer"),
+    ("step:step_size=2.5", "integer"),
 ])
 def test_invalid_values_are_clear_errors(spec, message):
     with pytest.raises(PolicyError, match=message):
