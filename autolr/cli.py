@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -182,14 +183,34 @@ def set_lr(reg: Registry, run: str, lr: float | None, scale: float | None, reaso
     click.echo(json.dumps(record))
 
 
+class _Seconds(click.ParamType):
+    """A positive number of seconds; ``--poll``'s value is optional, so a folder after it is
+    taken for its value: say so, instead of "'runs' is not a valid float"."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number of seconds (--poll takes an optional SECONDS: "
+                      f"write ROOT before --poll, or --poll 1 ROOT)", param, ctx)
+        if not (math.isfinite(seconds) and seconds > 0):
+            self.fail(f"{value!r}: the seconds must be a finite number > 0", param, ctx)
+        return seconds
+
+
 @main.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @settings_options
-@click.option("--poll", type=float, is_flag=False, flag_value=1.0, default=None, metavar="[SECONDS]",
+@click.option("--poll", type=_Seconds(), is_flag=False, flag_value=1.0, default=None, metavar="[SECONDS]",
               help="Poll instead of inotify (NFS/SMB/Lustre); every SECONDS, default 1.")
 @click.option("--once", is_flag=True, help="Process everything present, then exit (cron, tests).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symlinks that lead outside ROOT.")
-@click.option("--rescan", type=float, default=30.0, show_default=True, help="Seconds between safety-net rescans.")
+@click.option("--rescan", type=click.FloatRange(min=1.0), default=30.0, show_default=True,
+              help="Seconds between safety-net rescans (at least 1).")
 @click.option("--no-fsync", is_flag=True, help="Skip fsync on writes (faster; less durable on power loss).")
 @click.pass_obj
 def watch(reg: Registry, root: str, config_path: str | None, poll: float | None, once: bool,

@@ -120,3 +120,22 @@ def test_the_documented_config_examples_load_and_build(tmp_path):
         config = load_config(write(tmp_path, text))
         config.check(policy_classes())
         assert config.defaults.policies and config.runs
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--poll", "{root}"], "write ROOT before --poll"),  # the optional value took the folder
+    (["{root}", "--poll", "0"], "finite number > 0"),
+    (["{root}", "--poll", "nan"], "finite number > 0"),
+    (["{root}", "--rescan", "0"], "x>=1.0"),  # 0 rescanned in a busy loop
+])
+def test_watch_timing_options_are_checked(tmp_path, args, message):
+    res = run_cli("watch", "--once", *(a.format(root=tmp_path) for a in args), check=False)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_watch_poll_with_and_without_seconds(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+    for args in (["--poll"], ["--poll", "0.5"]):
+        run_cli("watch", str(tmp_path), "--once", *args)
+    run_cli("watch", "--poll", "0.5", str(tmp_path), "--once")
