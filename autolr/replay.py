@@ -37,6 +37,7 @@ def replay_log(
     engine = RunEngine(settings.chain(registry), history=settings.history)
     name = str(path)
     yield _line(name, None, engine.lr, engine.scale, engine.chain.names, "initial")
+    finishing = False
     while True:
         for record in reader.read():
             decisions = engine.feed(record, reader.columns())
@@ -49,7 +50,10 @@ def replay_log(
                 for d in decisions:
                     yield _line(name, d.step, d.lr, d.scale, d.policy, d.reason)
         if not reader.more:
-            break
+            if finishing:
+                break
+            reader.finish()  # a finished log: one more read takes a last line without its newline
+            finishing = True
 
 
 def _counter(record, engine: RunEngine) -> int | float | None:

@@ -100,3 +100,31 @@ def test_plot_writes_a_png_with_the_decisions(tmp_path):
     assert "plot written" in proc.stderr
     two = run_cli("replay", str(log), str(log), "--plot", str(out), check=False)
     assert two.returncode != 0 and "exactly one" in two.stderr
+
+
+@pytest.mark.parametrize("name, text", [
+    ("log.csv", "step,loss\n0,1\n1,1\n2,1\n3,0.5"),
+    ("log.csv", "step,loss\r\n0,1\r\n1,1\r\n2,1\r\n3,0.5"),
+    ("metrics.jsonl", '{"step": 0, "loss": 1}\n{"step": 1, "loss": 1}\n{"step": 2, "loss": 1}\n{"step": 3, "loss": 0.5}'),
+])
+def test_replay_reads_a_finished_logs_last_line_without_its_newline(tmp_path, name, text):
+    """Regression: replay left out a finished log's unterminated last line (and its decision);
+    the daemon, tailing a live log, still waits for the newline."""
+    from autolr.config import Settings, parse_policy_options
+    from autolr.plugins import get_plugin_manager, policy_classes, reader_classes
+    from autolr.readers import reader_for
+    from autolr.replay import replay_log
+
+    pm = get_plugin_manager(entry_points=False)
+    POLICIES, READERS = policy_classes(pm), reader_classes(pm)
+
+    cut, whole = tmp_path / "cut" / name, tmp_path / "whole" / name
+    for path, body in ((cut, text), (whole, text + "\n")):
+        path.parent.mkdir()
+        path.write_bytes(body.encode())
+    settings = Settings(policies=parse_policy_options(["step:step_size=1,gamma=0.5"]))
+    got = [dict(x, log=None) for x in replay_log(cut, settings, POLICIES, READERS)]
+    want = [dict(x, log=None) for x in replay_log(whole, settings, POLICIES, READERS)]
+    assert got == want and got[-1]["step"] == 3
+    live = reader_for(cut, READERS)(cut)
+    assert [r.step for r in live.read()] == [0, 1, 2] and live.read() == []  # still waits for it

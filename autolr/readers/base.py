@@ -91,6 +91,13 @@ class Reader:
         if isinstance(tailer, TextTailer):
             tailer.in_place = True
 
+    def finish(self) -> None:
+        """The writer is done (``autolr replay`` of a finished log): a last line without its
+        newline is read too. Readers on a TextTailer use it; the others read whole records only."""
+        tailer = getattr(self, "tailer", None)
+        if isinstance(tailer, TextTailer):
+            tailer.finished = True
+
     def skip(self, what: str, detail: str = "") -> None:
         """Count and log one skipped piece of bad input."""
         self.skipped[what] += 1
@@ -124,6 +131,7 @@ class TextTailer:
         self.last_stat: os.stat_result | None = None  # the stat taken by head()
         self.in_place = False  # the next read may skip the stat (Reader.assume_in_place)
         self.given: tuple[int, bytes] | None = None  # (offset, mark) before the last block: see give_back
+        self.finished = False  # the file is complete: its last line needs no newline (Reader.finish)
 
     def get_state(self) -> dict[str, Any]:
         return {"offset": self.offset, "identity": self.identity, "skipping": self.skipping,
@@ -292,7 +300,9 @@ class TextTailer:
         if not data:
             return b""
         start, mark = self.offset, self.mark
+        data, added = self._end_line(data)
         block = self._block(data)
+        self._unadd(added, start, data)
         self._remember(data, start)
         if self.offset - start == len(block):  # the file's bytes one for one: see give_back
             self.given = (start, mark)
@@ -316,9 +326,22 @@ class TextTailer:
         if not data:
             return []
         start = self.offset
+        data, added = self._end_line(data)
         lines = self._split(data)
+        self._unadd(added, start, data)
         self._remember(data, start)
         return lines
+
+    def _end_line(self, data: bytes) -> tuple[bytes, bool]:
+        """``data`` with a newline after a finished file's unterminated last line (and True)."""
+        if self.finished and not self.reader.more and data[-1:] not in (b"\n", b""):
+            return data + b"\n", True
+        return data, False
+
+    def _unadd(self, added: bool, start: int, data: bytes) -> None:
+        """The offset back off the newline ``_end_line`` added, once it was consumed."""
+        if added and self.offset - start == len(data):
+            self.offset -= 1
 
     def _split(self, data: bytes) -> list:
         block = self._block(data)
