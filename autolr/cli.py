@@ -172,15 +172,26 @@ def set_lr(reg: Registry, run: str, lr: float | None, scale: float | None, reaso
     """Change the LR of a live job now, through its control file.
 
     RUN is the run folder (or its autolr.json). The change is recorded in the journal, and
-    the daemon's later decisions continue from it.
+    the daemon's later decisions continue from it. With no base LR known (the daemon runs
+    without --base-lr), --lr is written as an absolute LR with the scale unchanged: loops that
+    read the scale (the torch, Lightning, Hugging Face and optax integrations) keep their LR;
+    use --scale for them.
     """
-    from .manual import ManualError, set_manual
+    from .control import ControlWriter, control_path
+    from .manual import ManualError, known_base, set_manual
 
+    folder = control_path(run).parent
+    before = ControlWriter(folder).current() if lr is not None and folder.is_dir() else None
     try:
         record = set_manual(run, lr=lr, scale=scale, reason=reason)
     except (ManualError, ControlError) as exc:
         fail(str(exc))
     click.echo(json.dumps(record))
+    if lr is not None and known_base(before) is None:
+        click.echo(f"warning: no base LR is known for this run, so lr {lr:g} went out with the scale "
+                   f"unchanged ({record['scale']:g}): loops that read the scale (autolr's torch, "
+                   f"Lightning, Hugging Face and optax integrations) keep their LR. Use --scale for "
+                   f"them, or give the daemon --base-lr.", err=True)
 
 
 class _Seconds(click.ParamType):

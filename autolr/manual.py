@@ -31,9 +31,7 @@ def set_manual(run: str | Path, *, lr: float | None = None, scale: float | None 
         raise ManualError(f"{run_dir}: no such run folder")
     writer = ControlWriter(run_dir)
     current = writer.current()
-    base = None
-    if current and current.get("lr") is not None:
-        base = current["lr"] / current["scale"]
+    base = known_base(current)
     if lr is not None:
         new_scale = lr / base if base else (current["scale"] if current else 1.0)
         new_lr = lr
@@ -45,3 +43,10 @@ def set_manual(run: str | Path, *, lr: float | None = None, scale: float | None 
         evidence={"requested_lr": lr, "requested_scale": scale,
                   "previous": {k: current.get(k) for k in ("seq", "lr", "scale")} if current else None},
     )
+
+
+def known_base(current: dict[str, Any] | None) -> float | None:
+    """The loop's base LR a control record shows (lr / scale); None when it carries no lr."""
+    if current and current.get("lr") is not None:
+        return current["lr"] / current["scale"]
+    return None

@@ -822,3 +822,21 @@ def test_journal_cursor_long_line_and_vanished_file(tmp_path, monkeypatch):
     cursor = JournalCursor(path)
     path.unlink()
     assert _cursor_entries(cursor) == []
+
+
+def test_set_lr_warns_when_no_base_lr_is_known(tmp_path):
+    """With no base LR the scale stays: loops that read the scale would silently keep their LR."""
+    from .conftest import run_cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    first = run_cli("set", str(run), "--lr", "0.01")
+    assert json.loads(first.stdout)["scale"] == 1.0 and "no base LR is known" in first.stderr
+    assert "no base LR" not in run_cli("set", str(run), "--scale", "0.5").stderr
+    based = tmp_path / "based"
+    based.mkdir()
+    from autolr.control import ControlWriter
+
+    ControlWriter(based).publish(scale=1.0, lr=0.1, step=None, policy="step", reason="initial", kind="initial")
+    second = run_cli("set", str(based), "--lr", "0.05")
+    assert json.loads(second.stdout)["scale"] == 0.5 and second.stderr == ""
