@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -290,14 +292,94 @@ class Daemon:
             self.process(path)
 
     def catch_up(self) -> None:
-        """Read every known source to its end; vanished ones are dropped."""
+        """Read every known source to its end; vanished ones are dropped. A run whose files
+        lie in several folders (add_scalars, Keras's train/ and validation/) has them read
+        together and merged by step (:meth:`catch_up_merged`)."""
+        side_by_side: dict[Path, dict[str, list[Path]]] = {}
+        for path, reader in self.sources.items():
+            if not getattr(reader, "multi_run", False) and reader.run_dir(path) in self.runs:
+                run = self.runs[reader.run_dir(path)]
+                side_by_side.setdefault(run.folder, {}).setdefault(run._lane(reader), []).append(path)
+        merged = {folder: lanes for folder, lanes in side_by_side.items() if len(lanes) > 1}
+        done: set[Path] = set()
         for path in list(self.sources):
             if self.stop_event.is_set():
                 return
+            if path in done:
+                continue
+            folder = self.run_for[path].folder if path in self.run_for else None
+            reader = self.sources.get(path)
+            if folder is None and reader is not None and not getattr(reader, "multi_run", False):
+                folder = reader.run_dir(path)
             try:
-                self.process(path)
+                if folder in merged:
+                    lanes = merged.pop(folder)
+                    done.update(p for paths in lanes.values() for p in paths)
+                    self.catch_up_merged(self.runs[folder], list(lanes.values()))
+                else:
+                    self.process(path)
             except Exception as exc:  # one run's failure must not stop the others (or the start)
                 self.count("unexpected error", path, exc)
+
+    def catch_up_merged(self, run: Run, lanes: list[list[Path]]) -> None:
+        """Catch ``run`` up on files written side by side, one list of files per folder (each
+        in the order they were written): a k-way merge by step. A folder's next rows are read
+        once its queue is empty; rows go out, smallest step first, up to the lowest last step
+        among folders with more to read (a folder read to its end holds nothing back)."""
+        engine = run.engine
+        queues: list[deque] = [deque() for _ in lanes]
+        todo = [list(paths) for paths in lanes]
+        more = [True] * len(lanes)
+        while not self.stop_event.is_set():
+            for i, paths in enumerate(todo):
+                while more[i] and not queues[i]:
+                    if not paths:
+                        more[i] = False
+                        break
+                    path = paths[0]
+                    reader = self.sources.get(path)
+                    records = self._read_for_merge(path, reader)
+                    if records is None or not reader.more:
+                        paths.pop(0)  # this file is read to its end: the folder's next one
+                    if records:
+                        columns = tuple(reader.columns())
+                        queues[i].extend((r, reader, columns) for r in records)
+                        if self.catching_up:
+                            self._report_progress(len(records))
+            if not any(queues):
+                return
+            open_keys = [engine.key_of(q[-1][0]) for i, q in enumerate(queues) if more[i] and q]
+            limit = min((k for k in open_keys if k is not None), default=None)
+            picked: list[tuple] = []
+            while True:
+                heads = [(engine.key_of(q[0][0]), i) for i, q in enumerate(queues) if q]
+                if not heads:
+                    break
+                key, i = min(heads, key=lambda h: (-math.inf if h[0] is None else h[0], h[1]))
+                if limit is not None and key is not None and key > limit:
+                    break
+                picked.append(queues[i].popleft())
+                if more[i] and not queues[i]:
+                    break  # that folder must be read further before anything later goes out
+            for (_, reader), group in itertools.groupby(picked, key=lambda x: (x[2], x[1])):
+                run.feed(reader, [r for r, _, _ in group])
+
+    def _read_for_merge(self, path: Path, reader: Reader | None) -> list | None:
+        """One read of a side-by-side source; None when it is gone or failed (counted)."""
+        if reader is None:
+            return None
+        try:
+            records = reader.read()
+        except Exception as exc:  # a reader bug must never kill the daemon
+            if not os.path.exists(path):
+                self.drop_source(path)
+            else:
+                self.count(f"reader {reader.name} error", path, exc)
+            return None
+        if not records and not reader.more and not os.path.exists(path):
+            self.drop_source(path)
+            return None
+        return records
 
     def _report_progress(self, rows: int) -> None:
         """A progress line at most once a second while reading large existing logs."""

@@ -275,16 +275,26 @@ class RunEngine:
         """Index of the oldest kept row among all rows fed."""
         return self.rows.first
 
-    def feed(self, record: Record, columns: Sequence[str] = ()) -> list[Decision]:
+    def key_of(self, record: Record) -> float | None:
+        """The row's key for rewinds: its epoch, step, or none, by the run's unit."""
+        unit = self.state["unit"]
+        return record.epoch if unit == "epoch" else None if unit == "row" else record.step
+
+    def feed(self, record: Record, columns: Sequence[str] = (), late: bool = False) -> list[Decision]:
+        """Feed one row; a key below the last one rewinds (a resumed job), unless ``late``: a
+        row of a second file of the run written alongside (add_scalars, Keras's validation/)
+        that comes after the other file's later rows. It is fed as it is, the key kept."""
         out: list[Decision] = []
         if type(columns) is not tuple:
             columns = tuple(columns)
         self.columns = columns
-        unit = self.state["unit"]  # the row's key for rewinds: its epoch, step, or none
-        key = record.epoch if unit == "epoch" else None if unit == "row" else record.step
+        key = self.key_of(record)
         if key is not None and self.last_key is not None and (
                 key < self.last_key or (record.restart and key <= self.last_key)):
-            out.append(self._rewind(key, record.epoch))
+            if not late:
+                out.append(self._rewind(key, record.epoch))
+            else:
+                key = None  # the last key stays
         self.state, decision = self.chain.update(self.state, record, columns)
         self._remember(record)
         if key is not None:

@@ -673,3 +673,72 @@ def test_lightning_hp_metric_placeholder_does_not_take_a_resumed_run_to_step_0(t
     assert journal[-1]["lr"] == pytest.approx(0.05)  # the cut at step 30 still holds
     reader = TensorBoardReader(sorted((tmp_path / "lt" / "version_0").glob("events.out.tfevents.*"))[0])
     assert all("hp_metric" not in r.metrics for r in reader.read())
+
+
+def test_add_scalars_folders_of_one_run_take_no_rewind_from_each_other(tmp_path, torch_writer):
+    """Regression: add_scalars writes each key's scalars to its own folder, read one after the
+    other: the validation file's step 0 after the training file's step 399 was taken for a
+    resumed job; the rewind threw the training rows away and auto's warmup began again (the
+    LR 10x lower). A resume in one folder (a second file there) still rewinds."""
+    from autolr.config import load_config, parse_policy_options
+    from autolr.control import read_journal
+    from autolr.daemon import Daemon, Options
+    from autolr.plugins import get_plugin_manager, policy_classes, reader_classes
+
+    w = torch_writer(str(tmp_path / "run"))
+    for s in range(400):
+        w.add_scalars("Loss", {"train": 1.0 / (1 + 0.01 * s), "val": 1.1 / (1 + 0.01 * s)}, s)
+    w.close()
+    pm = get_plugin_manager(entry_points=False)
+
+    def watch(policy="auto"):
+        Daemon(tmp_path, load_config(None), {"policies": parse_policy_options([policy])},
+               policy_classes(pm), reader_classes(pm), Options(once=True, fsync=False)).run()
+
+    watch()
+    journal = read_journal(tmp_path / "run")
+    assert not [e for e in journal if e["kind"] == "rewind"], [e["reason"] for e in journal if e["kind"] == "rewind"]
+    assert journal[-1]["scale"] >= 0.5  # the warmup ended once; no fall back to its start (0.1)
+    state = json.loads((tmp_path / "run" / "autolr.state.json").read_text())
+    assert state["lanes"] == {"Loss_train": 399, "Loss_val": 399} and state["engine"]["last_key"] == 399
+    # the job resumes from step 200 and writes a second file in each folder: one rewind, to 200
+    w = torch_writer(str(tmp_path / "run"))
+    for s in range(200, 220):
+        w.add_scalars("Loss", {"train": 0.5, "val": 0.55}, s)
+    w.close()
+    watch()
+    rewinds = [(e["step"], e["evidence"]["from"]) for e in read_journal(tmp_path / "run") if e["kind"] == "rewind"]
+    assert rewinds == [(200, 399)], rewinds
+
+
+def test_live_rows_of_a_side_by_side_folder_behind_the_other_are_late_not_a_resume(tmp_path, torch_writer):
+    """Live, the two folders' new rows are read one file after the other: validation's steps
+    10-19 after training's 10-19 are late rows of the same moment, fed without a rewind; a
+    folder going back below its own last step is a resume and still rewinds."""
+    from autolr.config import Settings, parse_policy_options
+    from autolr.plugins import get_plugin_manager, policy_classes
+    from autolr.run import Run
+
+    w = torch_writer(str(tmp_path / "run"))
+    for s in range(10):
+        w.add_scalars("Loss", {"train": 1.0, "val": 1.0}, s)
+    w.flush()
+    files = {p.parent.name: p for p in (tmp_path / "run").rglob("events.out.tfevents.*") if p.parent.name != "run"}
+    train, val = TensorBoardReader(files["Loss_train"]), TensorBoardReader(files["Loss_val"])
+    run = Run(tmp_path / "run", Settings(policies=parse_policy_options(["constant"])),
+              policy_classes(get_plugin_manager(entry_points=False)), fsync=False)
+    run.start()
+    for reader in (train, val, train, val):
+        train.idle_seconds = val.idle_seconds = 0
+        run.feed(reader, reader.read())
+        if reader is val:
+            for s in range(10, 20):
+                w.add_scalars("Loss", {"train": 1.0, "val": 1.0}, s)
+            w.flush()
+    assert run.engine.rewinds == 0 and run.rows == 40
+    assert run.lanes == {"Loss_train": 19, "Loss_val": 19} and run.engine.last_key == 19
+    w.close()
+    late = TensorBoardReader(files["Loss_val"])
+    records = late.read()  # the same validation rows again: that folder went back, a resume
+    run.feed(late, records[5:6])
+    assert run.engine.rewinds == 1 and run.engine.last_key == 5
