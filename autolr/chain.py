@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .policy import TRAINING_LOSSES, VALIDATION_LOSSES, Observation, Policy, PolicyError, State
+from .policy import TRAINING_LOSSES, VALIDATION_LOSSES, Observation, Policy, PolicyError, State, coerce
 from .records import Record
 
 #: Relative change below which a new LR is not a decision (floating-point noise).
@@ -174,13 +175,17 @@ class Chain:
             best, rank = _row_best(tuple(columns), tuple(record.metrics))
             if rank < metric_rank(monitor):  # a better-ranked name in this row
                 self._upgrade_monitor(state, best)
-        if state["unit"] is None:
-            state["unit"] = (
-                "step" if record.step is not None else "epoch" if record.epoch is not None else "row"
-            )
+        unit = state["unit"]
+        if unit is None:
+            # The first row with a counter decides; a log's first rows may carry none (a line of
+            # hyperparameters), so "row" is settled only after UNIT_ROWS rows without one.
+            counter = "step" if record.step is not None else "epoch" if record.epoch is not None else None
+            if counter is not None or state["rows"] + 1 >= UNIT_ROWS:
+                state["unit"] = counter or "row"
+            unit = counter or "row"
         # (row, step, epoch, metrics, lr, monitor, unit), positionally: one per row
         obs = Observation(state["rows"], record.step, record.epoch, record.metrics,
-                          self.base * state["scale"], state["monitor"], state["unit"])
+                          self.base * state["scale"], state["monitor"], unit)
         holders = [p for p in self._may_hold if p.holds(obs)] if self._may_hold else ()
         old_states = state["policies"]
         if not holders and len(old_states) == 1:  # the usual chain: one policy, nothing holding
@@ -231,7 +236,7 @@ class Chain:
                 evidence[policy.name] = {k: v for k, v in note.items() if k != "reason"}
             else:
                 t = obs.time(getattr(policy, "unit", "auto"))
-                reasons.append(f"{policy.name}: factor {old:.6g} -> {new:.6g} after {state['unit'] if getattr(policy, 'unit', 'auto') == 'auto' else policy.unit} {t:g}")
+                reasons.append(f"{policy.name}: factor {old:.6g} -> {new:.6g} after {obs.unit if getattr(policy, 'unit', 'auto') == 'auto' else policy.unit} {t:g}")
         if not _usable(scale):
             # Never write a NaN, infinite or non-positive LR: keep the last good one.
             return state, None
@@ -291,6 +296,10 @@ class Chain:
         return state
 
 
+#: Rows without a step or epoch after which a run's unit is "row" (see Chain.update).
+UNIT_ROWS = 10
+
+
 def _usable(x: float) -> bool:
     return math.isfinite(x) and x > 0
 
@@ -331,8 +340,14 @@ def build_chain(
         cls = registry[name]
         params = dict(params)
         fields = {f.name for f in cls.parameters()}
+        hints = None
         for key, value in (("metric", metric), ("mode", mode), ("unit", unit)):
             if value is not None and key in fields and key not in params:
+                hints = hints or typing.get_type_hints(cls)
+                try:  # a parameter of that name but another meaning (CyclicLR's mode) keeps its own
+                    coerce(value, hints[key], f"{name}:{key}")
+                except PolicyError:
+                    continue
                 params[key] = value
         policies.append(cls.from_params(params))
     return Chain(tuple(policies), base_lr=base_lr, min_lr=min_lr, max_lr=max_lr, metric=metric, unit=unit,

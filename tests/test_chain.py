@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from autolr.chain import build_chain, choose_metric, metric_rank
+from autolr.chain import UNIT_ROWS, build_chain, choose_metric, metric_rank
 from autolr.plugins import policy_classes
 from autolr.records import Record
 
@@ -184,3 +184,39 @@ def test_override_refuses_unusable_values(lr, scale):
     chain = _chain("constant", base_lr=0.1)
     with pytest.raises(ValueError):
         chain.override(chain.init(), lr=lr, scale=scale)
+
+
+def test_run_level_mode_fills_only_a_mode_of_that_meaning():
+    """Regression: --mode max went into every policy with a `mode` field, the example cyclic
+    plugin's too (CyclicLR's triangular/exp_range): "'max' is not one of ..."."""
+    from pathlib import Path
+
+    from autolr.config import parse_policy_options
+    from autolr.plugins import get_plugin_manager
+
+    folder = Path(__file__).resolve().parents[1] / "plugins" / "autolr-cyclic"
+    registry = policy_classes(get_plugin_manager(str(folder), entry_points=False))
+    specs = parse_policy_options(["cyclic:max_factor=4,step_size_up=3", "plateau:method=threshold,metric=acc"])
+    chain = build_chain(specs, registry, mode="max")
+    cyclic, plateau = chain.policies
+    assert cyclic.mode == "triangular" and plateau.mode == "max"
+
+
+def test_the_unit_is_the_first_counter_seen_not_the_first_rows():
+    """Regression: a JSONL whose first line holds hyperparameters (no step) counted rows for
+    the whole run, and step:step_size=50 on steps logged every 10 never decided."""
+    chain = _chain("step:step_size=50,gamma=0.5")
+    state, _ = chain.update(chain.init(), Record({"batch_size": 32.0, "lr": 0.001}))
+    assert state["unit"] is None
+    decided = []
+    for s in range(0, 200, 10):
+        state, d = chain.update(state, Record({"loss": 1.0}, s))
+        decided += [d.step] if d else []
+    assert state["unit"] == "step" and decided == [50, 100, 150]
+    rows = chain.init()
+    for _ in range(UNIT_ROWS):  # a log without counters: rows, settled after UNIT_ROWS of them
+        assert rows["unit"] is None
+        rows, _ = chain.update(rows, Record({"loss": 1.0}))
+    assert rows["unit"] == "row"
+    rows, _ = chain.update(rows, Record({"loss": 1.0}, 500))
+    assert rows["unit"] == "row"
