@@ -170,3 +170,41 @@ def test_pytorch_lightning_package(tmp_path):
                          accelerator="cpu", devices=1)
     trainer.fit(Module(), data(256))
     assert [seen[s] for s in range(10)] == [pytest.approx(0.1)] * 5 + [pytest.approx(0.05)] * 5
+
+
+@pytest.mark.parametrize("kind", ["mlflow-file", "mlflow-sqlite", "wandb"])
+def test_the_callback_reads_the_control_file_of_the_first_loggers_run(tmp_path, kind, monkeypatch):
+    """Regression: with MLFlowLogger or WandbLogger the callback read <save_dir>/autolr.json,
+    which never exists: the daemon writes into the MLflow run's or the W&B run's folder."""
+    from autolr.config import load_config, parse_policy_options
+    from autolr.daemon import Daemon, Options
+    from autolr.plugins import get_plugin_manager, policy_classes, reader_classes
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    if kind == "wandb":
+        pytest.importorskip("wandb")
+        from lightning.pytorch.loggers import WandbLogger
+
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        logger = WandbLogger(save_dir=str(root), offline=True, project="p")
+    else:
+        pytest.importorskip("mlflow")
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.x refuses a new file store by default
+        uri = f"file:{root / 'mlruns'}" if kind == "mlflow-file" else f"sqlite:///{root / 'mlflow.db'}"
+        logger = MLFlowLogger(experiment_name="e", tracking_uri=uri)
+    cb = AutolrCallback()
+    t = L.Trainer(max_steps=30, callbacks=[cb], logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    t.fit(Regression(), data(512))
+    if kind == "wandb":
+        import wandb
+
+        wandb.finish()
+    pm = get_plugin_manager(entry_points=False)
+    Daemon(root, load_config(None), {"policies": parse_policy_options(["constant"])}, policy_classes(pm),
+           reader_classes(pm), Options(once=True, fsync=False)).run()
+    controls = sorted(p.parent for p in root.rglob("autolr.json"))
+    assert controls == [cb.run_path], (controls, cb.run_path)

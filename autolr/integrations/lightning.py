@@ -52,7 +52,7 @@ class _AutolrCallbackMixin:
         self._detach()
         run = self.run_dir
         if run is None:
-            run = trainer.log_dir or trainer.default_root_dir
+            run = _default_run_dir(trainer)
         control = run if isinstance(run, Control) else Control(run, min_interval=self.min_interval)
         self.control = control
         start = int(trainer.global_step)
@@ -77,6 +77,27 @@ class _AutolrCallbackMixin:
         for handle in self.handles:
             handle.detach()
         self.handles = []
+
+
+def _default_run_dir(trainer: Any) -> str | os.PathLike:
+    """The folder where the daemon writes the control file of the first logger's log:
+    ``trainer.log_dir`` for the CSV and TensorBoard loggers; for MLFlowLogger the run's folder
+    (``<save_dir>/<experiment id>/<run id>`` in a file store, ``<db folder>/autolr-runs/<run
+    id>`` with a SQLite tracking URI); for WandbLogger the ``run-*`` folder above its files."""
+    loggers = getattr(trainer, "loggers", None) or []
+    logger = loggers[0] if loggers else None
+    kind = type(logger).__name__
+    if kind == "MLFlowLogger":
+        uri = str(getattr(logger, "_tracking_uri", None) or "")
+        if uri.startswith("sqlite:///"):
+            from ..readers.mlflow import sqlite_run_folder
+
+            return sqlite_run_folder(Path(uri[len("sqlite:///"):]), logger.run_id)
+        if logger.save_dir:
+            return Path(logger.save_dir) / logger.experiment_id / logger.run_id
+    elif kind == "WandbLogger":
+        return Path(logger.experiment.dir).parent
+    return trainer.log_dir or trainer.default_root_dir
 
 
 def _unwrap(optimizer: Any) -> Any:
