@@ -112,6 +112,10 @@ class Chain:
                 raise PolicyError(f"{name} must be a finite number > 0, got {v!r}")
         if not (math.isfinite(self.min_change) and 0 <= self.min_change < 1):
             raise PolicyError(f"min_change must be in [0, 1), got {self.min_change!r}")
+        if self.base_lr is None and (self.min_lr is not None or self.max_lr is not None):
+            # Without a base LR only a scale is known: a clamp of 0.01 would cut the loop's LR 100x.
+            raise PolicyError("min_lr and max_lr are learning rates: give base_lr too "
+                              "(without it autolr knows only a scale of the loop's own LR)")
         if self.min_lr and self.max_lr and self.min_lr > self.max_lr:
             raise PolicyError(f"min_lr {self.min_lr} is above max_lr {self.max_lr}")
         # Only a policy that overrides holds() (a warmup) can hold the LR: the others are not asked.

@@ -220,3 +220,14 @@ def test_the_unit_is_the_first_counter_seen_not_the_first_rows():
     assert rows["unit"] == "row"
     rows, _ = chain.update(rows, Record({"loss": 1.0}, 500))
     assert rows["unit"] == "row"
+
+
+@pytest.mark.parametrize("clamp", [{"min_lr": 1e-4}, {"max_lr": 0.01}])
+def test_an_lr_clamp_needs_the_base_lr(clamp):
+    """Regression: without a base LR the clamp applied to the scale: --max-lr 0.01 cut the
+    loop's own LR 100x, silently."""
+    from autolr.policy import PolicyError
+
+    with pytest.raises(PolicyError, match="give base_lr"):
+        _chain("constant", **clamp)
+    assert _chain("constant", base_lr=0.1, **clamp).lr(_chain("constant", base_lr=0.1, **clamp).init()) > 0
