@@ -296,10 +296,12 @@ class Daemon:
         lie in several folders (add_scalars, Keras's train/ and validation/) has them read
         together and merged by step (:meth:`catch_up_merged`)."""
         side_by_side: dict[Path, dict[str, list[Path]]] = {}
+        folder_of: dict[Path, Path] = {}
         for path, reader in self.sources.items():
-            if not getattr(reader, "multi_run", False) and reader.run_dir(path) in self.runs:
-                run = self.runs[reader.run_dir(path)]
-                side_by_side.setdefault(run.folder, {}).setdefault(run._lane(reader), []).append(path)
+            run = None if getattr(reader, "multi_run", False) else self.runs.get(reader.run_dir(path))
+            if run is not None:
+                folder_of[path] = run.folder
+                side_by_side.setdefault(run.folder, {}).setdefault(run.lane_of(reader), []).append(path)
         merged = {folder: lanes for folder, lanes in side_by_side.items() if len(lanes) > 1}
         done: set[Path] = set()
         for path in list(self.sources):
@@ -307,10 +309,7 @@ class Daemon:
                 return
             if path in done:
                 continue
-            folder = self.run_for[path].folder if path in self.run_for else None
-            reader = self.sources.get(path)
-            if folder is None and reader is not None and not getattr(reader, "multi_run", False):
-                folder = reader.run_dir(path)
+            folder = folder_of.get(path)
             try:
                 if folder in merged:
                     lanes = merged.pop(folder)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import logging
 import marshal
+import math
 import sys
 from array import array
 from collections import deque
@@ -258,6 +259,8 @@ class RunEngine:
         # (rows before, the state then, packed: see _pack)
         self.checkpoints: deque[tuple[int, bytes | State]] = deque([(0, _pack(self.state))])
         self.last_key: float | None = None
+        self.lanes: dict[str, float] = {}  # a source folder -> its last key (see feed)
+        self.last_lane: str | None = None  # the folder of the row that set last_key
         self.rewinds = 0
         self.columns: tuple[str, ...] = ()
 
@@ -280,25 +283,38 @@ class RunEngine:
         unit = self.state["unit"]
         return record.epoch if unit == "epoch" else None if unit == "row" else record.step
 
-    def feed(self, record: Record, columns: Sequence[str] = (), late: bool = False) -> list[Decision]:
-        """Feed one row; a key below the last one rewinds (a resumed job), unless ``late``: a
-        row of a second file of the run written alongside (add_scalars, Keras's validation/)
-        that comes after the other file's later rows. It is fed as it is, the key kept."""
+    def feed(self, record: Record, columns: Sequence[str] = (), lane: str | None = None) -> list[Decision]:
+        """Feed one row; a key below the last one rewinds (a resumed job).
+
+        ``lane`` names the folder of the row's file. Files in two folders of one run are
+        written side by side (add_scalars, Keras's train/ and validation/), so one folder's
+        rows may come after the other's later ones: a row below the last key from another
+        folder than the one ahead, and not below its own folder's last key, is late. It is fed
+        as it is, without a rewind, and the last key stays."""
         out: list[Decision] = []
         if type(columns) is not tuple:
             columns = tuple(columns)
         self.columns = columns
-        key = self.key_of(record)
+        unit = self.state["unit"]
+        key = record.epoch if unit == "epoch" else None if unit == "row" else record.step
+        late = False
         if key is not None and self.last_key is not None and (
                 key < self.last_key or (record.restart and key <= self.last_key)):
-            if not late:
-                out.append(self._rewind(key, record.epoch))
+            lanes = self.lanes
+            if lane is not None and lane != self.last_lane and not record.restart and key >= lanes.get(lane, -math.inf):
+                late = True
             else:
-                key = None  # the last key stays
+                out.append(self._rewind(key, record.epoch))
+                for other, last in lanes.items():  # the resumed job: every folder from here on
+                    if last > key:
+                        lanes[other] = key
         self.state, decision = self.chain.update(self.state, record, columns)
         self._remember(record)
         if key is not None:
-            self.last_key = key
+            if lane is not None:
+                self.lanes[lane] = key
+            if not late:
+                self.last_key, self.last_lane = key, lane
         if decision is not None:
             out.append(decision)
         return out
@@ -378,6 +394,8 @@ class RunEngine:
             "checkpoints": [[n, _unpack(s)] for n, s in self.checkpoints],
             "first_row": self.first_row,
             "last_key": self.last_key,
+            "lanes": self.lanes,
+            "last_lane": self.last_lane,
             "rewinds": self.rewinds,
         }
 
@@ -394,6 +412,8 @@ class RunEngine:
         self.rows = rows
         self.checkpoints = deque((int(n), _pack(s)) for n, s in data["checkpoints"])
         self.last_key = data["last_key"]
+        self.lanes = {str(k): v for k, v in (data.get("lanes") or {}).items() if type(v) in (int, float)}
+        self.last_lane = data.get("last_lane") if isinstance(data.get("last_lane"), str) else None
         self.rewinds = int(data.get("rewinds", 0))
 
 

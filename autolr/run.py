@@ -60,8 +60,6 @@ class Run:
         self.saved_at = 0.0  # time.monotonic() of the last state save
         self.errors: Counter[str] = Counter()
         self.skipped_before: Counter[str] = Counter()  # counted before the last restart (saved state)
-        self.lanes: dict[str, float | None] = {}  # a source folder (relative) -> its last key
-        self.last_lane: str | None = None  # the folder of the row that set the engine's last key
         self._lane_names: dict[Path, str] = {}
         self.on_decision = on_decision
         self.restored = False
@@ -77,7 +75,7 @@ class Run:
                 reader.set_state(saved["state"])
         self.sources[reader.path] = reader
 
-    def _lane(self, reader: Reader) -> str:
+    def lane_of(self, reader: Reader) -> str:
         """The folder of ``reader``'s file, relative to the run's: files in one folder follow
         each other (a resumed job's new file), files in two are written side by side."""
         name = self._lane_names.get(reader.path)
@@ -108,31 +106,14 @@ class Run:
         columns = tuple(reader.columns())
         batch: list[Decision] = []
         engine = self.engine
-        lanes = self.lanes
-        lane = self._lane(reader)
+        lane = self.lane_of(reader)
         for record in records:
-            # Several files of one run written side by side (add_scalars subfolders, Keras's
-            # train/ and validation/): one's rows may come after the other's later ones. A row
-            # below the run's last step from another folder than the one ahead, not below its
-            # own folder's last, is late, not a resumed job.
-            key = engine.key_of(record)
-            late = (key is not None and lane != self.last_lane and engine.last_key is not None
-                    and key < engine.last_key and not record.restart
-                    and (lanes.get(lane) is None or key >= lanes[lane]))
             try:
-                decisions = engine.feed(record, columns, late)
+                decisions = engine.feed(record, columns, lane)
             except Exception as exc:  # a policy bug must not kill the daemon
                 self.errors["policy error"] += 1
                 log.exception("%s: policy error on a record: %s", self.folder, exc)
                 continue
-            if key is not None:
-                if decisions and any(d.kind == "rewind" for d in decisions):
-                    for other, last in lanes.items():  # the resumed job: every folder from here
-                        if last is not None and last > key:
-                            lanes[other] = key
-                lanes[lane] = key
-                if not late:
-                    self.last_lane = lane
             self.rows += 1
             self.dirty = True
             step = record.step
@@ -301,8 +282,6 @@ class Run:
             "last_step": self.last_step,
             "last_metric": _finite_or_none(self.last_metric),
             "skipped": dict(self.skipped()),
-            "lanes": self.lanes,
-            "last_lane": self.last_lane,
             "saved_at": time.time(),
         }
         try:
@@ -347,10 +326,6 @@ class Run:
         self.max_step = data.get("max_step")
         self.last_step = data.get("last_step")
         self.last_metric = data.get("last_metric")
-        lanes = data.get("lanes")
-        if isinstance(lanes, dict):
-            self.lanes = {str(k): v for k, v in lanes.items() if v is None or isinstance(v, (int, float))}
-            self.last_lane = data.get("last_lane") if isinstance(data.get("last_lane"), str) else None
         # the readers resume past what they skipped: their counts carry on from the saved ones
         saved = data.get("skipped")
         if isinstance(saved, dict):

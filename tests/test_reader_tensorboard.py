@@ -700,7 +700,7 @@ def test_add_scalars_folders_of_one_run_take_no_rewind_from_each_other(tmp_path,
     assert not [e for e in journal if e["kind"] == "rewind"], [e["reason"] for e in journal if e["kind"] == "rewind"]
     assert journal[-1]["scale"] >= 0.5  # the warmup ended once; no fall back to its start (0.1)
     state = json.loads((tmp_path / "run" / "autolr.state.json").read_text())
-    assert state["lanes"] == {"Loss_train": 399, "Loss_val": 399} and state["engine"]["last_key"] == 399
+    assert state["engine"]["lanes"] == {"Loss_train": 399, "Loss_val": 399} and state["engine"]["last_key"] == 399
     # the job resumes from step 200 and writes a second file in each folder: one rewind, to 200
     w = torch_writer(str(tmp_path / "run"))
     for s in range(200, 220):
@@ -736,7 +736,7 @@ def test_live_rows_of_a_side_by_side_folder_behind_the_other_are_late_not_a_resu
                 w.add_scalars("Loss", {"train": 1.0, "val": 1.0}, s)
             w.flush()
     assert run.engine.rewinds == 0 and run.rows == 40
-    assert run.lanes == {"Loss_train": 19, "Loss_val": 19} and run.engine.last_key == 19
+    assert run.engine.lanes == {"Loss_train": 19, "Loss_val": 19} and run.engine.last_key == 19
     w.close()
     late = TensorBoardReader(files["Loss_val"])
     records = late.read()  # the same validation rows again: that folder went back, a resume
