@@ -206,16 +206,8 @@ class Daemon:
             reader.assume_in_place()
         multi = getattr(reader, "multi_run", False)
         while True:
-            try:
-                records = reader.read()
-            except Exception as exc:  # a reader bug must never kill the daemon
-                if not os.path.exists(path):
-                    self.drop_source(path)
-                    return
-                self.count(f"reader {reader.name} error", path, exc)
-                return
-            if not records and not reader.more and not os.path.exists(path):
-                self.drop_source(path)  # checked only when nothing came: one stat less per row
+            records = self._read_source(path, reader)
+            if records is None:
                 return
             if records:
                 if multi:
@@ -337,7 +329,7 @@ class Daemon:
                         break
                     path = paths[0]
                     reader = self.sources.get(path)
-                    records = self._read_for_merge(path, reader)
+                    records = self._read_source(path, reader) if reader is not None else None
                     if records is None or not reader.more:
                         paths.pop(0)  # this file is read to its end: the folder's next one
                     if records:
@@ -363,10 +355,8 @@ class Daemon:
             for (_, reader), group in itertools.groupby(picked, key=lambda x: (x[2], x[1])):
                 run.feed(reader, [r for r, _, _ in group])
 
-    def _read_for_merge(self, path: Path, reader: Reader | None) -> list | None:
-        """One read of a side-by-side source; None when it is gone or failed (counted)."""
-        if reader is None:
-            return None
+    def _read_source(self, path: Path, reader: Reader) -> list | None:
+        """One read of source ``path``; None when it is gone (dropped) or failed (counted)."""
         try:
             records = reader.read()
         except Exception as exc:  # a reader bug must never kill the daemon
@@ -376,7 +366,7 @@ class Daemon:
                 self.count(f"reader {reader.name} error", path, exc)
             return None
         if not records and not reader.more and not os.path.exists(path):
-            self.drop_source(path)
+            self.drop_source(path)  # checked only when nothing came: one stat less per row
             return None
         return records
 

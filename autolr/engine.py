@@ -295,13 +295,15 @@ class RunEngine:
         if type(columns) is not tuple:
             columns = tuple(columns)
         self.columns = columns
-        unit = self.state["unit"]
+        unit = self.state["unit"]  # key_of(record), inline: one call less a row
         key = record.epoch if unit == "epoch" else None if unit == "row" else record.step
         late = False
         if key is not None and self.last_key is not None and (
                 key < self.last_key or (record.restart and key <= self.last_key)):
             lanes = self.lanes
-            if lane is not None and lane != self.last_lane and not record.restart and key >= lanes.get(lane, -math.inf):
+            # (no last_lane: a state saved before folders were kept, where any step back rewound)
+            if (lane is not None and self.last_lane is not None and lane != self.last_lane
+                    and not record.restart and key >= lanes.get(lane, -math.inf)):
                 late = True
             else:
                 out.append(self._rewind(key, record.epoch))

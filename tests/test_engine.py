@@ -79,3 +79,30 @@ def test_history_state_with_a_bad_step_run_is_refused():
         except ValueError:
             continue
         raise AssertionError(f"accepted step_run {bad!r}")
+
+
+def test_a_step_back_after_a_state_without_folders_still_rewinds():
+    """A state saved before the engine kept the folders' last keys has no last folder: the
+    first row after loading it that goes back is a resumed job, as it always was, not late."""
+    from autolr.chain import build_chain
+    from autolr.config import parse_policy_options
+    from autolr.engine import RunEngine
+    from autolr.plugins import policy_classes
+    from autolr.records import Record
+
+    def engine():
+        return RunEngine(build_chain(parse_policy_options(["step:step_size=5,gamma=0.5"]), policy_classes()))
+
+    old = engine()
+    for s in range(20):
+        old.feed(Record({"loss": 1.0}, s))
+    saved = old.get_state()
+    del saved["lanes"], saved["last_lane"]
+    loaded = engine()
+    loaded.set_state(saved)
+    kinds = [d.kind for d in loaded.feed(Record({"loss": 1.0}, 10), (), ".")]
+    assert kinds[0] == "rewind" and loaded.rewinds == 1
+    # with folders known, a second folder's row behind the first's is late, one going back rewinds
+    loaded.feed(Record({"loss": 1.0}, 11), (), ".")
+    assert [d.kind for d in loaded.feed(Record({"loss": 1.0}, 5), (), "val")] != ["rewind"]
+    assert loaded.rewinds == 1 and loaded.last_key == 11
