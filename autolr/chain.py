@@ -137,6 +137,7 @@ class Chain:
             "rows": 0,
             "monitor": self.metric,
             "unit": self.unit,
+            "progress": False,
             "scale": 1.0,
         }
         scale = self._target_scale(state)
@@ -187,9 +188,13 @@ class Chain:
             if counter is not None or state["rows"] + 1 >= UNIT_ROWS:
                 state["unit"] = counter or "row"
             unit = counter or "row"
-        # (row, step, epoch, metrics, lr, monitor, unit), positionally: one per row
-        obs = Observation(state["rows"], record.step, record.epoch, record.metrics,
-                          self.base * state["scale"], state["monitor"], unit)
+        epoch = record.epoch
+        progress = state.get("progress", False)
+        if not progress and epoch is not None and math.isfinite(epoch) and not float(epoch).is_integer():
+            state["progress"] = progress = True  # a fractional epoch: the run's epochs are progress
+        # (row, step, epoch, metrics, lr, monitor, unit, progress), positionally: one per row
+        obs = Observation(state["rows"], record.step, epoch, record.metrics,
+                          self.base * state["scale"], state["monitor"], unit, progress)
         holders = [p for p in self._may_hold if p.holds(obs)] if self._may_hold else ()
         old_states = state["policies"]
         if not holders and len(old_states) == 1:  # the usual chain: one policy, nothing holding
@@ -239,8 +244,9 @@ class Chain:
                 reasons.append(f"{policy.name}: {note['reason']}")
                 evidence[policy.name] = {k: v for k, v in note.items() if k != "reason"}
             else:
-                t = obs.time(getattr(policy, "unit", "auto"))
-                reasons.append(f"{policy.name}: factor {old:.6g} -> {new:.6g} after {obs.unit if getattr(policy, 'unit', 'auto') == 'auto' else policy.unit} {t:g}")
+                unit = getattr(policy, "unit", "auto")
+                reasons.append(f"{policy.name}: factor {old:.6g} -> {new:.6g} after "
+                               f"{obs.unit if unit == 'auto' else unit} {obs.counter(unit):g}")
         if not _usable(scale):
             # Never write a NaN, infinite or non-positive LR: keep the last good one.
             return state, None

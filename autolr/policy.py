@@ -33,6 +33,9 @@ class Observation:
     ``lr`` is the learning rate the chain had set while the row was produced: absolute when the
     base LR is known, else a scale on the loop's own base LR. ``monitor`` is the run's
     monitored metric name (None until the log shows one) and ``unit`` the run's default unit.
+    ``progress`` says the run's epochs are progress (Hugging Face: 0.5 = half of the first
+    epoch done; set once a row shows a fractional epoch), not an index (Keras: 0 after the
+    first epoch).
     """
 
     row: int
@@ -42,9 +45,10 @@ class Observation:
     lr: float
     monitor: str | None = None
     unit: str = "row"
+    progress: bool = False
 
     def __init__(self, row: int, step: int | None, epoch: float | None, metrics: Mapping[str, float],
-                 lr: float, monitor: str | None = None, unit: str = "row"):
+                 lr: float, monitor: str | None = None, unit: str = "row", progress: bool = False):
         # The slot setters directly (one Observation per row): a frozen dataclass's own
         # __init__ goes through object.__setattr__ for each field.
         _obs_set[0](self, row)
@@ -54,9 +58,10 @@ class Observation:
         _obs_set[4](self, lr)
         _obs_set[5](self, monitor)
         _obs_set[6](self, unit)
+        _obs_set[7](self, progress)
 
-    def time(self, unit: str) -> float | None:
-        """The row's counter in ``unit`` (``auto`` means the run's default unit)."""
+    def counter(self, unit: str) -> float | None:
+        """The row's step, epoch or row index as logged (``auto``: the run's default unit)."""
         if unit == "auto":
             unit = self.unit
         if unit == "step":
@@ -64,6 +69,24 @@ class Observation:
         if unit == "epoch":
             return self.epoch
         return self.row
+
+    def time(self, unit: str) -> float | None:
+        """The row's time t in ``unit``, an index: the LR set after this row applies from t + 1.
+
+        Steps, rows and index epochs as logged; a progress epoch e is t = e − 1 (the LR after
+        the row at e = 1.0, the first epoch done, applies from epoch index 1)."""
+        if unit == "auto":
+            unit = self.unit
+        if unit == "step":
+            return self.step
+        if unit == "epoch":
+            epoch = self.epoch
+            return epoch - 1.0 if self.progress and epoch is not None else epoch
+        return self.row
+
+    def per_epoch(self, unit: str) -> bool:
+        """Whether ``unit`` is an index epoch: one row an epoch (Keras's CSVLogger)."""
+        return (self.unit if unit == "auto" else unit) == "epoch" and not self.progress
 
 
 _obs_set = tuple(Observation.__dict__[f.name].__set__ for f in dataclasses.fields(Observation))

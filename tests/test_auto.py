@@ -411,3 +411,28 @@ def test_step_se_is_the_spread_of_a_block_median():
         assert 0.85 < _step_se(steps[:2000]) / np.std(medians) < 1.15, phi
         # a linear trend (0.02 per block) adds a constant 0.06 to every step: no change
         assert _step_se(steps[:2000] + 0.06) == pytest.approx(_step_se(steps[:2000]))
+
+
+def test_progress_epochs_warm_up_over_the_first_epoch_and_decide_in_rows():
+    """A log of fractional epochs and no step (Hugging Face's printed logs, 100 rows an epoch):
+    the warmup ramps over the first epoch and the window counts rows. Before, epochs were read
+    as an index of one row each: the warmup ended after the first row (epoch 0.01) and 10-row
+    windows cut the LR five times while the loss was still falling (first at epoch 2.45)."""
+    rng = np.random.default_rng(0)
+    eng = engine("auto")
+    scales, cuts = {}, []
+    for i in range(1, 1001):
+        e = i / 100
+        v = 2.0 * math.exp(-min(e, 6) / 1.5) + 0.4 + 0.01 * rng.standard_normal()
+        cuts += [e for d in eng.feed(Record(metrics={"loss": v}, epoch=e)) if "stalled" in d.reason]
+        scales[e] = eng.scale
+    assert eng.state["progress"] and scales[0.5] == pytest.approx(0.1 + 0.9 * 0.5) and scales[1.0] == 1.0
+    assert cuts and 6.0 < cuts[0] <= 7.5  # the loss stops falling at epoch 6
+
+
+def test_a_guard_fire_during_a_progress_warmup_stops_it_at_the_factor_that_produced_the_row():
+    eng = engine("auto")
+    for i in range(1, 51):
+        eng.feed(Record(metrics={"loss": 1.0 + 0.01 * (i % 3)}, epoch=i / 100))
+    [d] = eng.feed(Record(metrics={"loss": float("nan")}, epoch=0.51))
+    assert "warmup ended at factor 0.55" in d.reason and d.scale == pytest.approx(0.55 * 0.5)

@@ -231,3 +231,52 @@ def test_an_lr_clamp_needs_the_base_lr(clamp):
     with pytest.raises(PolicyError, match="give base_lr"):
         _chain("constant", **clamp)
     assert _chain("constant", base_lr=0.1, **clamp).lr(_chain("constant", base_lr=0.1, **clamp).init()) > 0
+
+
+def _scales_by_epoch(chain, epochs, loss=lambda e: 1.0):
+    state, scales, reasons = chain.init(), {}, []
+    for e in epochs:
+        state, d = chain.update(state, Record({"loss": loss(e)}, epoch=e))
+        scales[e] = state["scale"]
+        reasons += [d.reason] if d else []
+    return state, scales, reasons
+
+
+def test_fractional_epochs_are_progress_so_a_per_epoch_schedule_moves_at_whole_epochs():
+    """Regression: epochs logged as progress (Hugging Face's printed logs: 'epoch': 0.25 and no
+    step) were read as an index, so step_size=1 cut after the row at epoch 0.25, an epoch early."""
+    state, scales, reasons = _scales_by_epoch(_chain("step:step_size=1,gamma=0.5"), [i / 4 for i in range(1, 13)])
+    assert state["unit"] == "epoch" and state["progress"] is True
+    assert scales[0.25] == scales[0.75] == 1.0
+    assert scales[1.0] == scales[1.75] == 0.5 and scales[2.0] == 0.25 and scales[3.0] == 0.125
+    assert [r.rsplit(" ", 1)[1] for r in reasons] == ["1", "2", "3"]  # the epoch as logged
+    # Index epochs (Keras: 0 after the first epoch) are unchanged: the cut follows epoch 0.
+    state, scales, _ = _scales_by_epoch(_chain("step:step_size=1,gamma=0.5"), [0.0, 1.0, 2.0])
+    assert state["progress"] is False and scales == {0.0: 0.5, 1.0: 0.25, 2.0: 0.125}
+
+
+def test_a_cosine_over_progress_epochs_is_continuous():
+    """cosine:T_max=2 (epochs) on epochs logged every 0.1: the factor at progress e, so it
+    reaches eta_min at e = 2 and is half-way at e = 1."""
+    state, scales, _ = _scales_by_epoch(_chain("cosine:T_max=2,unit=epoch"), [i / 10 for i in range(1, 21)])
+    assert scales[1.0] == pytest.approx(0.5) and scales[0.5] == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    assert scales[1.9] > 0 and state["policies"][0]["t"] == pytest.approx(1.0)
+
+
+def test_progress_survives_a_restart_and_whole_epochs_after_it_stay_progress():
+    import json
+
+    chain = _chain("step:step_size=1,gamma=0.5")
+    state, _, _ = _scales_by_epoch(chain, [0.5])
+    state = json.loads(json.dumps(state))  # as the daemon saves and loads it
+    state, _ = chain.update(state, Record({"loss": 1.0}, epoch=1.0))
+    assert state["scale"] == 0.5  # progress: the first epoch is done; an index would say 0.25
+
+
+def test_a_warmup_in_progress_epochs_holds_plateau_until_the_first_epoch_is_done():
+    """warmup:steps=1 (epochs) before plateau: rows up to epoch 1.0 were trained during the
+    warmup and are not fed to plateau; before, the rows up to 1.75 were held back as well."""
+    chain = _chain("warmup:steps=1,unit=epoch", "plateau:method=threshold,patience=1000")
+    state, scales, _ = _scales_by_epoch(chain, [i / 4 for i in range(1, 13)])
+    assert scales[0.5] == pytest.approx(0.01 + 0.99 * 0.5) and scales[1.0] == 1.0  # start_factor 0.01
+    assert state["policies"][1]["seen"] == 8  # rows 1.25 .. 3.0

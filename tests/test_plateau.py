@@ -76,6 +76,16 @@ def test_epoch_level_log_is_decided_in_epochs():
         build_chain([("plateau", {"method": "threshold", "epoch_history": 50})], REGISTRY)
 
 
+def test_progress_epochs_are_decided_in_rows():
+    """Fractional epochs (Hugging Face's printed logs, 100 rows an epoch) keep ``history`` rows
+    and test over ``window`` rows: epoch_window/epoch_history are for one row an epoch."""
+    chain = build_chain([("plateau", {})], REGISTRY, base_lr=0.1)
+    state = chain.init()
+    for i in range(1, 301):
+        state, _ = chain.update(state, Record(metrics={"loss": 2.0 - i / 1000}, epoch=i / 100))
+    assert state["progress"] and len(state["policies"][0]["values"]) == 300  # not epoch_history (100)
+
+
 def test_sparse_steady_decline_is_not_cut():
     s, _, state = sparse_first_cut(lambda s: 1 - 2e-4 * s + NOISE[s])
     assert s is None

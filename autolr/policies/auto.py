@@ -14,7 +14,8 @@ factor = warmup(t) · decay · guard · boost, where
   ``window`` rows and at least ``min_window`` of them. On an epoch-level log (no step: Keras's
   CSVLogger) the counter is the epoch: the warmup is the first epoch (the LR can only change
   when a row arrives) and the window is ``epoch_window`` epochs (default 10), tested every
-  epoch;
+  epoch; epochs logged as progress (fractional: many rows an epoch) warm up over the first
+  epoch too, with the window in rows;
 - guard ← guard · guard_factor at once on a non-finite value; on a jump of ``spike_sigmas``
   robust sigmas that also doubles the largest value of the guard window (a spike of the size
   the window already holds is noise, not divergence; sigmas and standard errors are at least
@@ -142,28 +143,32 @@ class Auto(Policy):
                 "guard_on": None, "guard_scale": 0.0, "cooldown": 0, "trigger": None, "quiet": 0,
                 "seen": 0, "warm": self.warmup == 0, "ramp_done": self.warmup == 0}
 
-    def _warmup_factor(self, t: float) -> float:
-        if self.warmup == 0:
+    def _warmup_factor(self, state: State, t: float | None) -> float:
+        """warmup_start + (1 − warmup_start) · min(t, L) / L over the warmup's length L in the
+        run's unit (``ramp_len`` in the state when it is not ``warmup``: one epoch)."""
+        length = state.get("ramp_len", self.warmup)
+        if length == 0 or state.get("ramp_done"):
             return 1.0
-        return self.warmup_start + (1.0 - self.warmup_start) * min(t, self.warmup) / self.warmup
+        return self.warmup_start + (1.0 - self.warmup_start) * min(0.0 if t is None else t, length) / length
 
     def value(self, state: State) -> float:
         t = state["t"]
-        w = 1.0 if state.get("ramp_done") else self._warmup_factor(0.0 if t is None else t + 1)
+        w = self._warmup_factor(state, None if t is None else t + 1)
         return w * state["decay"] * state["guard"] * state["boost"]
 
     def holds(self, obs: Observation) -> bool:
         t = obs.time(self.unit)
-        return self.warmup > 0 and t is not None and t < self._warmup_length(self._per_epoch(obs))
+        return self.warmup > 0 and t is not None and t + 1 <= self._warmup_length(obs)
 
     def _per_epoch(self, obs: Observation) -> bool:
-        """Whether this run's counter is the epoch (a log without steps: Keras's CSVLogger)."""
-        return (obs.unit if self.unit == "auto" else self.unit) == "epoch"
+        """Whether this run's rows are epochs (a log without steps: Keras's CSVLogger)."""
+        return obs.per_epoch(self.unit)
 
-    def _warmup_length(self, per_epoch: bool) -> int:
-        """``warmup`` in the run's unit; an epoch-level log's warmup is its first epoch (the
-        daemon can change the LR only when a row arrives, once an epoch)."""
-        return 1 if self.warmup > 0 and per_epoch else self.warmup
+    def _warmup_length(self, obs: Observation) -> int:
+        """``warmup`` in the run's unit; counted in epochs, the warmup is the first epoch (on a
+        log of one row an epoch the daemon can change the LR only once an epoch)."""
+        in_epochs = (obs.unit if self.unit == "auto" else self.unit) == "epoch"
+        return 1 if self.warmup > 0 and in_epochs else self.warmup
 
     def _sizes(self, per_epoch: bool) -> tuple[int, int, int]:
         """(window, min_window, every) in rows: ``epoch_window`` epochs tested every epoch on
@@ -181,22 +186,26 @@ class Auto(Policy):
         if "at" in new:  # a state saved before the window's times and rows became runs
             n, times, at = len(new["values"]), new.pop("times"), new.pop("at")
             new["runs"] = kept.from_lists(times[max(len(times) - n, 0):], at[max(len(at) - n, 0):])
+        # The warmup's factor that produced this row (set after the row before); 1 once it is done.
+        ramp = 1.0 if new["ramp_done"] else self._warmup_factor(new, None if new["t"] is None else new["t"] + 1)
         t = obs.time(self.unit)
         if t is not None and (new["t"] is None or t > new["t"]):
             new["t"] = t
         per_epoch = self._per_epoch(obs)
-        warmup = self._warmup_length(per_epoch)
+        warmup = self._warmup_length(obs)
+        if warmup != new.get("ramp_len", self.warmup):
+            new["ramp_len"] = warmup
         if not new["ramp_done"] and t is not None and t + 1 >= warmup:
             new["ramp_done"] = True
         metric = self.metric or obs.monitor
         guard_metric = self.guard_metric or new.get("guard_on") or self._training_loss(new, obs.metrics) or metric
         note = None
         if guard_metric in obs.metrics:
-            new, note = self._guard(new, obs, guard_metric, float(obs.metrics[guard_metric]))
+            new, note = self._guard(new, obs, guard_metric, float(obs.metrics[guard_metric]), ramp)
         if note is not None or metric is None:
             return new, note
         if not new["warm"]:
-            if t is None or t < warmup:
+            if t is None or t + 1 <= warmup:  # trained during the warmup
                 return new, None
             new.update(warm=True, **_EMPTY_WINDOW)  # post-warmup data only
         new["rows"] += 1
@@ -234,7 +243,8 @@ class Auto(Policy):
                 return name
         return None
 
-    def _guard(self, state: State, obs: Observation, metric: str, value: float) -> tuple[State, Note | None]:
+    def _guard(self, state: State, obs: Observation, metric: str, value: float,
+               ramp: float = 1.0) -> tuple[State, Note | None]:
         """O(window) per row at most: robust (median, sigma, extreme) refreshed every ``every`` values."""
         mode = self.mode or default_mode(metric)
         worse = operator.gt if mode == "min" else operator.lt
@@ -272,7 +282,7 @@ class Auto(Policy):
                         steps = state.get("guard_steps") or []
                         state["guard_steps"] = _slide(steps, level - levels[-1 - _LAG], self._history())
             return state, None
-        return self._fire(state, metric, value, why)
+        return self._fire(state, metric, value, why, ramp)
 
     def _history(self) -> int:
         """Steps between block medians kept for the level-shift standard error: ``10 · window`` rows."""
@@ -320,13 +330,13 @@ class Auto(Policy):
         se, phi = _median_se(state["guard_values"], self.every)
         return se, f"AR(1) phi={phi:.2f} of the window"
 
-    def _fire(self, state: State, metric: str, value: float, why: str) -> tuple[State, Note | None]:
+    def _fire(self, state: State, metric: str, value: float, why: str,
+              w: float = 1.0) -> tuple[State, Note | None]:
+        """Cut by ``guard_factor``; during the warmup, stop it at ``w``, the warmup's factor that
+        produced this row (set after the row before), and cut from there."""
         cut = self.guard_factor
         ramp = ""
         if not state["ramp_done"]:
-            # The LR climbed past what the model takes: stop the warmup at the factor that produced
-            # this row (that of row t, set after row t - 1), and cut.
-            w = self._warmup_factor(0.0 if state["t"] is None else state["t"])
             cut *= w
             ramp = f" (warmup ended at factor {w:.3g})"
             state["ramp_done"] = True

@@ -180,7 +180,7 @@ class Plateau(Policy):
         current = float(obs.metrics[metric])
         mode = self.mode or default_mode(metric)
         if self.method == "trend":
-            sizes = self.in_epochs if obs.unit == "epoch" else self
+            sizes = self.in_epochs if obs.per_epoch("auto") else self
             return sizes._update_trend(state, obs, metric, current, mode)
         return self._update_threshold(state, obs, metric, current, mode)
 

@@ -205,8 +205,9 @@ class Warmup(Schedule):
         return self.start_factor + (1.0 - self.start_factor) * frac
 
     def holds(self, obs: Observation) -> bool:
+        """Whether the row was trained during the warmup: t + 1 <= steps (t < steps for an index)."""
         t = obs.time(self.unit)
-        return t is not None and t < self.steps
+        return t is not None and t + 1 <= self.steps
 
 
 SCHEDULES = (Constant, Step, MultiStep, Exponential, InverseTime, Cosine, Linear, Polynomial, Warmup)
