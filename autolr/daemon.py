@@ -168,6 +168,7 @@ class Daemon:
             run.add_source(reader, self.saved_sources.get(run.folder, {}).get(str(path)))
         self.sources[path] = reader
         self._paths[os.fspath(path)] = path  # events then look it up by this very object (no __eq__)
+        self.watch_link(path)
         self.by_dir[path.parent].add(path)
         self.on_event("source", {"path": str(path), "reader": cls.name})
         return reader
@@ -259,6 +260,8 @@ class Daemon:
     def handle(self, path: Path, in_place: bool = False) -> None:
         """React to a path the observer reported (or a rescan found); ``in_place``: see process()."""
         if path in self.sources:
+            if not in_place:
+                self.watch_link(path)  # a link re-pointed, or its target replaced
             self.process(path, in_place)
             return
         if path.name == CONTROL_NAME and path.parent in self.runs:
@@ -282,6 +285,12 @@ class Daemon:
                 self.drop_source(p)
         if path.is_file() and self.consider(path) is not None:
             self.process(path)
+
+    def watch_link(self, path: Path) -> None:
+        """A symlinked log: watch the file it leads to (inotify reports changes under the
+        target's own path, in a folder that may not be watched at all)."""
+        if self.native_events and path.is_symlink():
+            self.observer.watch_link(os.fspath(path))
 
     def catch_up(self) -> None:
         """Read every known source to its end; vanished ones are dropped. A run whose files

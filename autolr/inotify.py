@@ -75,6 +75,8 @@ class InotifyWatcher:
         self.follow_symlinks = follow_symlinks
         self.paths: dict[int, str] = {}  # wd -> folder
         self.wds: dict[str, int] = {}  # folder -> wd
+        self.links: dict[int, str] = {}  # wd -> symlinked file (its target's own watch)
+        self.link_wds: dict[str, int] = {}  # symlinked file -> wd
         self.fd = -1
         self._wake_r = self._wake_w = -1
         self._stopping = False
@@ -150,6 +152,20 @@ class InotifyWatcher:
         self.paths[wd] = folder
         self.wds[folder] = wd
 
+    def watch_link(self, path: str) -> None:
+        """Watch the file a symlinked log leads to (followed symlinks only): a target outside
+        the watched folders sends no event of its own. Its events report ``path``, the link;
+        a re-pointed link moves the watch to the new target."""
+        wd = self._add(self.fd, os.fsencode(path), MASK | IN_EXCL_UNLINK)
+        if wd < 0:
+            return  # gone, or not ours to read: the rescan covers it
+        old = self.link_wds.get(path)
+        if old is not None and old != wd and self.links.get(old) == path:
+            del self.links[old]
+            self._rm(self.fd, old)
+        self.links[wd] = path
+        self.link_wds[path] = wd
+
     def remove_tree(self, top: str) -> None:
         """Stop watching ``top`` and below (moved away: its watch descriptors now name other paths)."""
         prefix = top + "/"
@@ -178,6 +194,15 @@ class InotifyWatcher:
                 continue
             folder = paths.get(wd)
             if folder is None:
+                link = self.links.get(wd)
+                if link is not None:  # a symlinked log's target: no name, the file itself
+                    changed.add(link)
+                    if mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
+                        moved.add(link)
+                    if mask & IN_IGNORED:
+                        del self.links[wd]
+                        if self.link_wds.get(link) == wd:
+                            del self.link_wds[link]
                 continue
             if mask & IN_IGNORED:
                 del paths[wd]

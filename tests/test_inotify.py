@@ -182,3 +182,39 @@ def test_inline_mode_is_polled_by_the_caller_and_woken(tmp_path):
         watcher.stop()
         watcher.join(5)
     assert watcher.fd == -1
+
+
+def test_a_symlinked_file_outside_the_watched_folders_reports_the_link(tmp_path):
+    """watch_link: the target's own events come under the link's path; a re-pointed link moves
+    the watch, and the old target's events stop."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    target, other = outside / "m.jsonl", outside / "n.jsonl"
+    target.write_text(""), other.write_text("")
+    link = root / "m.jsonl"
+    os.symlink(target, link)
+    sink = Collector()
+    watcher = InotifyWatcher(root, sink, follow_symlinks=True)
+    watcher.start()
+    try:
+        watcher.watch_link(str(link))
+        with open(target, "a") as f:
+            f.write('{"step": 0}\n')
+        assert sink.wait_for(link)
+        os.unlink(link)
+        os.symlink(other, link)
+        watcher.watch_link(str(link))
+        assert list(watcher.links.values()) == [str(link)]
+        time.sleep(0.2)
+        sink.paths.clear()
+        with open(other, "a") as f:
+            f.write('{"step": 0}\n')
+        assert sink.wait_for(link)
+        sink.paths.clear()
+        with open(target, "a") as f:  # the old target is no longer watched
+            f.write('{"step": 1}\n')
+        time.sleep(0.3)
+        assert sink.paths == set()
+    finally:
+        watcher.stop()
+        watcher.join(5)

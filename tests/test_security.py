@@ -53,6 +53,29 @@ def test_symlinked_folder_outside_the_root_is_not_followed_through_the_cli(tmp_p
     assert (outside / "autolr.json").exists()
 
 
+def test_a_followed_symlinked_log_outside_the_root_is_read_live(tmp_path):
+    """With --follow-symlinks, rows appended to a symlinked log whose file lies outside the root
+    are decided at once. Before, inotify watched only folders under the root, so they waited
+    for the periodic rescan (30 s; here 300 s)."""
+    from .test_e2e import start_daemon, stop, wait_until
+
+    outside = tmp_path / "outside"
+    write_jsonl(outside / "m.jsonl", [{"step": 0, "loss": 1.0}])
+    run = tmp_path / "root" / "run"
+    run.mkdir(parents=True)
+    os.symlink(outside / "m.jsonl", run / "m.jsonl")
+    daemon = start_daemon(run.parent, "--follow-symlinks", "--rescan", "300", "--base-lr", "1",
+                          "--policy", "step:step_size=5,gamma=0.5")
+    try:
+        wait_until(lambda: (run / "autolr.json").exists(), what="the run's control file")
+        with open(outside / "m.jsonl", "a") as f:
+            f.write("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)))
+        wait_until(lambda: json.loads((run / "autolr.json").read_text())["lr"] == 0.5, timeout=20,
+                   what="the decision after step 4")
+    finally:
+        stop(daemon)
+
+
 def test_daemon_files_are_not_group_or_world_writable(tmp_path):
     run = tmp_path / "run"
     write_jsonl(run / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(20)])
