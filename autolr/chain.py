@@ -170,6 +170,20 @@ class Chain:
         return lr / self.base
 
     # ---- observation -------------------------------------------------------------------
+    def _restart_schedules(self, states: list) -> list:
+        """Each policy's :meth:`~autolr.policy.Policy.restart_time`: the run's time runs back
+        once (its counter was just decided, or its epochs found to say where training is)."""
+        return [p.restart_time(s) for p, s in zip(self.policies, states)]
+
+    @staticmethod
+    def _held_at(obs: Observation, state: State) -> Observation:
+        """``obs`` with the run's last step and epoch where the row has none (a validation row
+        without a step): a warmup still holds on such rows."""
+        step, epoch = state.get("last_step"), state.get("last_epoch")
+        if (obs.step is None and step is not None) or (obs.epoch is None and epoch is not None):
+            return Observation(obs.row, step, epoch, obs.metrics, obs.lr, obs.monitor, obs.unit, obs.progress)
+        return obs
+
     def update(
         self, state: State, record: Record, columns: Sequence[str] = ()
     ) -> tuple[State, Decision | None]:
@@ -180,29 +194,39 @@ class Chain:
             best, rank = _row_best(tuple(columns), tuple(record.metrics))
             if rank < metric_rank(monitor):  # a better-ranked name in this row
                 self._upgrade_monitor(state, best)
+        step, epoch = record.step, record.epoch
+        old_states = inputs = state["policies"]
         unit = state["unit"]
         if unit is None:
             # The first row with a counter decides; a log's first rows may carry none (a line of
-            # hyperparameters), so "row" is settled only after UNIT_ROWS rows without one.
-            counter = "step" if record.step is not None else "epoch" if record.epoch is not None else None
+            # hyperparameters), so "row" is settled only after UNIT_ROWS rows without one. Until
+            # then rows count; schedules start over at the first counter.
+            counter = "step" if step is not None else "epoch" if epoch is not None else None
             if counter is not None or state["rows"] + 1 >= UNIT_ROWS:
                 state["unit"] = counter or "row"
+            if counter is not None and state["rows"] > 0:
+                inputs = self._restart_schedules(old_states)
             unit = counter or "row"
-        epoch = record.epoch
         progress = state.get("progress", False)
-        if not progress and epoch is not None and math.isfinite(epoch) and not float(epoch).is_integer():
-            state["progress"] = progress = True  # a fractional epoch: the run's epochs are progress
+        if epoch is not None:
+            if not progress and _epochs_run(state, step, epoch):
+                # Epochs say where training is, not which epoch was just done; schedules start
+                # over, as their time goes back by the one epoch.
+                state["progress"] = progress = True
+                inputs = self._restart_schedules(inputs)
+            state["last_epoch"] = epoch
+        if step is not None:
+            state["last_step"] = step
         # (row, step, epoch, metrics, lr, monitor, unit, progress), positionally: one per row
-        obs = Observation(state["rows"], record.step, epoch, record.metrics,
+        obs = Observation(state["rows"], step, epoch, record.metrics,
                           self.base * state["scale"], state["monitor"], unit, progress)
-        holders = [p for p in self._may_hold if p.holds(obs)] if self._may_hold else ()
-        old_states = state["policies"]
-        if not holders and len(old_states) == 1:  # the usual chain: one policy, nothing holding
-            pstate, note = self.policies[0].update(old_states[0], obs)
+        holders = [p for p in self._may_hold if p.holds(self._held_at(obs, state))] if self._may_hold else ()
+        if not holders and len(inputs) == 1:  # the usual chain: one policy, nothing holding
+            pstate, note = self.policies[0].update(inputs[0], obs)
             new_states, notes = [pstate], [note]
         else:
             new_states, notes = [], []
-            for policy, pstate in zip(self.policies, old_states):
+            for policy, pstate in zip(self.policies, inputs):
                 if holders and policy.stateful and any(h is not policy for h in holders):  # another one's warmup
                     new_states.append(pstate)
                     notes.append(None)
@@ -226,8 +250,22 @@ class Chain:
             state["policies"] = [p.monitor_changed(s) for p, s in zip(self.policies, state["policies"])]
         state["monitor"] = candidate
 
+    def _fold_clamp(self, state: State, old_states: list, old_scale: float) -> None:
+        """A policy's decision acts on the LR in force: while ``min_lr``/``max_lr`` held the LR,
+        manual takes the held ratio (scale / raw product) first, so that a cut under ``max_lr``
+        lowers the LR at once instead of eating the product's excess over the clamp."""
+        raw = state["manual"]
+        for policy, pstate in zip(self.policies, old_states):
+            raw *= policy.value(pstate)
+        lr = self.base * raw
+        if _usable(raw) and ((self.max_lr is not None and lr > self.max_lr)
+                             or (self.min_lr is not None and lr < self.min_lr)):
+            state["manual"] *= old_scale / raw
+
     def _decide(self, state, obs, old_states, notes) -> tuple[State, Decision | None]:
         old_scale = state["scale"]
+        if (self.min_lr is not None or self.max_lr is not None) and any(notes):
+            self._fold_clamp(state, old_states, old_scale)
         scale = self._target_scale(state)
         if not _changed(old_scale, scale):
             return state, None
@@ -257,7 +295,7 @@ class Chain:
         return state, Decision(
             scale=scale,
             lr=self.lr(state),
-            step=_step_of(obs),
+            step=_step_of(obs, state.get("last_step")),
             policy="+".join(changed) or "clamp",
             reason="; ".join(reasons) or "clamped",
             evidence=evidence,
@@ -310,6 +348,15 @@ class Chain:
 UNIT_ROWS = 10
 
 
+def _epochs_run(state: State, step: int | None, epoch: float) -> bool:
+    """Whether the row shows that the run's epochs say where training is: a fractional epoch
+    (Hugging Face's progress), or a second moment of the last row's epoch (Lightning writes the
+    current epoch on every step row; its validation and epoch-end rows share one step)."""
+    if math.isfinite(epoch) and not float(epoch).is_integer():
+        return True
+    return epoch == state.get("last_epoch") and (step is None or step != state.get("last_step"))
+
+
 def _usable(x: float) -> bool:
     return math.isfinite(x) and x > 0
 
@@ -322,10 +369,14 @@ def _changed(old: float, new: float) -> bool:
     return abs(new - old) > REL_TOL * max(abs(old), abs(new))
 
 
-def _step_of(obs: Observation) -> int | None:
+def _step_of(obs: Observation, last_step: int | None) -> int | None:
+    """A decision's ``step``: the row's step, else the last step before it, else a whole epoch
+    index, else the row index (progress epochs are not steps: 0.5 is no step after 1)."""
     if obs.step is not None:
         return obs.step
-    if obs.epoch is not None and float(obs.epoch).is_integer():
+    if last_step is not None:
+        return last_step
+    if obs.epoch is not None and not obs.progress and float(obs.epoch).is_integer():
         return int(obs.epoch)
     return obs.row
 

@@ -33,9 +33,10 @@ class Observation:
     ``lr`` is the learning rate the chain had set while the row was produced: absolute when the
     base LR is known, else a scale on the loop's own base LR. ``monitor`` is the run's
     monitored metric name (None until the log shows one) and ``unit`` the run's default unit.
-    ``progress`` says the run's epochs are progress (Hugging Face: 0.5 = half of the first
-    epoch done; set once a row shows a fractional epoch), not an index (Keras: 0 after the
-    first epoch).
+    ``progress`` says the run's epochs tell where training is (Hugging Face: 0.5 = half of the
+    first epoch done; Lightning: the current epoch on every step row), not the index of the
+    epoch just done (Keras's CSVLogger: 0 after the first epoch); set once a row shows a
+    fractional epoch or a second moment of one epoch (see ``chain._epochs_run``).
     """
 
     row: int
@@ -139,6 +140,12 @@ class Policy:
     def holds(self, obs: Observation) -> bool:
         """True while this policy owns the LR at ``obs`` (a warmup in progress)."""
         return False
+
+    def restart_time(self, state: State) -> State:
+        """The state to go on from when the run's time runs back once because its reading
+        changed (the first step after rows without one; epochs found to say where training
+        is). Default: the state as it is; a schedule, a pure function of time, starts over."""
+        return state
 
     # ---- construction from user input -------------------------------------------------
     @classmethod

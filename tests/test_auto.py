@@ -436,3 +436,21 @@ def test_a_guard_fire_during_a_progress_warmup_stops_it_at_the_factor_that_produ
         eng.feed(Record(metrics={"loss": 1.0 + 0.01 * (i % 3)}, epoch=i / 100))
     [d] = eng.feed(Record(metrics={"loss": float("nan")}, epoch=0.51))
     assert "warmup ended at factor 0.55" in d.reason and d.scale == pytest.approx(0.55 * 0.5)
+
+
+def test_the_warmup_restarts_when_the_runs_time_is_read_anew():
+    """Three rows of hyperparameters before step 0 (they count as rows until the first step):
+    the warmup is exact from step 0, not three steps ahead. Lightning's current epoch on every
+    step row with unit=epoch: the warmup is epoch 0, not ended by the first row read as an
+    epoch just done."""
+    eng = engine("auto")
+    for _ in range(3):
+        eng.feed(Record(metrics={"batch_size": 32.0}))
+    eng.feed(Record(metrics={"loss": 1.0}, step=0))
+    assert eng.scale == pytest.approx(0.1 + 0.9 * 1 / 100)  # was 3 / 100
+    eng = engine("auto:unit=epoch")
+    scales = {}
+    for s in range(0, 300, 10):
+        eng.feed(Record(metrics={"loss": 1.0}, step=s, epoch=float(s // 100)))
+        scales[s] = eng.scale
+    assert scales[10] == scales[90] == pytest.approx(0.1) and scales[100] == scales[290] == 1.0

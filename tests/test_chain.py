@@ -274,9 +274,69 @@ def test_progress_survives_a_restart_and_whole_epochs_after_it_stay_progress():
 
 
 def test_a_warmup_in_progress_epochs_holds_plateau_until_the_first_epoch_is_done():
-    """warmup:steps=1 (epochs) before plateau: rows up to epoch 1.0 were trained during the
-    warmup and are not fed to plateau; before, the rows up to 1.75 were held back as well."""
+    """warmup:steps=1 (epochs) before plateau: rows before epoch 1.0 were trained during the
+    warmup and are not fed to plateau (a progress epoch e is read as trained at e, as
+    Lightning's current epoch is); before, the rows up to 1.75 were held back as well."""
     chain = _chain("warmup:steps=1,unit=epoch", "plateau:method=threshold,patience=1000")
     state, scales, _ = _scales_by_epoch(chain, [i / 4 for i in range(1, 13)])
     assert scales[0.5] == pytest.approx(0.01 + 0.99 * 0.5) and scales[1.0] == 1.0  # start_factor 0.01
-    assert state["policies"][1]["seen"] == 8  # rows 1.25 .. 3.0
+    assert state["policies"][1]["seen"] == 9  # rows 1.0 .. 3.0
+
+
+def test_a_schedule_starts_over_at_the_first_counter():
+    """Regression: three lines of hyperparameters before step 0 counted as rows 0-2, and time
+    never runs back, so step_size=1 stood at 0.125 until step 3 (torch: 0.5 after step 0).
+    Rows before the first counter count as rows (a log without counters is exact from its
+    first row); the first step restarts the schedules."""
+    chain = _chain("step:step_size=1,gamma=0.5")
+    state, out = chain.init(), []
+    for record in [Record({"batch_size": 32.0})] * 3 + [Record({"loss": 1.0}, s) for s in range(4)]:
+        state, _ = chain.update(state, record)
+        out.append(state["scale"])
+    assert out[3:] == [0.5, 0.25, 0.125, 0.0625]
+    rows = chain.init()  # a log without any counter: the row index, once decided
+    for _ in range(UNIT_ROWS + 2):
+        rows, _ = chain.update(rows, Record({"loss": 1.0}))
+    assert rows["scale"] == 0.5 ** (UNIT_ROWS + 2)
+
+
+def test_a_warmup_holds_plateau_on_rows_without_a_step():
+    """Regression: validation rows without a step (val_loss alone) were fed to plateau during
+    the warmup, which cut three times before step 49; a decision on such a row reports the last
+    step, not the row index."""
+    chain = _chain("warmup:steps=50,start_factor=0.1", "plateau:method=threshold,patience=1,factor=0.5")
+    state, cuts = chain.init(), []
+    for s in range(80):
+        state, d = chain.update(state, Record({"loss": 1.0}, s))
+        if s % 4 == 3:
+            state, d = chain.update(state, Record({"val_loss": 1.0 + s}))  # worse every time
+            if d is not None and "plateau" in d.policy:
+                cuts.append(d.step)
+    assert cuts and min(cuts) >= 50 and all(c % 4 == 3 for c in cuts)  # the step before the row
+
+
+def test_a_cut_while_max_lr_holds_the_lr_acts_on_the_lr_in_force():
+    """Regression: base 1 with --max-lr 0.01: plateau's cuts by 0.1 went into the product's
+    excess over the clamp (1 -> 0.1 -> 0.01), so the LR stayed 0.01 for two cuts; and auto's
+    guard "x0.5" moved an LR held at max_lr by its boosts by 2 %. ReduceLROnPlateau cuts the
+    LR in force: 1e-3, then 1e-4."""
+    chain = _chain("plateau:method=threshold,patience=0,factor=0.1", base_lr=1.0, max_lr=0.01)
+    state, lrs = chain.init(), []
+    for s in range(4):
+        state, _ = chain.update(state, Record({"val_loss": 1.0 + s}, s))
+        lrs.append(chain.lr(state))
+    assert lrs == pytest.approx([0.01, 1e-3, 1e-4, 1e-5])
+    # min_lr: a cut while the clamp holds the LR up folds the held ratio into manual (the raw
+    # product stood at 0.01, held at 0.05: x5), so that a later raise acts at once
+    chain = _chain("plateau:method=threshold,patience=0,factor=0.1", base_lr=1.0, min_lr=0.05)
+    state, _ = chain.update(chain.init(), Record({"val_loss": 1.0}, 0))
+    for s in range(1, 4):
+        state, _ = chain.update(state, Record({"val_loss": 1.0 + s}, s))
+    assert chain.lr(state) == pytest.approx(0.05) and state["manual"] == pytest.approx(5.0)
+    # a schedule under the clamp keeps min(max_lr, schedule): no fold without a decision note
+    chain = _chain("step:step_size=1,gamma=0.5", base_lr=1.0, max_lr=0.3)
+    state, lrs = chain.init(), []
+    for s in range(3):
+        state, _ = chain.update(state, Record({"loss": 1.0}, s))
+        lrs.append(chain.lr(state))
+    assert lrs == pytest.approx([0.3, 0.25, 0.125]) and state["manual"] == 1.0

@@ -145,14 +145,31 @@ def test_rows_without_the_counter_and_backward_time_do_not_move_a_schedule():
     assert out == approx([1.0, 1.0, 0.5, 0.5, 0.5, 0.25])
 
 
-def test_epoch_unit():
-    rows = [Record({"loss": 1.0}, step=100 * e, epoch=float(e)) for e in range(5)]
+@pytest.mark.parametrize("layout", ["keras", "lightning", "lightning per epoch"])
+def test_epoch_unit(layout):
+    """Keras's CSVLogger: one row an epoch, the index of the epoch just done (0 after the
+    first): the LR after it is the next epoch's. Lightning: the current epoch on every step
+    row: the LR after a row of epoch e is epoch e's (StepLR stepped at each epoch's end).
+    Lightning logging only at epoch ends: its validation and training rows share one step, so
+    they are one moment, the epoch just done, as in Keras."""
+    if layout == "keras":
+        rows = [Record({"loss": 1.0}, epoch=float(e)) for e in range(5)]
+    elif layout == "lightning":
+        rows = [Record({"loss": 1.0}, step=s, epoch=float(s // 3)) for s in range(15)]
+    else:
+        rows = [Record({name: 1.0}, step=100 * e + 99, epoch=float(e))
+                for e in range(5) for name in ("val_loss", "train_loss_epoch")]
     chain = build_chain([("step", {"step_size": 2, "gamma": 0.5, "unit": "epoch"})], REGISTRY, base_lr=1.0)
     state, out = chain.init(), []
     for rec in rows:
         state, _ = chain.update(state, rec)
         out.append(chain.lr(state))
-    assert out == approx([1.0, 0.5, 0.5, 0.25, 0.25])
+    if layout == "keras":
+        assert out == approx([1.0, 0.5, 0.5, 0.25, 0.25])
+    elif layout == "lightning per epoch":
+        assert out == approx([1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25])
+    else:  # during epochs 0, 1: 1.0; 2, 3: 0.5; 4: 0.25 (before, each came one epoch early)
+        assert out == approx([1.0] * 6 + [0.5] * 6 + [0.25] * 3)
 
 
 # ---- plateau --------------------------------------------------------------------------------
@@ -247,10 +264,26 @@ def test_zero_lr_is_never_written():
     ("warmup", {"start_factor": 0.0}, "start_factor"),
     ("cosine", {"T_max": 10, "etamin": 0.1}, "etamin"),
     ("plateau", {"mode": "up"}, "'min'"),
+    # used to be accepted with decay_steps and staircase silently ignored:
+    ("exponential", {"gamma": 0.5, "decay_steps": 10, "staircase": True}, "apply to decay_rate"),
+    ("exponential", {"gamma": 0.5, "staircase": True}, "apply to decay_rate"),
+    ("multistep", {"milestones": (-5, 3)}, "milestones must be >= 0"),  # was: an initial cut
 ])
 def test_invalid_parameters_are_clear_errors(name, params, message):
     with pytest.raises(PolicyError, match=message):
         build_chain([(name, params)], REGISTRY, base_lr=1.0)
+
+
+def test_linear_may_end_at_zero_like_torch_and_the_last_good_lr_stays():
+    """LinearLR accepts end_factor=0 (was "end_factor must be > 0"); the 0 at the end is never
+    written (the last good LR stays), as with PolynomialLR."""
+    chain = build_chain([("linear", {"start_factor": 1.0, "end_factor": 0.0, "total_iters": 4})], REGISTRY,
+                        base_lr=1.0)
+    state, out = chain.init(), []
+    for t in range(6):
+        state, _ = chain.update(state, Record({"loss": 1.0}, step=t))
+        out.append(chain.lr(state))
+    assert out == approx([0.75, 0.5, 0.25, 0.25, 0.25, 0.25])
 
 
 MINIMAL = {"step": {"step_size": 7}, "multistep": {"milestones": (5, 40)}, "warmup": {"steps": 20},
@@ -273,3 +306,16 @@ def test_update_never_modifies_the_state_it_is_given(name):
         new, _ = policy.update(state, obs)
         assert json.dumps(state, sort_keys=True, default=repr) == before, f"row {i}"
         state = new
+
+
+@pytest.mark.parametrize("method", ["threshold", "trend"])
+def test_plateau_with_eps_0_never_divides_by_a_vanished_factor(method):
+    """Regression: eps=0 (valid in torch) let the factor underflow to 0.0 after ~330 cuts by
+    0.1, and the next reason divided by it (ZeroDivisionError at every later row)."""
+    params = {"method": method, "eps": 0.0, "factor": 0.1}
+    params.update(patience=0) if method == "threshold" else params.update(window=8, min_window=8, history=8)
+    chain = build_chain([("plateau", params)], REGISTRY, base_lr=1.0)
+    state = chain.init()
+    for s in range(800 if method == "threshold" else 4000):
+        state, _ = chain.update(state, Record({"val_loss": 1.0 + s}, step=s))
+    assert 0 < chain.lr(state) < 1e-300 and state["policies"][0]["factor"] > 0

@@ -160,7 +160,7 @@ class AutolrCallback(keras.callbacks.Callback):
         if self._logger is not None and logs:
             epoch_logs = {k: v for k, v in _numbers(logs).items() if k.startswith("val_")}
             if epoch_logs:
-                self._logger(self.step, epoch=epoch + 1, **epoch_logs)
+                self._logger(self.step, epoch=epoch, **epoch_logs)  # Keras's index, as its CSVLogger
 
     def on_train_end(self, logs: dict | None = None) -> None:
         if self._restore is not None:

@@ -156,9 +156,15 @@ class Auto(Policy):
         w = self._warmup_factor(state, None if t is None else t + 1)
         return w * state["decay"] * state["guard"] * state["boost"]
 
+    def restart_time(self, state: State) -> State:
+        """The warmup's time starts over (it is read from the next row); a guard event that
+        ended it early keeps it ended."""
+        ramp_done = self.warmup == 0 or (state["ramp_done"] and state["guard"] < 1.0)
+        return dict(state, t=None, ramp_done=ramp_done, warm=ramp_done and state["warm"])
+
     def holds(self, obs: Observation) -> bool:
-        t = obs.time(self.unit)
-        return self.warmup > 0 and t is not None and t + 1 <= self._warmup_length(obs)
+        c = obs.counter(self.unit)  # where the row was trained (see Warmup.holds)
+        return self.warmup > 0 and c is not None and c < self._warmup_length(obs)
 
     def _per_epoch(self, obs: Observation) -> bool:
         """Whether this run's rows are epochs (a log without steps: Keras's CSVLogger)."""
@@ -205,7 +211,8 @@ class Auto(Policy):
         if note is not None or metric is None:
             return new, note
         if not new["warm"]:
-            if t is None or t + 1 <= warmup:  # trained during the warmup
+            c = obs.counter(self.unit)
+            if c is None or c < warmup:  # trained during the warmup
                 return new, None
             new.update(warm=True, **_EMPTY_WINDOW)  # post-warmup data only
         new["rows"] += 1

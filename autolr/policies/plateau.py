@@ -192,11 +192,13 @@ class Plateau(Policy):
                                    history=self.epoch_history, every=1)
 
     def _reduce(self, state: State, lr: float) -> float | None:
-        """The new factor after a reduction, or None when the change would be below eps."""
+        """The new factor after a reduction, or None when the change would be below eps or the
+        factor would no longer be a positive number (``eps=0``: the LR underflows to 0)."""
         target = max(lr * self.factor, self.min_lr)
         if lr - target <= self.eps:
             return None
-        return state["factor"] * (target / lr)
+        factor = state["factor"] * (target / lr)
+        return factor if 0 < factor < math.inf and state["factor"] > 0 else None
 
     # ---- method=trend ------------------------------------------------------------------
     @property

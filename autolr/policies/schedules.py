@@ -41,6 +41,9 @@ class Schedule(Policy):
         t = state["t"]
         return self.factor_at(0.0 if t is None else t + 1, state["base_lr"])
 
+    def restart_time(self, state: State) -> State:
+        return self.init(state["base_lr"])
+
 
 @dataclass(frozen=True, kw_only=True)
 class Constant(Schedule):
@@ -82,6 +85,7 @@ class MultiStep(Schedule):
 
     def __post_init__(self) -> None:
         check(len(self.milestones) > 0, self.name, "milestones must not be empty")
+        check(all(m >= 0 for m in self.milestones), self.name, "milestones must be >= 0")
         check(self.gamma > 0, self.name, "gamma must be > 0")
         object.__setattr__(self, "milestones", tuple(sorted(self.milestones)))
 
@@ -107,6 +111,8 @@ class Exponential(Schedule):
         )
         check((self.gamma or self.decay_rate or 0) > 0, self.name, "gamma/decay_rate must be > 0")
         check(self.decay_steps > 0, self.name, "decay_steps must be > 0")
+        check(self.gamma is None or (self.decay_steps == 1.0 and not self.staircase), self.name,
+              "decay_steps and staircase apply to decay_rate (TensorFlow form), not gamma")
 
     def factor_at(self, t: float, base_lr: float) -> float:
         if self.gamma is not None:
@@ -161,7 +167,7 @@ class Linear(Schedule):
 
     def __post_init__(self) -> None:
         check(self.start_factor > 0, self.name, "start_factor must be > 0")
-        check(self.end_factor > 0, self.name, "end_factor must be > 0")
+        check(self.end_factor >= 0, self.name, "end_factor must be >= 0")
         check(self.total_iters > 0, self.name, "total_iters must be > 0")
 
     def factor_at(self, t: float, base_lr: float) -> float:
@@ -205,9 +211,10 @@ class Warmup(Schedule):
         return self.start_factor + (1.0 - self.start_factor) * frac
 
     def holds(self, obs: Observation) -> bool:
-        """Whether the row was trained during the warmup: t + 1 <= steps (t < steps for an index)."""
-        t = obs.time(self.unit)
-        return t is not None and t + 1 <= self.steps
+        """Whether the row was trained during the warmup: its counter < steps (a progress epoch
+        e is trained at e, an index epoch or step t at t)."""
+        c = obs.counter(self.unit)
+        return c is not None and c < self.steps
 
 
 SCHEDULES = (Constant, Step, MultiStep, Exponential, InverseTime, Cosine, Linear, Polynomial, Warmup)
