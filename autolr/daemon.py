@@ -61,6 +61,14 @@ class Options:
     native_inotify: bool = True  # Linux: autolr's own inotify reader; False: watchdog's
 
 
+def _age(path: Path) -> tuple[float, str]:
+    """Sort key: modification time (a vanished file first), then the name."""
+    try:
+        return path.stat().st_mtime, path.name
+    except OSError:
+        return 0.0, path.name
+
+
 class Daemon:
     """Watches ``root``; ``run()`` blocks until stopped (or, with ``once``, until caught up)."""
 
@@ -116,29 +124,49 @@ class Daemon:
         folder = folder or self.root
         found: list[Path] = []
         seen_dirs: set[str] = set()
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=self.options.follow_symlinks,
-                                                    onerror=lambda e: None):
+        follow = self.options.follow_symlinks
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=follow, onerror=lambda e: None):
             real = os.path.realpath(dirpath)
             if real in seen_dirs or not self.inside_root(Path(dirpath)):
                 dirnames[:] = []
                 continue
             seen_dirs.add(real)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".autolr"))
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                if path not in self.sources and self.consider(path) is not None:
+            # Hidden folders (.git, .venv, .cache, our .autolr*) are not runs; a followed symlink
+            # to a folder inside the root is walked where it lies (W&B's latest-run).
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                                 and not (follow and self._alias(os.path.join(dirpath, d))))
+            candidates = [p for name in filenames
+                          if (p := Path(dirpath) / name) not in self.sources and self._reader_class(p)]
+            for path in sorted(candidates, key=_age):  # oldest first: a requeued job's log after the first
+                if self.consider(path) is not None:
                     found.append(path)
         return found
 
+    def _alias(self, folder: str) -> bool:
+        """A symlink to a folder inside the root (walked at its own path)."""
+        if not os.path.islink(folder):
+            return False
+        return Path(os.path.realpath(folder)).is_relative_to(os.path.realpath(self.root))
+
+    def _in_hidden_folder(self, path: Path) -> bool:
+        """Below a hidden folder of the root (an event from one: watchdog watches them all)."""
+        try:
+            parts = path.parent.relative_to(self.root).parts
+        except ValueError:
+            return False
+        return any(part.startswith(".") for part in parts)
+
+    def _reader_class(self, path: Path) -> type | None:
+        """The reader for ``path`` by the cheap checks first (its name: hidden, our own,
+        ignored; the readers' own), before any ``realpath``: a tree of many other files."""
+        if is_own_file(path) or path.name.startswith(".") or path in self.ignored:
+            return None
+        return reader_for(path, self.readers)
+
     def consider(self, path: Path) -> Reader | None:
         """Add ``path`` as a source if a reader recognises it."""
-        if is_own_file(path) or path.name.startswith(".") or path in self.ignored or not self.inside_root(path):
-            return None
-        if path.is_symlink() and not self.options.follow_symlinks:
-            if not self.inside_root(path):
-                return None
-        cls = reader_for(path, self.readers)
-        if cls is None:
+        cls = self._reader_class(path)
+        if cls is None or self._in_hidden_folder(path) or not self.inside_root(path):
             return None
         try:
             reader = cls(path)

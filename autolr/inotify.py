@@ -116,9 +116,12 @@ class InotifyWatcher:
             self._thread.start()
 
     def add_tree(self, top: str, *, strict: bool = False) -> None:
-        """Watch ``top`` and every folder below it (``.autolr*`` folders excepted)."""
+        """Watch ``top`` and every folder below it but hidden ones (``.git``, ``.venv``, our
+        ``.autolr*``) and, following symlinks, links to folders inside the root (watched where
+        they lie, so that events name the real paths)."""
         self._watch(top, strict)
         seen: set[str] = set()  # real paths: followed symlinks may form cycles
+        real_root = os.path.realpath(self.root) + "/"
         for dirpath, dirnames, _ in os.walk(top, followlinks=self.follow_symlinks):
             if self.follow_symlinks:
                 real = os.path.realpath(dirpath)
@@ -126,7 +129,9 @@ class InotifyWatcher:
                     dirnames[:] = []
                     continue
                 seen.add(real)
-            dirnames[:] = [d for d in dirnames if not d.startswith(".autolr")]
+                dirnames[:] = [d for d in dirnames if not (
+                    os.path.islink(p := os.path.join(dirpath, d)) and (os.path.realpath(p) + "/").startswith(real_root))]
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for d in dirnames:
                 self._watch(os.path.join(dirpath, d), strict)
 
@@ -215,8 +220,8 @@ class InotifyWatcher:
                 shaken.add(folder)
                 continue
             if mask & IN_ISDIR:
-                if name.startswith(b".autolr"):
-                    continue
+                if name.startswith(b"."):
+                    continue  # hidden folders are not watched (see add_tree)
                 path = folder + "/" + fsdecode(name)
                 if mask & (IN_CREATE | IN_MOVED_TO):
                     self.add_tree(path)

@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 #: Keys that readers map to the step counter, in order of preference.
-STEP_KEYS = ("step", "global_step", "trainer/global_step", "iter", "iteration", "num_updates", "_step")
+STEP_KEYS = ("step", "global_step", "trainer/global_step", "train/global_step", "iter", "iteration", "num_updates",
+             "_step")
 #: Keys that readers map to the epoch counter.
-EPOCH_KEYS = ("epoch",)
+EPOCH_KEYS = ("epoch", "train/epoch")
 
 
 @dataclass(frozen=True, slots=True, init=False)

@@ -370,6 +370,48 @@ def test_symlinks_out_of_the_root_are_not_followed(tmp_path):
     assert daemon.runs
 
 
+def test_hidden_folders_are_not_runs(tmp_path):
+    """Regression: a project folder watched whole made runs (and wrote control files) inside
+    .venv's dist-info folders (entry_points.txt) and its packages' sample data (*.csv)."""
+    write_jsonl(tmp_path / "runs" / "exp1" / "m.jsonl", flat_then_flat(range(3)))
+    hidden = tmp_path / ".venv" / "lib" / "x.dist-info"
+    hidden.mkdir(parents=True)
+    (hidden / "entry_points.txt").write_text("[console_scripts]\nx = x:main\n")
+    (hidden / "sample.csv").write_text("step,loss\n0,1\n")
+    daemon, _ = make_daemon(tmp_path)
+    daemon.run()
+    assert list(daemon.runs) == [tmp_path / "runs" / "exp1"]
+    assert not list((tmp_path / ".venv").rglob("autolr*"))
+    daemon.handle(hidden / "sample.csv")  # an event from inside it (watchdog watches every folder)
+    assert list(daemon.runs) == [tmp_path / "runs" / "exp1"]
+
+
+def test_a_folders_logs_are_caught_up_oldest_first(tmp_path):
+    """Regression: a requeued Slurm job's log (slurm-100012.out, steps 26-45) sorts before the
+    first job's (slurm-99876.out, steps 0-25) by name; read first, the older one then rewound
+    the run to step 25. Caught up by age, the run ends at step 45."""
+    run = tmp_path / "run"
+    write_jsonl(run / "b-99876.jsonl", flat_then_flat(range(26)))
+    write_jsonl(run / "a-100012.jsonl", flat_then_flat(range(26, 46)))
+    os.utime(run / "b-99876.jsonl", (1e9, 1e9))
+    daemon, _ = make_daemon(run.parent, policy=("step:step_size=10",))
+    daemon.run()
+    assert [e["kind"] for e in read_journal(run)].count("rewind") == 0
+    assert daemon.runs[run].summary()["step"] == 45
+
+
+def test_a_followed_symlink_to_a_folder_inside_the_root_is_read_where_it_lies(tmp_path):
+    """Regression: with --follow-symlinks, wandb/latest-run (a link to the offline-run folder)
+    was walked first and its target then skipped as seen; the W&B reader leaves latest-run
+    paths out, so the run was never found."""
+    real = tmp_path / "wandb" / "offline-run-20260101_000000-abc"
+    write_jsonl(real / "m.jsonl", flat_then_flat(range(3)))
+    os.symlink(real.name, tmp_path / "wandb" / "latest-run")
+    daemon, _ = make_daemon(tmp_path, follow_symlinks=True)
+    daemon.run()
+    assert list(daemon.runs) == [real]
+
+
 def test_bad_lines_are_counted_not_fatal(tmp_path):
     log = tmp_path / "run" / "m.jsonl"
     log.parent.mkdir()

@@ -205,16 +205,23 @@ def test_a_symlinked_file_outside_the_watched_folders_reports_the_link(tmp_path)
         os.symlink(other, link)
         watcher.watch_link(str(link))
         assert list(watcher.links.values()) == [str(link)]
-        time.sleep(0.2)
+
+
+        def settle(name):  # one queue: once this file's event is in, every earlier one is
+            (root / name).write_text("x")
+            assert sink.wait_for(root / name)
+
+        settle("s0.txt")
         sink.paths.clear()
         with open(other, "a") as f:
             f.write('{"step": 0}\n')
         assert sink.wait_for(link)
+        settle("s1.txt")
         sink.paths.clear()
         with open(target, "a") as f:  # the old target is no longer watched
             f.write('{"step": 1}\n')
-        time.sleep(0.3)
-        assert sink.paths == set()
+        settle("s2.txt")
+        assert str(link) not in sink.paths
     finally:
         watcher.stop()
         watcher.join(5)

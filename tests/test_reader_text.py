@@ -226,12 +226,15 @@ def test_hf_dicts_quoted_bare_and_ranks(tmp_path: Path):
         "[rank1]: {'loss': 9.99, 'epoch': '0.5'}\n"
         "{'eval_loss': '3.501', 'eval_runtime': '0.0026', 'epoch': '1'}\n"
         "config: {'lr': 0.1}\n"
+        "[default1]:{'loss': 9.99, 'epoch': '0.5'}\n"  # torchrun --tee: [role + local rank]:, no space
+        "[default0]:{'loss': 1.5, 'epoch': '1.5'}\n"
     ))
     assert as_tuples(records) == [
         (None, 0.03, (("grad_norm", 3.38), ("learning_rate", 4.85e-05), ("loss", 2.8485))),
         (None, 0.25, (("grad_norm", 6.013), ("learning_rate", 4.688e-05), ("loss", 3.106))),
         (None, 0.5, (("learning_rate", 1e-05), ("loss", "nan"))),
         (None, 1.0, (("eval_loss", 3.501), ("eval_runtime", 0.0026))),
+        (None, 1.5, (("loss", 1.5),)),
     ]
 
 
@@ -246,7 +249,7 @@ def test_fairseq_json(tmp_path: Path):
         '2026-01-01 10:09:02 | INFO | broken | {"epoch": 1, "loss": \n'
     ))
     assert as_tuples(records) == [
-        (1, 1.0, (("loss", 16.475), ("lr", 2e-05), ("update", 0.001), ("wall", 5.0))),
+        (1, 0.001, (("loss", 16.475), ("lr", 2e-05), ("wall", 5.0))),  # update: progress
         (100, 1.0, (("valid_loss", 9.5), ("valid_ppl", 724.08))),
         (100, 1.0, (("train_loss", 10.1),)),
     ]

@@ -317,3 +317,34 @@ def test_matching_run_dir_and_registration(run_file: Path):
     got = []
     wbmod.register_readers(register=got.append)
     assert got == [WandbReader]
+
+
+HF_SCRIPT = textwrap.dedent("""
+    import sys, wandb
+    settings = wandb.Settings(silent=True, disable_git=True, x_disable_stats=True,
+                              x_disable_meta=True, x_disable_machine_info=True)
+    run = wandb.init(project="autolr-test", mode="offline", dir=sys.argv[1], settings=settings)
+    run.define_metric("train/global_step")
+    run.define_metric("*", step_metric="train/global_step", step_sync=True)
+    for gs in range(4, 33, 4):  # as transformers' WandbCallback: no step=, so _step counts calls
+        run.log({"train/loss": 1.0 / gs, "train/epoch": gs / 16, "train/global_step": gs})
+        if gs % 8 == 0:
+            run.log({"eval/loss": 2.0 / gs, "train/epoch": gs / 16, "train/global_step": gs})
+    run.finish()
+""")
+
+
+def test_hugging_face_keys_give_the_global_step_and_epoch(tmp_path: Path):
+    """Regression: Trainer with report_to="wandb" logs train/global_step and train/epoch and no
+    step=; the reader took W&B's _step (a count of log calls, training and eval mixed: 0-11)."""
+    pytest.importorskip("wandb")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path),
+               WANDB_DISABLE_CODE="true")
+    subprocess.run([sys.executable, "-c", HF_SCRIPT, str(tmp_path)], env=env, check=True, timeout=120,
+                   cwd=tmp_path, capture_output=True)
+    (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    records = read_all(WandbReader(path))
+    train = [(r.step, r.epoch) for r in records if "train/loss" in r.metrics]
+    evals = [r.step for r in records if "eval/loss" in r.metrics]
+    assert train == [(gs, gs / 16) for gs in range(4, 33, 4)] and evals == [8, 16, 24, 32]
+    assert all("train/global_step" not in r.metrics and "train/epoch" not in r.metrics for r in records)

@@ -12,8 +12,9 @@ Built-in formats (each with a cheap substring check before its regex):
 * Hugging Face Trainer prints ``{'loss': 2.8485, 'learning_rate': 4.85e-05, 'epoch': 0.03}``,
   numbers bare or quoted (5.x); no step in these lines.
 * JSON objects after a prefix, e.g. fairseq ``... | INFO | train_inner | {"epoch": 1,
-  "loss": "16.475", "num_updates": "1"}``; ``num_updates`` (or ``<split>_num_updates``) is
-  the step.
+  "update": 0.001, "loss": "16.475", "num_updates": "1"}``; ``num_updates`` (or
+  ``<split>_num_updates``) is the step, and fairseq's ``update`` (the epoch's progress) is the
+  epoch of its ``train_inner`` lines.
 * Keras progress bars ``1875/1875 ━━━━ 2s 1ms/step - accuracy: 0.8658 - loss: 0.3749``; the
   preceding ``Epoch 3/10`` gives epoch 2 (Keras' 0-based index, as in its CSVLogger) and the
   step is ``epoch * steps_per_epoch + batch``. One record per epoch: the line's final state.
@@ -50,7 +51,9 @@ WANDB_RUN = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-\w+")
 ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
 REDRAW = re.compile(rb"[\r\b]+")
 NUM = r"[-+]?(?:\d*\.?\d+(?:[eE][-+]?\d+)?|nan|inf(?:inity)?)"
-RANK = re.compile(r"^\s*(?:\[rank\s*(\d+)\]|\[(\d+)\]|(\d{1,4})):\s")
+#: A rank label: ``[rank1]: ``, ``[1]: ``, ``1: ``, and torchrun's ``--tee`` ``[default1]:`` (role
+#: name and local rank, no space).
+RANK = re.compile(r"^\s*(?:\[(?:rank\s*|[A-Za-z_][\w-]*?)?(\d+)\]:\s*|(\d{1,4}):\s)")
 NANO_ITER = re.compile(rf"\biter (\d+): loss ({NUM})(?:, time ({NUM})ms)?(?:, mfu ({NUM})%)?", re.I)
 NANO_EVAL = re.compile(rf"\bstep (\d+): train loss ({NUM}), val loss ({NUM})", re.I)
 HF_DICT = re.compile(r"^\{'.*\}$")
@@ -212,6 +215,10 @@ def parse_json_object(text: str) -> Record | None:
         split = [k for k in values if k.endswith("_num_updates")]
         if split:
             values["num_updates"] = values.pop(split[0])
+    elif "update" in values and "epoch" in values and "num_updates" in values:
+        # fairseq's train_inner: "epoch" counts from 1 during the epoch, "update" is the
+        # progress (epoch - 1 + fraction done), as its end-of-epoch lines' "epoch" is.
+        values["epoch"] = values.pop("update")
     return split_counters(values)
 
 
