@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -42,7 +43,7 @@ def flatten(records) -> list[tuple]:
         rows += [(r.run, r.step, k, key(v)) for k, v in r.metrics.items()]
         if r.epoch is not None:
             rows.append((r.run, r.step, "epoch", key(r.epoch)))
-    return sorted(rows)
+    return sorted(rows, key=lambda row: (row[0] or "", -1 if row[1] is None else row[1], *row[2:]))
 
 
 @pytest.fixture(scope="module")
@@ -465,3 +466,30 @@ def test_file_store_reads_cut_at_parse_block_equal_a_whole_read(files, parse):
     if all(_in_time_order(blob) for blob in files):  # and the steps in the same order (rows
         # logged at the same time and step may come in another order, or in two records)
         assert [r.step for r in got[0] for _ in r.metrics] == [r.step for r in want[0] for _ in r.metrics]
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+def test_a_metric_logged_without_a_step_is_not_a_resume(tracking, tmp_path, kind):
+    """Regression: mlflow.log_metric("val_loss", v) without step= is stored at step 0; after
+    the training loss's steps it rewound the run to step 0 every epoch. Step 0 of a key that
+    never had another step, once the run is past step 0, is read as no step, across restarts.
+    A key going back to 0 after steps of its own is still a resume."""
+    if kind == "file":
+        mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    else:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run() as run:
+        for epoch in range(3):
+            for s in range(10 * epoch, 10 * epoch + 10):
+                mlflow.log_metric("loss", 1.0 / (s + 1), step=s)
+            mlflow.log_metric("val_loss", 1.0 / (epoch + 2))  # no step
+    daemon = run_daemon(tmp_path)
+    (engine,) = [r.engine for r in daemon.runs.values()]
+    assert engine.rewinds == 0 and engine.state["rows"] == 33
+    with mlflow.start_run(run_id=run.info.run_id):
+        mlflow.log_metric("val_loss", 0.1)  # still no step, after a restart of the daemon
+        time.sleep(0.01)  # a later millisecond: rows of one millisecond may merge either way
+        mlflow.log_metric("loss", 9.0, step=0)  # the job started over
+    daemon = run_daemon(tmp_path)
+    (engine,) = [r.engine for r in daemon.runs.values()]
+    assert engine.rewinds == 1 and engine.state["rows"] == 1

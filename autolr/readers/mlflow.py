@@ -132,6 +132,7 @@ class MlflowDbReader(Reader):
     def __init__(self, path: str | Path):
         super().__init__(path)
         self.rowid = 0  # the last rowid delivered
+        self.tops: dict[str, StepTops] = {}  # per MLflow run
         self.identity: tuple[int, int] | None = None
         self._restart_pending = False
         self._bad: tuple | None = None  # the file signature last counted as not a database
@@ -152,10 +153,15 @@ class MlflowDbReader(Reader):
         return sqlite_run_folder(self.path, run)
 
     def get_state(self) -> dict[str, Any]:
-        return {"rowid": self.rowid, "identity": self.identity, "restart": self._restart_pending}
+        return {"rowid": self.rowid, "identity": self.identity, "restart": self._restart_pending,
+                "tops": {run: tops.keys for run, tops in self.tops.items()}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.rowid = int(state.get("rowid", 0))
+        tops = state.get("tops")
+        if isinstance(tops, dict):
+            self.tops = {run: StepTops({k: v for k, v in keys.items() if isinstance(v, int)})
+                         for run, keys in tops.items() if isinstance(keys, dict)}
         ident = state.get("identity")
         self.identity = tuple(ident) if ident else None
         self._restart_pending = bool(state.get("restart", False))
@@ -182,6 +188,7 @@ class MlflowDbReader(Reader):
         if self.identity is not None and identity != self.identity:
             log.info("%s: database replaced, reading it from the start", self.path)
             self.rowid = 0
+            self.tops = {}
             self._restart_pending = True
         self.identity = identity
 
@@ -225,7 +232,10 @@ class MlflowDbReader(Reader):
                 continue
             if key.startswith(SYSTEM_PREFIX):
                 continue
-            step = step if isinstance(step, int) else None
+            tops = self.tops.get(run)
+            if tops is None:
+                tops = self.tops[run] = StepTops()
+            step = tops.step(key, step if isinstance(step, int) else None)
             if metrics and ((step, run) != current or key in metrics):
                 yield _record(metrics, *current)
                 metrics = {}
@@ -233,6 +243,27 @@ class MlflowDbReader(Reader):
             metrics[key] = v
         if metrics:
             yield _record(metrics, *current)
+
+
+class StepTops:
+    """A run's highest step, per key and overall, to tell a value logged without a step from a
+    job going back to the start: MLflow stores both at step 0. Step 0 of a key that never had
+    another step, once the run is past step 0, is read as no step (None): no rewind."""
+
+    def __init__(self, keys: dict[str, int] | None = None):
+        self.keys: dict[str, int] = dict(keys or {})
+        self.top = max(self.keys.values(), default=0)
+
+    def step(self, key: str, step: int | None) -> int | None:
+        if step:
+            if step > self.keys.get(key, 0):
+                self.keys[key] = step
+                if step > self.top:
+                    self.top = step
+            return step
+        if step == 0 and self.top > 0 and not self.keys.get(key):
+            return None
+        return step
 
 
 def locate_metric_file(path: Path) -> tuple[Path, str] | None:
@@ -267,6 +298,7 @@ class RunFiles:
 
     def __init__(self) -> None:
         self.members: weakref.WeakValueDictionary[Path, MlflowFileReader] = weakref.WeakValueDictionary()
+        self.tops = StepTops()
 
     def read(self) -> tuple[list[tuple[int, int, str, float]], bool, bool]:
         """New (timestamp, step, key, value) rows of every member in logging order, and
@@ -358,15 +390,18 @@ class MlflowFileReader(Reader):
         return found[0] if found else path.parent
 
     def get_state(self) -> dict[str, Any]:
-        return {"tail": self.tailer.get_state()}
+        return {"tail": self.tailer.get_state(), "top": self.group.tops.keys.get(self.key, 0)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.tailer.set_state(state.get("tail", {}))
+        top = state.get("top")
+        if isinstance(top, int) and top > 0:
+            self.group.tops.step(self.key, top)
 
     def read(self) -> list[Record]:
         rows, more, restarted = self.group.read()
         self.more, self.restarted = more, restarted
-        return list(group_steps(rows))
+        return list(group_steps(rows, self.group.tops))
 
     def parse(self, line: bytes) -> tuple[int, int, float] | None:
         """:func:`parse_metric_line`, a malformed line counted and skipped."""
@@ -389,14 +424,17 @@ def parse_metric_line(line: bytes) -> tuple[int, int, float] | None:
     return timestamp, int(fields[2]) if len(fields) >= 3 else 0, value
 
 
-def group_steps(rows: Iterable[tuple[int, int, str, float]]) -> Iterable[Record]:
+def group_steps(rows: Iterable[tuple[int, int, str, float]], tops: StepTops | None = None) -> Iterable[Record]:
     """Rows ``(timestamp, step, key, value)`` as Records, one per run of rows at one step.
 
-    A key repeated at the same step starts a new Record.
+    A key repeated at the same step starts a new Record; ``tops`` reads a step-less value's 0
+    as no step (:class:`StepTops`).
     """
     metrics: dict[str, float] = {}
     current: int | None = None
     for _ts, step, key, value in rows:
+        if tops is not None:
+            step = tops.step(key, step)
         if metrics and (step != current or key in metrics):
             yield _record(metrics, current, None)
             metrics = {}
