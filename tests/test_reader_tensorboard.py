@@ -742,3 +742,19 @@ def test_live_rows_of_a_side_by_side_folder_behind_the_other_are_late_not_a_resu
     records = late.read()  # the same validation rows again: that folder went back, a resume
     run.feed(late, records[5:6])
     assert run.engine.rewinds == 1 and run.engine.last_key == 5
+
+
+@pytest.mark.parametrize("sub", ["train", "validation"])
+def test_a_torch_writers_train_folder_is_a_run_of_its_own(tmp_path, sub):
+    """Regression: Lightning's TensorBoardLogger(sub_dir="train") writes torch event files in
+    version_0/train, its trainer.log_dir (where AutolrCallback reads); they were taken for
+    Keras's layout: the control file went to version_0, and "validation" prefixed every
+    metric with val_ (val_train_loss)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = tmp_path / "version_0" / sub
+    with SummaryWriter(str(folder)) as w:
+        w.add_scalar("train_loss", 1.0, 0)
+    path = event_file(folder)
+    assert TensorBoardReader.run_dir(path) == folder
+    assert [r.metrics for r in read_all(path)] == [{"train_loss": 1.0}]

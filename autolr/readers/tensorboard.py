@@ -447,7 +447,8 @@ def _writer_key(name: str) -> str | None:
 
 def _layout(path: Path) -> tuple[Path, str | None]:
     """(run folder, the file's folder relative to it): None for a run's own folder, the
-    add_scalars subfolder path, or ``train``/``validation`` for Keras's layout."""
+    add_scalars subfolder path, or ``train``/``validation`` for Keras's layout (TF2's ``.v2``
+    files only: a torch writer's ``train/`` is a run of its own, Lightning's ``sub_dir``)."""
     cached = _RUN_DIRS.get(path)
     if cached is not None:
         return cached
@@ -459,7 +460,7 @@ def _layout(path: Path) -> tuple[Path, str | None]:
             result = (up, folder.relative_to(up).as_posix())
             break
     else:
-        if folder.name in KERAS_FOLDERS:
+        if folder.name in KERAS_FOLDERS and path.name.endswith(".v2"):  # Keras (TF2) writes .v2
             result = (folder.parent, folder.name)
     if len(_RUN_DIRS) > 65536:
         _RUN_DIRS.clear()
