@@ -295,3 +295,22 @@ def test_daemon_reads_all_checkpoints_as_one_run(run, tmp_path):
     MARKS.clear()  # a new daemon process: what was delivered comes from the saved state
     again = run_daemon(tmp_path)
     assert again.runs[out].engine.state["rows"] == len(run["final"])
+
+
+def test_a_live_runs_mark_outlives_many_other_runs(tmp_path, monkeypatch):
+    """Regression: past MAX_MARKS (256) runs, a live run's mark was dropped from the registry
+    and its next checkpoint's reader started from a fresh one: every entry delivered again."""
+    from autolr.readers import hf
+
+    monkeypatch.setattr(hf, "MAX_MARKS", 4)
+    entries = [{"step": s, "loss": 1.0 / s} for s in range(1, 5)]
+    first = write_snapshot(tmp_path / "run" / "checkpoint-2" / STATE_NAME,
+                           json.dumps({"log_history": entries[:2]}).encode())
+    reader = HfTrainerStateReader(first)
+    assert [r.step for r in reader.read()] == [1, 2]
+    for i in range(6):  # other runs opened meanwhile
+        HfTrainerStateReader(write_snapshot(tmp_path / f"other{i}" / STATE_NAME, b'{"log_history": []}'))
+    second = write_snapshot(tmp_path / "run" / "checkpoint-4" / STATE_NAME,
+                            json.dumps({"log_history": entries}).encode())
+    assert [r.step for r in HfTrainerStateReader(second).read()] == [3, 4]
+    assert reader.mark is hf.LIVE[os.path.abspath(tmp_path / "run")]

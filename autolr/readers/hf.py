@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import time
+import weakref
 import zlib
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -102,14 +103,19 @@ class RunMark:
 #: One mark per run folder. Kept after its readers are gone: a daemon drops the reader of a
 #: deleted checkpoint before it meets the next one, which must continue from the same mark.
 MARKS: OrderedDict[str, RunMark] = OrderedDict()
+#: Every mark a live reader holds, however many runs were opened since (past MAX_MARKS, the
+#: next checkpoint's reader of a live run got a fresh mark and delivered its history again).
+LIVE: weakref.WeakValueDictionary[str, RunMark] = weakref.WeakValueDictionary()
 
 
 def mark_for(folder: Path, registry: dict[str, RunMark] | None = None) -> RunMark:
     """The shared mark of the run in ``folder`` (from ``registry``, default :data:`MARKS`)."""
     marks = MARKS if registry is None else registry
     key = os.path.abspath(folder)
-    mark = marks.pop(key, None) or RunMark()
+    mark = marks.pop(key, None) or (LIVE.get(key) if registry is None else None) or RunMark()
     marks[key] = mark  # most recent last
+    if registry is None:
+        LIVE[key] = mark
     while len(marks) > MAX_MARKS:
         marks.pop(next(iter(marks)))
     return mark
