@@ -65,25 +65,18 @@ class Observation:
         """The row's step, epoch or row index as logged (``auto``: the run's default unit)."""
         if unit == "auto":
             unit = self.unit
-        if unit == "step":
-            return self.step
-        if unit == "epoch":
-            return self.epoch
-        return self.row
+        return self.step if unit == "step" else self.epoch if unit == "epoch" else self.row
 
     def time(self, unit: str) -> float | None:
         """The row's time t in ``unit``, an index: the LR set after this row applies from t + 1.
 
-        Steps, rows and index epochs as logged; a progress epoch e is t = e − 1 (the LR after
-        the row at e = 1.0, the first epoch done, applies from epoch index 1)."""
+        The counter as logged, but a progress epoch e is t = e − 1 (the LR after the row at
+        e = 1.0, the first epoch done, applies from epoch index 1)."""
         if unit == "auto":
             unit = self.unit
-        if unit == "step":
-            return self.step
-        if unit == "epoch":
-            epoch = self.epoch
-            return epoch - 1.0 if self.progress and epoch is not None else epoch
-        return self.row
+        if unit == "epoch" and self.progress and self.epoch is not None:
+            return self.epoch - 1.0
+        return self.step if unit == "step" else self.epoch if unit == "epoch" else self.row
 
     def per_epoch(self, unit: str) -> bool:
         """Whether ``unit`` is an index epoch: one row an epoch (Keras's CSVLogger)."""

@@ -153,7 +153,7 @@ class Auto(Policy):
 
     def value(self, state: State) -> float:
         t = state["t"]
-        w = self._warmup_factor(state, None if t is None else t + 1)
+        w = 1.0 if state.get("ramp_done") else self._warmup_factor(state, None if t is None else t + 1)
         return w * state["decay"] * state["guard"] * state["boost"]
 
     def restart_time(self, state: State) -> State:
