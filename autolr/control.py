@@ -207,7 +207,7 @@ def last_journal_entry(path: Path) -> dict[str, Any] | None:
     """
     try:
         f = open(path, "rb")
-    except FileNotFoundError:
+    except OSError:  # missing, or not ours to read
         return None
     with f:
         size = f.seek(0, os.SEEK_END)
@@ -415,7 +415,7 @@ class ControlWriter:
 
     def _read_current(self) -> dict[str, Any] | None:
         record = None
-        with contextlib.suppress(FileNotFoundError, ControlError):
+        with contextlib.suppress(OSError, ControlError):  # missing, or not ours to read
             record = validate_control(read_json(self.path))
         last = last_journal_entry(self.journal)
         if last is not None and isinstance(last.get("seq"), int):

@@ -307,12 +307,14 @@ class Daemon:
                 if not any(p == path for _, p in self.rechecks):
                     self.rechecks += [(now + 0.5, path), (now + 2.0, path)]
             return
-        gone = [p for p in self.sources if p == path or p.is_relative_to(path)]
-        for p in gone:  # a folder or file moved away or deleted
+        if path.is_file():  # not a known log (those are handled above): perhaps a new one
+            if self.consider(path) is not None:
+                self.process(path)
+            return
+        gone = [p for p in self.sources if p.is_relative_to(path)]  # O(logs): a vanished path only
+        for p in gone:  # a folder moved away or deleted
             if not p.exists():
                 self.drop_source(p)
-        if path.is_file() and self.consider(path) is not None:
-            self.process(path)
 
     def watch_link(self, path: Path) -> None:
         """A symlinked log: watch the file it leads to (inotify reports changes under the
@@ -420,7 +422,10 @@ class Daemon:
     def rescan(self) -> None:
         """The safety net: new logs, unread rows and manual overrides that sent no event."""
         for run in list(self.runs.values()):
-            run.adopt_manual()
+            try:
+                run.adopt_manual()
+            except Exception as exc:  # one run's unreadable files never stop the others
+                self.count("unexpected error", run.folder, exc)
         self.discover()
         self.catch_up()
 

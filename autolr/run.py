@@ -271,6 +271,7 @@ class Run:
         data = {
             "version": STATE_VERSION,
             "seq": self.seq,
+            "chain": self.engine.chain.names,
             "engine": self.engine.get_state(),
             "sources": {
                 _rel(path, self.folder): {"reader": r.name, "state": r.get_state()}
@@ -314,15 +315,23 @@ class Run:
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             self._resume_from_journal()
             return {}
-        try:
+        names = self.engine.chain.names
+        if data.get("chain", names) != names:
+            log.warning("%s: the policy chain changed from %s to %s; starting the run over", self.folder,
+                        data["chain"], names)
+            self._resume_from_journal()
+            return {}
+        try:  # a damaged or hand-edited state is one run's problem, never the daemon's
+            seq, rows = int(data.get("seq", 0)), int(data.get("rows", 0))
+            schedule = [dict(entry) for entry in data.get("schedule") or []]
+            sources = dict(data.get("sources") or {})
             self.engine.set_state(data["engine"])
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("%s: ignoring incompatible state (%s); starting over", self.folder, exc)
             self._resume_from_journal()
             return {}
-        self.seq = int(data.get("seq", 0))
-        self.rows = int(data.get("rows", 0))
-        self.schedule = list(data.get("schedule") or [])
+        self.seq, self.rows = seq, rows
+        self.schedule = schedule
         self.max_step = data.get("max_step")
         self.last_step = data.get("last_step")
         self.last_metric = data.get("last_metric")
@@ -334,7 +343,7 @@ class Run:
         self.pending = JournalCursor.after(self.writer.journal, self.seq)
         self._adopt_pending_manuals()
         self.writer.repair()
-        return {str(self.folder / rel): v for rel, v in data.get("sources", {}).items()}
+        return {str(self.folder / rel): v for rel, v in sources.items()}
 
     def _resume_from_journal(self) -> None:
         """No usable state: re-derive everything, matching what the journal already holds."""

@@ -1,6 +1,7 @@
 """What ``autolr watch`` prints: plain log lines, or a live table when stdout is a terminal."""
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import time
@@ -50,11 +51,19 @@ class View:
         self.last_note = self.clock()
 
     def print(self, text: str) -> None:
-        if self.live and self.drawn:
-            self.out.write(f"\x1b[{self.drawn}F\x1b[J")
-            self.drawn = 0
-        self.out.write(text + "\n")
-        self.out.flush()
+        """Write a line; output that fails (a closed pipe, /dev/full) is given up, never raised:
+        the daemon's work goes on and its journal has every decision."""
+        if self.out is None:
+            return
+        try:
+            if self.live and self.drawn:
+                self.out.write(f"\x1b[{self.drawn}F\x1b[J")
+                self.drawn = 0
+            self.out.write(text + "\n")
+            self.out.flush()
+        except (OSError, ValueError) as exc:
+            self.out = None
+            logging.getLogger("autolr.view").warning("output failed (%s); printing no more", exc)
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "run":
@@ -113,11 +122,12 @@ class View:
             self.print(f"... {n} more decisions not shown (every one is in its run's autolr.decisions.jsonl)")
 
     def draw(self) -> None:
+        if self.out is None:
+            return
         width = shutil.get_terminal_size((120, 20)).columns
         lines = [run_line(s)[:width] for s in self.summaries()]
-        if self.drawn:
-            self.out.write(f"\x1b[{self.drawn}F\x1b[J")
-        self.out.write("".join(line + "\n" for line in lines))
-        self.out.flush()
+        text = (f"\x1b[{self.drawn}F\x1b[J" if self.drawn else "") + "".join(line + "\n" for line in lines)
+        self.drawn = 0
+        self.print(text.removesuffix("\n"))
         self.drawn = len(lines)
         self.last_draw = self.clock()

@@ -200,3 +200,34 @@ def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path):
     os.utime(stale, (1, 1))
     make_daemon(tmp_path)[0].run()
     assert not stale.exists() and fresh.exists()  # a fresh one may belong to a live writer
+
+
+def test_damaged_state_unreadable_control_and_a_changed_chain_are_one_runs_problem(tmp_path, caplog):
+    """Regressions: valid JSON with wrong types in autolr.state.json ("seq": null) stopped the
+    daemon at start for every run; a control file it cannot read (here a folder) killed it at
+    the next rescan; a state saved under another policy chain made every row fail ("policy
+    error on a record: 'seen'") and froze the LR."""
+    from .test_daemon import flat_then_flat
+
+    runs = [tmp_path / name for name in ("a", "b", "c")]
+    for run in runs:
+        write_jsonl(run / "m.jsonl", flat_then_flat(range(30)))
+    daemon, _ = make_daemon(tmp_path, policy=("step:step_size=10,gamma=0.5",), base_lr=1.0)
+    daemon.run()
+    state = json.loads((runs[0] / "autolr.state.json").read_text())
+    (runs[0] / "autolr.state.json").write_text(json.dumps(dict(state, seq=None, schedule=5)))
+    for run in runs:
+        write_jsonl(run / "m.jsonl", flat_then_flat(range(30, 40)))
+    daemon, _ = make_daemon(tmp_path, policy=("step:step_size=10,gamma=0.5",), base_lr=1.0)
+    daemon.run()  # the damaged run starts over; the others go on
+    assert all(json.loads((r / "autolr.json").read_text())["lr"] == 0.5 ** 4 for r in runs)
+    (runs[1] / "autolr.json").unlink()
+    (runs[1] / "autolr.json").mkdir()
+    daemon.rescan()  # no exception: read as no control file
+    for run in (runs[0], runs[2]):
+        write_jsonl(run / "m.jsonl", flat_then_flat(range(40, 50)))
+    caplog.clear()
+    daemon, _ = make_daemon(tmp_path, policy=("plateau:method=threshold,patience=3,factor=0.5",), base_lr=1.0)
+    daemon.run()
+    assert "policy chain changed from step to plateau" in caplog.text and "policy error" not in caplog.text
+    assert daemon.runs[runs[2]].engine.state["rows"] == 50  # the new chain read the whole log

@@ -82,3 +82,17 @@ def test_live_table_is_redrawn_at_most_twice_a_second_on_decisions(clock):
     assert 1 <= len(draws) <= 3
     v("tick", {})
     assert len(draws) <= 4
+
+
+def test_output_that_fails_is_given_up_not_raised(tmp_path):
+    """Regression: with stdout a closed pipe (| tee gone) or /dev/full, the daemon's event
+    printer raised inside open_run: new runs only ever got their initial value (or the daemon
+    exited at start). The printer now stops printing and the daemon goes on."""
+    class Broken(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    view = View(out=Broken(), live=False)
+    view("run", {"run": "r", "policy": "auto", "control": "r/autolr.json"})  # no exception
+    view("source", {"path": "r/m.jsonl", "reader": "jsonl"})
+    assert view.out is None
