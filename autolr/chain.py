@@ -220,7 +220,11 @@ class Chain:
         # (row, step, epoch, metrics, lr, monitor, unit, progress), positionally: one per row
         obs = Observation(state["rows"], step, epoch, record.metrics,
                           self.base * state["scale"], state["monitor"], unit, progress)
-        holders = [p for p in self._may_hold if p.holds(self._held_at(obs, state))] if self._may_hold else ()
+        if self._may_hold:
+            at = obs if step is not None and (epoch is not None or "last_epoch" not in state) else self._held_at(obs, state)
+            holders = [p for p in self._may_hold if p.holds(at)]
+        else:
+            holders = ()
         if not holders and len(inputs) == 1:  # the usual chain: one policy, nothing holding
             pstate, note = self.policies[0].update(inputs[0], obs)
             new_states, notes = [pstate], [note]

@@ -197,12 +197,12 @@ class Auto(Policy):
         t = obs.time(self.unit)
         if t is not None and (new["t"] is None or t > new["t"]):
             new["t"] = t
-        per_epoch = self._per_epoch(obs)
-        warmup = self._warmup_length(obs)
-        if warmup != new.get("ramp_len", self.warmup):
-            new["ramp_len"] = warmup
-        if not new["ramp_done"] and t is not None and t + 1 >= warmup:
-            new["ramp_done"] = True
+        if not new["ramp_done"]:
+            warmup = self._warmup_length(obs)
+            if warmup != new.get("ramp_len", self.warmup):
+                new["ramp_len"] = warmup
+            if t is not None and t + 1 >= warmup:
+                new["ramp_done"] = True
         metric = self.metric or obs.monitor
         guard_metric = self.guard_metric or new.get("guard_on") or self._training_loss(new, obs.metrics) or metric
         note = None
@@ -212,7 +212,7 @@ class Auto(Policy):
             return new, note
         if not new["warm"]:
             c = obs.counter(self.unit)
-            if c is None or c < warmup:  # trained during the warmup
+            if c is None or c < self._warmup_length(obs):  # trained during the warmup
                 return new, None
             new.update(warm=True, **_EMPTY_WINDOW)  # post-warmup data only
         new["rows"] += 1
@@ -224,7 +224,7 @@ class Auto(Policy):
         new["seen"] += 1
         new["since"] += 1
         time = t if t is not None else obs.row
-        window, min_window, every = self._sizes(per_epoch)
+        window, min_window, every = self._sizes(self._per_epoch(obs))
         values = new["values"]
         new["runs"] = runs = kept.slide(new["runs"], time, new["rows"], len(values) + 1 - window)
         new["values"] = _slide(values, current, window)
