@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from .config import Config
 from .control import CONTROL_NAME, atomic_write_json, read_json
+from .inotify import alias_inside
 from .readers import is_own_file, reader_for
 from .readers.base import Reader
 from .run import Run
@@ -125,6 +126,7 @@ class Daemon:
         found: list[Path] = []
         seen_dirs: set[str] = set()
         follow = self.options.follow_symlinks
+        real_root = os.path.realpath(self.root) + "/"
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=follow, onerror=lambda e: None):
             real = os.path.realpath(dirpath)
             if real in seen_dirs or not self.inside_root(Path(dirpath)):
@@ -134,19 +136,13 @@ class Daemon:
             # Hidden folders (.git, .venv, .cache, our .autolr*) are not runs; a followed symlink
             # to a folder inside the root is walked where it lies (W&B's latest-run).
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                                 and not (follow and self._alias(os.path.join(dirpath, d))))
+                                 and not (follow and alias_inside(os.path.join(dirpath, d), real_root)))
             candidates = [p for name in filenames
                           if (p := Path(dirpath) / name) not in self.sources and self._reader_class(p)]
             for path in sorted(candidates, key=_age):  # oldest first: a requeued job's log after the first
                 if self.consider(path) is not None:
                     found.append(path)
         return found
-
-    def _alias(self, folder: str) -> bool:
-        """A symlink to a folder inside the root (walked at its own path)."""
-        if not os.path.islink(folder):
-            return False
-        return Path(os.path.realpath(folder)).is_relative_to(os.path.realpath(self.root))
 
     def _in_hidden_folder(self, path: Path) -> bool:
         """Below a hidden folder of the root (an event from one: watchdog watches them all)."""

@@ -61,6 +61,12 @@ MOVES = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | I
 Sink = Callable[[set, bool, set], None]  # (changed paths as str, overflowed, moved paths)
 
 
+def alias_inside(folder: str, real_root: str) -> bool:
+    """Whether ``folder`` is a symlink to a folder inside the root (``real_root``: its real
+    path and a trailing /); followed, such a folder is walked where it lies instead."""
+    return os.path.islink(folder) and (os.path.realpath(folder) + "/").startswith(real_root)
+
+
 class InotifyWatcher:
     """Watches ``root`` recursively; ``sink(paths, overflowed, moved)`` gets each batch, from a
     thread of its own or, with ``start(threaded=False)``, from the caller's ``poll_once()``.
@@ -129,9 +135,8 @@ class InotifyWatcher:
                     dirnames[:] = []
                     continue
                 seen.add(real)
-                dirnames[:] = [d for d in dirnames if not (
-                    os.path.islink(p := os.path.join(dirpath, d)) and (os.path.realpath(p) + "/").startswith(real_root))]
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and not (self.follow_symlinks and alias_inside(
+                os.path.join(dirpath, d), real_root))]
             for d in dirnames:
                 self._watch(os.path.join(dirpath, d), strict)
 

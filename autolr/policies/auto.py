@@ -147,7 +147,7 @@ class Auto(Policy):
         """warmup_start + (1 − warmup_start) · min(t, L) / L over the warmup's length L in the
         run's unit (``ramp_len`` in the state when it is not ``warmup``: one epoch)."""
         length = state.get("ramp_len", self.warmup)
-        if length == 0 or state.get("ramp_done"):
+        if length == 0:
             return 1.0
         return self.warmup_start + (1.0 - self.warmup_start) * min(0.0 if t is None else t, length) / length
 

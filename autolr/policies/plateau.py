@@ -198,7 +198,7 @@ class Plateau(Policy):
         if lr - target <= self.eps:
             return None
         factor = state["factor"] * (target / lr)
-        return factor if 0 < factor < math.inf and state["factor"] > 0 else None
+        return factor if 0 < factor < math.inf else None
 
     # ---- method=trend ------------------------------------------------------------------
     @property
