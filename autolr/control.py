@@ -59,6 +59,15 @@ class ControlWriteError(OSError):
         self.records = records
 
 
+class ControlConflict(Exception):
+    """Another writer (``autolr set``) published since the seq the caller expected; nothing
+    was written. ``seq``: the seq now in force."""
+
+    def __init__(self, seq: int):
+        super().__init__(f"the control file moved on to seq {seq}")
+        self.seq = seq
+
+
 _second: list = [None, ""]  # the last whole second formatted, and its text
 
 
@@ -432,14 +441,15 @@ class ControlWriter:
         """
         return self.publish_many([decision])[-1]
 
-    def publish_many(self, decisions: list[dict[str, Any]],
-                     schedule: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    def publish_many(self, decisions: list[dict[str, Any]], schedule: list[dict[str, Any]] | None = None,
+                     after_seq: int | None = None) -> list[dict[str, Any]]:
         """Journal several decisions (one write, one fsync) then write the last as the control file.
 
         Each decision gets its own seq; nothing unusable is written: a non-finite or
         non-positive LR raises before any byte hits the disk. Decisions with an
         ``apply_at_step`` are added to ``schedule`` (recent changes, at most MAX_SCHEDULE),
-        which the control file then carries.
+        which the control file then carries. ``after_seq``: the seq the caller last saw; when
+        another writer has published since, :class:`ControlConflict` and nothing is written.
         """
         records = [self._record(**d) for d in decisions]
         if not records:
@@ -448,6 +458,8 @@ class ControlWriter:
             current = self.current()
             self._known = None
             seq = current["seq"] if current else 0
+            if after_seq is not None and seq > after_seq:
+                raise ControlConflict(seq)
             entries = []
             scheduled = list(schedule or [])
             for record, d in zip(records, decisions):

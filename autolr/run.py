@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .chain import Decision
 from .config import Settings
-from .control import ControlError, ControlWriteError, ControlWriter, JournalCursor, atomic_write_json, read_json
+from .control import ControlConflict, ControlError, ControlWriteError, ControlWriter, JournalCursor, atomic_write_json, read_json
 from .engine import RunEngine
 from .readers.base import Reader
 
@@ -64,6 +64,7 @@ class Run:
         self.on_decision = on_decision
         self.restored = False
         self.published = 0  # decisions this process published (the min_change hint)
+        self.save_after_feed = False  # a manual override adopted mid-feed: save once the feed is done
         # True when the daemon's inotify reader reports every change of the control file and
         # the journal (it calls adopt_manual() then): feed() need not stat both every time.
         self.manual_by_events = False
@@ -128,6 +129,8 @@ class Run:
             if monitor in record.metrics:
                 self.last_metric = record.metrics[monitor]
             if decisions:
+                if self.pending:  # a restart re-deriving what the journal holds: matched one by one, so
+                    decisions = self._match_pending(decisions)  # a manual entry between two is adopted in its place
                 batch += decisions
                 if len(batch) >= PUBLISH_CHUNK:  # a decision on every row of a long log
                     self.publish(batch)
@@ -137,9 +140,13 @@ class Run:
             # covered by matching the journal at restart, and a save per batch cost more than
             # the decision itself.
             self.publish(batch)
+        if self.save_after_feed:  # the journal cannot say where in the rows the override came
+            self.save_after_feed = False
+            self.save()
 
-    def publish(self, decisions: list[Decision]) -> bool:
-        """Publish decisions not already in the journal; True when something was written."""
+    def _match_pending(self, decisions: list[Decision]) -> list[Decision]:
+        """The decisions the journal beyond the saved state does not hold yet (re-derived after a
+        crash: each one it holds is taken as published, and the manual entries after it adopted)."""
         fresh = []
         for decision in decisions:
             if self.pending and _same_decision(self.pending.peek(), decision):
@@ -149,9 +156,17 @@ class Run:
             if self.pending:
                 log.warning("%s: journal after the saved state disagrees with the replay; "
                             "publishing anew", self.folder)
-                self.pending.clear()
+                for entry in self.pending:  # superseded by the replay's decisions
+                    self.seq = max(self.seq, entry["seq"])
             fresh.append(decision)
-        fresh = self.unpublished + fresh
+        return fresh
+
+    def publish(self, decisions: list[Decision]) -> bool:
+        """Publish decisions not already in the journal; True when something was written.
+
+        A manual entry (``autolr set``) written since our last publish wins over the decisions
+        derived before we saw it: it is adopted and they are dropped, never published over it."""
+        fresh = self.unpublished + self._match_pending(decisions)
         if not fresh:
             return len(decisions) > 0
         batch, last_at = [], (self.schedule[-1]["at"] if self.schedule else None)
@@ -165,7 +180,14 @@ class Run:
             last_at = fields.get("apply_at_step", last_at)
             batch.append(fields)
         try:
-            records = self.writer.publish_many(batch, schedule=schedule)
+            records = self.writer.publish_many(batch, schedule=schedule, after_seq=self.seq)
+        except ControlConflict:
+            self.unpublished = []
+            if self._adopt_foreign():
+                log.info("%s: %d decision(s) derived before a manual override dropped", self.folder, len(fresh))
+                self.save_after_feed = True
+                return False
+            return self.publish(fresh)  # another writer's decisions (not ours to adopt): ours follow
         except ControlWriteError as exc:
             # Journaled: they count as published; the control file is repaired from the journal.
             self.errors["control write failed"] += 1
@@ -213,6 +235,25 @@ class Run:
             log.info("%s: adopted manual override seq %d (scale %g, lr %s)", self.folder,
                      current["seq"], current["scale"], current.get("lr"))
         self.dirty = True
+
+    def _adopt_foreign(self) -> bool:
+        """Take the journal entries written since our seq by another writer; True when one was
+        a manual override (adopted)."""
+        manual = False
+        for entry in JournalCursor.after(self.writer.journal, self.seq):
+            if entry["seq"] <= self.seq:
+                continue
+            self.seq = entry["seq"]
+            self.last_decision = entry
+            if entry.get("kind") == "manual" and self._override(entry):
+                manual = True
+                log.info("%s: adopted manual override seq %d (scale %s, lr %s)", self.folder,
+                         entry["seq"], entry.get("scale"), entry.get("lr"))
+        current = self.writer.current()  # a control file ahead of the journal (written by hand)
+        if current is not None and current["seq"] > self.seq:
+            self.seq = current["seq"]
+        self.dirty = True
+        return manual
 
     def _adopt_pending_manuals(self) -> None:
         while self.pending and self.pending.peek().get("kind") == "manual":

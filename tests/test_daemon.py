@@ -688,3 +688,77 @@ def test_skip_counts_carry_over_a_restart(tmp_path):
     make_daemon(tmp_path)[0].run()
     last = json.loads((tmp_path / "run" / "autolr.state.json").read_text())["skipped"]
     assert sum(last.values()) == 3 and all(last[k] >= v for k, v in first.items()), last
+
+
+def _run_of(root: Path, policy=("step:step_size=10,gamma=0.5",), base_lr=0.1):
+    from autolr.run import Run
+
+    settings = Settings(policies=parse_policy_options(policy), base_lr=base_lr)
+    run = Run(root, settings, POLICIES, fsync=False)
+    sources = run.load()
+    run.start()
+    return run, sources
+
+
+def _steps(first, last):
+    from autolr.readers.base import Record
+
+    return [Record({"loss": 1.0}, s) for s in range(first, last)]
+
+
+class _Source:
+    """A reader stand-in: Run.feed asks only for its path and columns."""
+
+    name = "fake"
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def columns(self):
+        return ["loss"]
+
+
+def test_a_manual_set_while_the_daemon_derives_decisions_wins(tmp_path):
+    """Regression: with inotify, feed() does not stat the control file; a decision derived from
+    rows read before an ``autolr set`` was published after it (a higher seq), the LR went back
+    to the schedule's and the override was never adopted (2 to 10 of 20 sets lost under load).
+    Now the publish sees the newer seq: the override is adopted, the stale decision dropped,
+    and later decisions continue from the manual LR."""
+    from autolr.manual import set_manual
+
+    run, _ = _run_of(tmp_path)
+    run.manual_by_events = True  # the event announcing the set has not been handled yet
+    source = _Source(tmp_path / "metrics.jsonl")
+    run.feed(source, _steps(0, 5))
+    set_manual(tmp_path, lr=0.03)
+    run.feed(source, _steps(5, 15))  # the LR halves for step 10: derived before the set was seen
+    control = json.loads((tmp_path / "autolr.json").read_text())
+    assert control["policy"] == "manual" and control["lr"] == pytest.approx(0.03)
+    assert run.engine.lr == pytest.approx(0.03) and run.seq == control["seq"]
+    run.feed(source, _steps(15, 25))  # and for step 20, from the manual LR
+    entries = [(e["kind"], e["step"], pytest.approx(e["lr"])) for e in read_journal(tmp_path)]
+    assert entries == [("initial", None, 0.1), ("manual", None, 0.03), ("decision", 19, 0.015)]
+    assert json.loads((tmp_path / "autolr.state.json").read_text())["seq"] == control["seq"]  # saved at once
+
+
+def test_a_restart_behind_the_journal_adopts_a_manual_set_between_two_decisions(tmp_path):
+    """Regression: a kill -9 left the state before decision A, an ``autolr set`` and decision B
+    (derived from the manual LR). The restart re-derived A and B in one batch before matching
+    the journal, so B came out without the override, disagreed, and was published over it (the
+    LR jumped from 0.0075 to 0.025). Now each re-derived decision is matched as it comes."""
+    from autolr.manual import set_manual
+
+    run, _ = _run_of(tmp_path)
+    run.save()  # the last save before the kill
+    source = _Source(tmp_path / "metrics.jsonl")
+    run.feed(source, _steps(0, 15))  # A: 0.05 at step 10
+    set_manual(tmp_path, lr=0.015)
+    run.adopt_manual()
+    run.feed(source, _steps(15, 25))  # B: 0.0075 at step 20
+    before = read_journal(tmp_path)
+    assert [e["kind"] for e in before] == ["initial", "decision", "manual", "decision"]
+    restarted, _ = _run_of(tmp_path)  # kill -9: the state is the one saved before A
+    restarted.feed(source, _steps(0, 25))  # the log read again from the saved position
+    assert read_journal(tmp_path) == before
+    assert restarted.engine.lr == pytest.approx(run.engine.lr) == pytest.approx(0.0075)
+    assert restarted.seq == before[-1]["seq"]
