@@ -500,8 +500,9 @@ class ControlWriter:
         validate_control(dict(record, seq=1))  # never write an unusable LR
         return record
 
-    def repair(self) -> dict[str, Any] | None:
-        """Rewrite the control file from the journal when a crash left it behind."""
+    def repair(self, schedule: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        """Rewrite the control file from the journal when a crash left it behind; ``schedule``:
+        the recent changes it lists when the journal's last entry has an ``apply_at_step``."""
         with self.locked():
             current = self.current()
             on_disk = None
@@ -509,6 +510,8 @@ class ControlWriter:
                 on_disk = validate_control(read_json(self.path))
             if current is not None and (on_disk is None or on_disk["seq"] < current["seq"]):
                 self._known = None
+                if schedule and "apply_at_step" in current and schedule[-1]["seq"] == current["seq"]:
+                    current = dict(current, schedule=schedule[-MAX_SCHEDULE:])
                 atomic_write_json(self.path, current, fsync=self.fsync)
             return current
 

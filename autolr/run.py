@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from .chain import Decision
 from .config import Settings
-from .control import ControlConflict, ControlError, ControlWriteError, ControlWriter, JournalCursor, atomic_write_json, read_json
+from .control import (MAX_SCHEDULE, ControlConflict, ControlError, ControlWriteError, ControlWriter, JournalCursor,
+                      atomic_write_json, read_json)
 from .engine import RunEngine
 from .readers.base import Reader
 
@@ -150,7 +151,10 @@ class Run:
         fresh = []
         for decision in decisions:
             if self.pending and _same_decision(self.pending.peek(), decision):
-                self.seq = self.pending.pop()["seq"]
+                entry = self.pending.pop()
+                self.seq = entry["seq"]
+                if "apply_at_step" in entry:
+                    self.schedule = _scheduled(self.schedule, entry)
                 self._adopt_pending_manuals()
                 continue
             if self.pending:
@@ -301,7 +305,7 @@ class Run:
             self.save()
         if self.needs_repair:
             try:
-                self.writer.repair()
+                self.writer.repair(schedule=self.schedule)
                 self.needs_repair = False
             except OSError as exc:
                 log.error("%s: control file still not written: %s", self.folder, exc)
@@ -383,7 +387,11 @@ class Run:
         self.restored = True
         self.pending = JournalCursor.after(self.writer.journal, self.seq)
         self._adopt_pending_manuals()
-        self.writer.repair()
+        schedule = self.schedule  # the control file a crash left behind the journal lists them all
+        for entry in JournalCursor.after(self.writer.journal, seq):
+            if "apply_at_step" in entry:
+                schedule = _scheduled(schedule, entry)
+        self.writer.repair(schedule=schedule)
         return {str(self.folder / rel): v for rel, v in sources.items()}
 
     def _resume_from_journal(self) -> None:
@@ -424,6 +432,16 @@ class Run:
             "skipped": dict(self.skipped()),
             "sources": sorted(_rel(p, self.folder) for p in self.sources),
         }
+
+
+def _scheduled(schedule: list[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """``schedule`` (the recent changes a control file lists) with a journaled change added, as
+    its publish added it: a rewind voids the entries the resumed job has not reached."""
+    at = entry["apply_at_step"]
+    if entry.get("kind") == "rewind" and at is not None:
+        schedule = [e for e in schedule if e["at"] is None or e["at"] < at]
+    item = {"at": at, "seq": entry["seq"], "scale": entry.get("scale"), "lr": entry.get("lr")}
+    return [*schedule, item][-MAX_SCHEDULE:]
 
 
 def _same_decision(entry: dict[str, Any], decision: Decision) -> bool:

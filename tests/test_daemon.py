@@ -762,3 +762,34 @@ def test_a_restart_behind_the_journal_adopts_a_manual_set_between_two_decisions(
     assert read_journal(tmp_path) == before
     assert restarted.engine.lr == pytest.approx(run.engine.lr) == pytest.approx(0.0075)
     assert restarted.seq == before[-1]["seq"]
+
+
+@pytest.mark.parametrize("control_lost", [False, True])
+def test_apply_margin_a_restart_behind_the_journal_keeps_the_schedule(tmp_path, control_lost):
+    """Regression: after a kill -9 that left the state behind the journal, the control file's
+    ``schedule`` (the changes a rank started later applies at their steps) kept only the saved
+    entries: the ones the restart matched in the journal were missing, and a control file
+    rewritten from the journal (the kill came before its replace) listed none."""
+    from autolr.run import Run
+
+    settings = Settings(policies=parse_policy_options(("step:step_size=10,gamma=0.5",)), base_lr=0.1,
+                        apply_margin=5)
+    source = _Source(tmp_path / "a" / "metrics.jsonl")
+    clean = Run(tmp_path / "clean", settings, POLICIES, fsync=False)
+    clean.load(), clean.start()
+    clean.feed(source, _steps(0, 35))  # read as the interrupted run read it: apply_at_step is
+    clean.feed(source, _steps(35, 45))  # the highest step seen when published + apply_margin
+    run = Run(tmp_path / "a", settings, POLICIES, fsync=False)
+    run.load(), run.start()
+    run.save()  # the last save before the kill
+    run.feed(source, _steps(0, 35))
+    if control_lost:
+        (tmp_path / "a" / "autolr.json").unlink()
+    restarted = Run(tmp_path / "a", settings, POLICIES, fsync=False)
+    restarted.load()
+    if control_lost:  # rewritten from the journal at load
+        assert len(json.loads((tmp_path / "a" / "autolr.json").read_text())["schedule"]) == 4
+    restarted.feed(source, _steps(0, 45))
+    got, want = (json.loads((tmp_path / d / "autolr.json").read_text())["schedule"] for d in ("a", "clean"))
+    assert [(e["at"], e["seq"], e["lr"]) for e in got] == [(e["at"], e["seq"], e["lr"]) for e in want]
+    assert len(want) == 5
