@@ -643,3 +643,34 @@ def test_a_utf8_byte_order_mark_before_the_header_is_not_part_of_the_first_name(
     assert marked.read_bytes().startswith(b"\xef\xbb\xbfstep")
     got, want = CsvReader(marked).read(), CsvReader(plain).read()
     assert got == want and [r.step for r in got] == [0, 10, 20, 30, 40]
+
+
+
+def test_keras_refit_with_a_wider_header_is_a_new_log_not_a_rewrite(keras_run, tmp_path):
+    """Regression: a Keras fit, then the model compiled again with one more metric and fit
+    into the same file (append=False): the wider header was taken for Lightning's in-place
+    rewrite and the new fit's rows were skipped as already delivered. Its first row differs
+    from the one delivered: a new log. Across a restart of the reader too."""
+    import keras
+    import numpy as np
+
+    path = tmp_path / "training.csv"
+    rng = np.random.default_rng(1)
+    x, y = rng.random((32, 4)).astype("float32"), rng.random((32, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    reader = CsvReader(path)
+    fits = []
+    for metrics in ([], ["mae"]):
+        model.compile(optimizer="sgd", loss="mse", metrics=metrics)
+        model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[keras.callbacks.CSVLogger(str(path))])
+        fits.append(path.read_bytes())
+        if not metrics:
+            assert len(drain(reader)) == 3
+            saved = json.loads(json.dumps(reader.get_state()))
+    assert fits[1].startswith(b"epoch,loss,mae,")  # a superset of the first fit's columns
+    for r in (reader, CsvReader(path)):
+        if r is not reader:
+            r.set_state(saved)
+        again = drain(r)
+        assert r.restarted and [x.epoch for x in again] == [0.0, 1.0, 2.0]
+        assert norm(again) == norm(whole(CsvReader, write(tmp_path / "w.csv", fits[1]))[0])

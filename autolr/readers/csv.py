@@ -1,9 +1,10 @@
 """CSV logs: Keras CSVLogger, Lightning CSVLogger and any table with a header row.
 
 Empty and ``NA`` cells are missing values; ``nan``/``inf`` are real values (a diverging loss).
-A header that changes to a superset of the old columns is Lightning's in-place rewrite: the
-rows already delivered are skipped when the file is read again. A truncated or replaced file
-with any other header is a new log, read from its start.
+A header that changes to a superset of the old columns, over the same first row, is
+Lightning's in-place rewrite: the rows already delivered are skipped when the file is read
+again. A truncated or replaced file with any other header or first row (Keras re-fitting with
+a new column) is a new log, read from its start.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class CsvReader(Reader):
         self.to_skip = 0  # rows of an in-place rewrite still to pass over
         self.need_header = True  # the next non-blank row is the header
         self.known_head = b""  # the file's bytes up to our header's newline, when last checked
+        self.first: dict[str, str] | None = None  # the first data row's cells by column name
 
     @classmethod
     def matches(cls, path: Path) -> bool:
@@ -59,6 +61,7 @@ class CsvReader(Reader):
             "delivered": self.delivered,
             "to_skip": self.to_skip,
             "need_header": self.need_header,
+            "first": self.first,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -67,6 +70,8 @@ class CsvReader(Reader):
         self.delivered = int(state.get("delivered", 0))
         self.to_skip = int(state.get("to_skip", 0))
         self.need_header = bool(state.get("need_header", self.header is None or self.tailer.offset == 0))
+        first = state.get("first")
+        self.first = first if isinstance(first, dict) else None
 
     def read(self) -> list[Record]:
         return self._read(columns=False)
@@ -97,6 +102,8 @@ class CsvReader(Reader):
             self._line(block[pos:end], pre)
             pos = end + 1
         rest = block[pos:] if pos else block
+        if self.first is None and not (self.need_header or self.delivered or self.to_skip):
+            self._remember_first(rest)
         parts = [self._rows(piece, columns) for piece in pieces(rest)]
         if columns:
             return Batch.concat([Batch.from_records(pre), *parts])
@@ -134,6 +141,10 @@ class CsvReader(Reader):
             self._take_header(cells)
             return False
         if not self.need_header:
+            if self.to_skip and not self.delivered and not self._same_first(row):
+                self.restarted, self.to_skip = True, 0  # a wider header over other rows: a new log
+                self.first = None
+                self._remember_first(line + b"\n")
             # Every data row counts, good or bad: Lightning's rewrite writes them all again.
             self.delivered += 1
             if self.to_skip:
@@ -212,14 +223,34 @@ class CsvReader(Reader):
         return None if not row or row == [""] else row
 
     def _take_header(self, new: list[str]) -> None:
-        """Reading from the start again: a wider header is a rewrite, anything else a new log."""
+        """Reading from the start again: a wider header is a rewrite (if the first row is the
+        same: :meth:`_same_first`), anything else a new log."""
         old = self.header
         if old is not None and set(old) < set(new):
             self.to_skip, self.delivered = self.delivered, 0
         else:
             self.restarted = old is not None
             self.to_skip = self.delivered = 0
+            self.first = None
         self.header = new
+
+    def _remember_first(self, lines: bytes) -> None:
+        """Keep the first data row of ``lines`` (complete lines after the header), if any."""
+        for line in lines.split(b"\n")[:-1]:
+            row = self._row(line[:-1] if line.endswith(b"\r") else line)
+            if row is None:
+                continue
+            ok = row is not BAD_ROW and len(row) == len(self.header)
+            self.first = dict(zip(self.header, (c.strip() for c in row))) if ok else {}
+            return
+
+    def _same_first(self, row: list[str]) -> bool:
+        """Whether ``row``, the first after a wider header, repeats the first row we delivered
+        (Lightning's rewrite copies the old cells); True when that cannot be told."""
+        if not self.first or row is BAD_ROW or len(row) != len(self.header):
+            return True
+        cells = dict(zip(self.header, (c.strip() for c in row)))
+        return all(cells.get(k) == v for k, v in self.first.items())
 
     def _header_changed(self) -> bool:
         """True when the file's header row (its first non-blank line) is no longer ours."""
