@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +49,10 @@ SOURCES_STATE = ".autolr-sources.json"  # read positions of sources that feed se
 #: journal keeps every decision meanwhile; a restart re-reads the rows since the last save.
 MAX_SAVES_PER_SECOND = 25
 SAVE_TICK = 0.25
+#: Files that left their path, remembered this many seconds (and at most MAX_DEPARTED of them)
+#: for a rename that shows up later: the rescan finds a new name within ``--rescan`` seconds.
+DEPARTED_FOR = 300.0
+MAX_DEPARTED = 256
 
 
 @dataclass
@@ -60,6 +64,24 @@ class Options:
     flush: float = 2.0
     fsync: bool = True
     native_inotify: bool = True  # Linux: autolr's own inotify reader; False: watchdog's
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file ``path`` names; None when none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _tail_identity(state: Any) -> tuple[int, int] | None:
+    """The (device, inode) a saved reader state's TextTailer read, if it has one."""
+    try:
+        ident = state["tail"]["identity"]
+        return (int(ident[0]), int(ident[1])) if ident else None
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
 
 
 def _age(path: Path) -> tuple[float, str]:
@@ -87,6 +109,9 @@ class Daemon:
         self.sources: dict[Path, Reader] = {}
         self.ignored: dict[Path, str] = {}  # second log kinds of a run (the same metrics again)
         self.saved_sources: dict[Path, dict[str, dict]] = {}
+        # (device, inode) -> (time, run folder, reader name, state) of files that left their
+        # path (renamed away by a log rotation): found under a new name, read on from there
+        self.departed: OrderedDict[tuple[int, int], tuple[float, Path, str, dict]] = OrderedDict()
         self.multi_state: dict[str, Any] = {}
         self._multi_saved_at = 0.0
         self.stop_event = threading.Event()
@@ -189,13 +214,52 @@ class Daemon:
                     self._forget_source(old)
                     run.sources.pop(old)
                     self.on_event("ignored", {"path": str(old), "reader": kind.name, "kept": reader.name})
-            run.add_source(reader, self.saved_sources.get(run.folder, {}).get(str(path)))
+            saved = self.saved_sources.get(run.folder, {}).get(str(path))
+            if saved is None and (run.sources or self.departed or self.saved_sources.get(run.folder)):
+                saved = self._renamed_to(path, reader, run)
+            run.add_source(reader, saved)
         self.sources[path] = reader
         self._paths[os.fspath(path)] = path  # events then look it up by this very object (no __eq__)
         self.watch_link(path)
         self.by_dir[path.parent].add(path)
         self.on_event("source", {"path": str(path), "reader": cls.name})
         return reader
+
+    def _renamed_to(self, path: Path, reader: Reader, run: Run) -> dict[str, Any] | None:
+        """The saved state for ``path`` when it is a log of ``run`` renamed from another name
+        (rotation: ``train.log`` -> ``train.1.log``), so it is not read again from its start."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        identity = (st.st_dev, st.st_ino)
+        found = self.departed.pop(identity, None)
+        if found is not None:
+            when, folder, name, state = found
+            if folder != run.folder or name != reader.name or time.monotonic() - when > DEPARTED_FOR:
+                return None
+        else:  # its old name not read since the rename (by this daemon, or by the last one)
+            saved = [(Path(p), v["state"]) for p, v in self.saved_sources.get(run.folder, {}).items()
+                     if isinstance(v, dict) and v.get("reader") == reader.name and _tail_identity(v.get("state")) == identity]
+            live = [r for r in run.sources.values() if r.name == reader.name and r.file_identity() == identity
+                    and r.path != path and _identity(r.path) != identity]
+            saved += [(r.path, r.get_state()) for r in live]
+            state = next((st for old, st in saved if old != path and _identity(old) != identity), None)
+            if state is None:
+                return None
+            for r in live:  # the file is read under its new name from now on
+                r.tailer.hand_over()
+        log.info("%s: a renamed log (same file); reading on from where it was", path)
+        return {"reader": reader.name, "state": state}
+
+    def _depart(self, reader: Reader, identity: tuple[int, int] | None, state: dict[str, Any]) -> None:
+        """Remember a file that left ``reader``'s path, in case it shows up under another name."""
+        tailer = getattr(reader, "tailer", None)
+        if identity is None or getattr(reader, "multi_run", False) or getattr(tailer, "handed_over", False):
+            return  # (handed over: its file is read under its new name already)
+        self.departed[tuple(identity)] = (time.monotonic(), reader.run_dir(reader.path), reader.name, state)
+        while len(self.departed) > MAX_DEPARTED:
+            self.departed.popitem(last=False)
 
     def open_run(self, folder: Path) -> Run:
         folder = Path(folder)
@@ -268,6 +332,8 @@ class Daemon:
         reader = self._forget_source(path)
         if reader is None:
             return
+        with contextlib.suppress(Exception):
+            self._depart(reader, reader.file_identity(), reader.get_state())
         self.on_event("vanished", {"path": str(path)})
         if getattr(reader, "multi_run", False):
             return
@@ -400,6 +466,9 @@ class Daemon:
             else:
                 self.count(f"reader {reader.name} error", path, exc)
             return None
+        if reader.left_behind is not None:  # the path names another file now
+            self._depart(reader, *reader.left_behind)
+            reader.left_behind = None
         if not records and not reader.more and not os.path.exists(path):
             self.drop_source(path)  # checked only when nothing came: one stat less per row
             return None

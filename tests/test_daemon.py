@@ -793,3 +793,40 @@ def test_apply_margin_a_restart_behind_the_journal_keeps_the_schedule(tmp_path, 
     got, want = (json.loads((tmp_path / d / "autolr.json").read_text())["schedule"] for d in ("a", "clean"))
     assert [(e["at"], e["seq"], e["lr"]) for e in got] == [(e["at"], e["seq"], e["lr"]) for e in want]
     assert len(want) == 5
+
+
+def _rotation_rows():
+    return [{"step": s, "loss": 1.0 if s < 25 else 0.5} for s in range(60)]
+
+
+@pytest.mark.parametrize("order", ["old name first", "new name first", "old name recreated later", "restart"])
+def test_a_rotated_log_is_read_on_under_its_new_name_not_again(tmp_path, order):
+    """Regression: a log renamed to a name that still matches (loguru's rotation: train.jsonl
+    -> train.1.jsonl, then a new train.jsonl) was read again from byte 0 under its new name:
+    a spurious rewind, and its decisions journaled again. The file is known by its inode: its
+    new name reads on from where the old one stopped. Whatever order the names are seen in,
+    and across a restart of the daemon."""
+    rows = _rotation_rows()
+    run = tmp_path / "run"
+    write_jsonl(run / "train.jsonl", rows[:30])
+    daemon, _ = make_daemon(tmp_path)
+    daemon.discover()  # a live daemon: it keeps each log open between reads
+    daemon.catch_up()
+    daemon.flush()
+    write_jsonl(run / "train.jsonl", rows[30:40])  # written after the last read
+    os.rename(run / "train.jsonl", run / "train.1.jsonl")
+    if order != "old name recreated later":
+        write_jsonl(run / "train.jsonl", rows[40:])
+    if order == "restart":
+        make_daemon(tmp_path)[0].run()
+    else:
+        names = [run / "train.jsonl", run / "train.1.jsonl"]
+        for path in names if order != "new name first" else names[::-1]:
+            daemon.handle(path)
+        if order == "old name recreated later":
+            write_jsonl(run / "train.jsonl", rows[40:])
+            daemon.handle(run / "train.jsonl")
+    write_jsonl(tmp_path / "clean" / "train.jsonl", rows)
+    make_daemon(tmp_path / "clean")[0].run()
+    assert [e["kind"] for e in read_journal(run)].count("rewind") == 0
+    assert decisions(run) == decisions(tmp_path / "clean")

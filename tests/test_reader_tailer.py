@@ -250,3 +250,36 @@ def test_the_hint_is_ignored_before_the_first_read(tmp_path: Path, monkeypatch):
     stats, _ = _count_calls(monkeypatch)
     reader.assume_in_place()  # no descriptor yet: the checked path opens the file
     assert steps(reader.read()) == [0] and len(stats) == 1
+
+
+@pytest.mark.parametrize("cls,name,row,header", [
+    (JsonlReader, "m.jsonl", ROW, b""),
+    (CsvReader, "m.csv", b"%d,1.5\n", b"step,loss\n"),
+    (TextReader, "train.log", b"iter %d: loss 1.5\n", b""),
+])
+def test_a_file_renamed_away_is_read_to_its_end_before_the_new_one(tmp_path: Path, cls, name, row, header):
+    """Rotation: the log is renamed away with lines not read yet and a new file takes its name.
+    The kept descriptor's lines come first (as ``tail -F`` reads them), then the new file from
+    its start, announced as a restart; the old file's state is left for its new name. A last
+    line without its newline does not hold the reader for ever."""
+    path = tmp_path / name
+    path.write_bytes(header + row % 1)
+    reader = cls(path)
+    assert steps(reader.read()) == [1]
+    with open(path, "ab") as f:
+        f.write(row % 2 + row % 3 + b"step")  # the last line torn: never finished
+    os.rename(path, tmp_path / ("old-" + name))
+    path.write_bytes(header + row % 4)
+    got, rounds = [], 0
+    while True:
+        got += steps(reader.read())
+        rounds += 1
+        if reader.restarted:
+            assert got == [2, 3, 4] and reader.left_behind is not None
+            break
+        assert reader.more and rounds < 5
+    identity, state = reader.left_behind
+    assert identity == ((tmp_path / ("old-" + name)).stat().st_dev, (tmp_path / ("old-" + name)).stat().st_ino)
+    renamed = cls(tmp_path / ("old-" + name))
+    renamed.set_state(state)
+    assert steps(renamed.read()) == [] and not renamed.restarted  # read on from where it stopped

@@ -47,6 +47,14 @@ class Reader:
         self.skipped: Counter[str] = Counter()
         self.restarted = False
         self.more = False
+        #: ((device, inode), state) of the file the path named before a replace was noticed: a
+        #: log renamed away (rotation) and found under its new name reads on from there.
+        self.left_behind: tuple[tuple[int, int], dict[str, Any]] | None = None
+
+    def file_identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the file the read position belongs to (readers on a TextTailer)."""
+        tailer = getattr(self, "tailer", None)
+        return tailer.identity if isinstance(tailer, TextTailer) else None
 
     @classmethod
     def matches(cls, path: Path) -> bool:
@@ -132,6 +140,8 @@ class TextTailer:
         self.in_place = False  # the next read may skip the stat (Reader.assume_in_place)
         self.given: tuple[int, bytes] | None = None  # (offset, mark) before the last block: see give_back
         self.finished = False  # the file is complete: its last line needs no newline (Reader.finish)
+        self.behind: int | None = None  # the offset when the kept file, renamed away, was last drained
+        self.handed_over = False  # the kept file is read under another name now: let it go
 
     def get_state(self) -> dict[str, Any]:
         return {"offset": self.offset, "identity": self.identity, "skipping": self.skipping,
@@ -151,6 +161,7 @@ class TextTailer:
 
     def restart(self) -> None:
         self.offset, self.skipping, self.mark = 0, False, b""
+        self.handed_over = False
         self.reader.restarted = True
 
     def close(self) -> None:
@@ -179,7 +190,11 @@ class TextTailer:
             self.close()
             return None
         if self.fd is None or (st.st_dev, st.st_ino) != self.fd_identity:
+            kept = self._drain_behind()
+            if kept is not None:
+                return kept
             self.close()
+            self.behind = None
             try:
                 fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
             except FileNotFoundError:
@@ -191,6 +206,26 @@ class TextTailer:
                 raise
             self.fd, self.fd_identity = fd, (st.st_dev, st.st_ino)
         return st
+
+    def _drain_behind(self) -> os.stat_result | None:
+        """The kept file's stat when the path names another file now (a rotation renamed it
+        away) and it still holds lines we have not read: those come first, as ``tail -F``
+        reads them. None once a drain made no progress (a last line without its newline)."""
+        if self.fd is None or self.handed_over or self.fd_identity != self.identity:
+            return None
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            return None
+        if st.st_size <= self.offset or self.behind == self.offset:
+            return None
+        self.behind = self.offset
+        return st
+
+    def hand_over(self) -> None:
+        """The kept file is read on under another name: the next read takes whatever the path
+        names, without draining it."""
+        self.handed_over = True
 
     def head(self, size: int) -> bytes | None:
         """Up to ``size`` bytes from the start of the file the path names now (None: gone).
@@ -266,7 +301,11 @@ class TextTailer:
     def _fetch_from(self, fd: int, st: os.stat_result) -> bytes:
         """One ``pread`` in the common case: the mark and the new bytes are read together."""
         identity = (st.st_dev, st.st_ino)
-        if (self.identity is not None and identity != self.identity) or st.st_size < self.offset:
+        if self.identity is not None and identity != self.identity:
+            if not self.handed_over:
+                self.reader.left_behind = (self.identity, self.reader.get_state())
+            self.restart()
+        elif st.st_size < self.offset:
             self.restart()
         self.identity = identity
         m = len(self.mark) if self.mark and len(self.mark) <= self.offset else 0
@@ -280,7 +319,7 @@ class TextTailer:
                 data = _pread(fd, min(READ_BLOCK, st.st_size), 0)
             else:
                 data = data[m:]
-        self.reader.more = len(data) >= READ_BLOCK
+        self.reader.more = len(data) >= READ_BLOCK or self.behind is not None  # then the path's new file
         return data
 
     def _remember(self, data: bytes, start: int) -> None:
