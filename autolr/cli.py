@@ -232,7 +232,7 @@ def watch(reg: Registry, root: str, config_path: str | None, poll: float | None,
     --config), per-run [runs."glob"] sections, then these flags. Each run gets autolr.json
     (control file), autolr.decisions.jsonl (journal) and autolr.state.json (resume state).
     """
-    from .daemon import Daemon, Options
+    from .daemon import Daemon, DaemonLocked, Options
     from .view import View
 
     root_path = Path(root)
@@ -248,7 +248,10 @@ def watch(reg: Registry, root: str, config_path: str | None, poll: float | None,
     daemon = Daemon(root_path, config, overrides, reg.policies, reg.readers, options, on_event=view)
     view.summaries = lambda: [r.summary() for r in daemon.runs.values()]
     daemon.install_signal_handlers()
-    daemon.run()
+    try:
+        daemon.run()
+    except DaemonLocked as exc:
+        fail(str(exc))
 
 
 @main.command()

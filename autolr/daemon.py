@@ -41,6 +41,7 @@ _CONTROL_SUFFIX = "/" + CONTROL_NAME
 BUSY_BATCH = 32
 GATHER = 0.02
 SOURCES_STATE = ".autolr-sources.json"  # read positions of sources that feed several runs
+DAEMON_LOCK = ".autolr-daemon.lock"  # held (flock) by the daemon watching its folder; holds its pid
 #: State files the periodic flush writes a second at most. A save is a file created and renamed
 #: (~0.3 ms of kernel time on ext4 when spread over many folders, more while logs are being
 #: written): with 1000 runs, saving each every 2 s took 15 % of a core, 50 a second still 6 %.
@@ -64,6 +65,53 @@ class Options:
     flush: float = 2.0
     fsync: bool = True
     native_inotify: bool = True  # Linux: autolr's own inotify reader; False: watchdog's
+
+
+class DaemonLocked(RuntimeError):
+    """Another daemon watches this root, or a folder above it."""
+
+
+def take_daemon_lock(root: Path) -> int | None:
+    """Lock ``root`` for one daemon (``flock`` on ``root/.autolr-daemon.lock``, released when
+    the process ends, even by kill -9); return the descriptor to keep. DaemonLocked when a
+    daemon holds it, or holds the lock of a folder above (its runs would be tuned twice: every
+    decision journaled twice). None, with a warning, where no lock can be taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (not POSIX)
+        return None
+    for folder in root.parents:
+        if not (folder / DAEMON_LOCK).exists():
+            continue
+        with contextlib.suppress(OSError):
+            fd = os.open(folder / DAEMON_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DaemonLocked(f"autolr watch {folder} (pid {_pid_in(fd)}) already watches {root}") from None
+            finally:
+                os.close(fd)
+    try:
+        fd = os.open(root / DAEMON_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        log.warning("%s: cannot take the daemon lock (%s); nothing stops a second daemon here", root, exc)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _pid_in(fd)
+        os.close(fd)
+        raise DaemonLocked(f"another autolr watch (pid {pid}) already watches {root}; stop it first") from None
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _pid_in(fd: int) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        return str(int(os.pread(fd, 32, 0).strip()))
+    return "unknown"
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -355,7 +403,7 @@ class Daemon:
             self.process(path, in_place)
             return
         if path.name == CONTROL_NAME and path.parent in self.runs:
-            self.runs[path.parent].adopt_manual()
+            self._control_changed(self.runs[path.parent])
             return
         if is_own_file(path):
             return
@@ -377,6 +425,17 @@ class Daemon:
         for p in gone:  # a folder moved away or deleted
             if not p.exists():
                 self.drop_source(p)
+
+    def _control_changed(self, run: Run) -> None:
+        """A control file written (``autolr set``: adopt it) or deleted (write it again from
+        the journal, so the training loop keeps its LR)."""
+        run.adopt_manual()
+        if not run.writer.path.exists() and run.seq:
+            try:
+                if run.writer.repair(schedule=run.schedule) is not None:
+                    log.info("%s: control file deleted; written again from the journal", run.folder)
+            except OSError as exc:
+                self.count("control write failed", run.folder, exc)
 
     def watch_link(self, path: Path) -> None:
         """A symlinked log: watch the file it leads to (inotify reports changes under the
@@ -488,7 +547,7 @@ class Daemon:
         """The safety net: new logs, unread rows and manual overrides that sent no event."""
         for run in list(self.runs.values()):
             try:
-                run.adopt_manual()
+                self._control_changed(run)
             except Exception as exc:  # one run's unreadable files never stop the others
                 self.count("unexpected error", run.folder, exc)
         self.discover()
@@ -652,6 +711,16 @@ class Daemon:
             self.inline.wakeup()
 
     def run(self) -> None:
+        """Watch until stopped (with ``once``: until caught up). DaemonLocked when another
+        daemon watches the root."""
+        lock = take_daemon_lock(self.root)
+        try:
+            self._run()
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+    def _run(self) -> None:
         self.load_multi_state()
         if not self.options.once:
             self.start_observer()  # first: whatever appears during the walk still sends an event
@@ -663,6 +732,8 @@ class Daemon:
             self.catch_up()
             self.catching_up = False
             self.flush()
+            if self.stop_event.is_set():
+                return  # stopped during the catch-up: not caught up
             self.on_event("caught_up", {"runs": len(self.runs)})
             if self.options.once:
                 return
@@ -708,6 +779,8 @@ class Daemon:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        if hasattr(signal, "SIGHUP"):  # the terminal closed: stop as on SIGTERM, state saved
+            signal.signal(signal.SIGHUP, self.stop)
 
     def count(self, what: str, path: Path, exc: BaseException) -> None:
         self.errors[what] += 1

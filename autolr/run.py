@@ -113,8 +113,7 @@ class Run:
             try:
                 decisions = engine.feed(record, columns, lane)
             except Exception as exc:  # a policy bug must not kill the daemon
-                self.errors["policy error"] += 1
-                log.exception("%s: policy error on a record: %s", self.folder, exc)
+                self._report("policy error", logging.ERROR, "policy error on a record: %s", exc, exc_info=True)
                 continue
             self.rows += 1
             self.dirty = True
@@ -194,17 +193,15 @@ class Run:
             return self.publish(fresh)  # another writer's decisions (not ours to adopt): ours follow
         except ControlWriteError as exc:
             # Journaled: they count as published; the control file is repaired from the journal.
-            self.errors["control write failed"] += 1
             self.needs_repair = True
-            log.error("%s: %s", self.folder, exc)
+            self._report("control write failed", logging.ERROR, "%s", exc)
             records = exc.records
         except (OSError, ValueError) as exc:
             # A failing disk: the last good control file stays; the decisions wait, in order,
             # and go out with the next batch or flush. State is not saved past them.
             self.unpublished = fresh
-            self.errors["control write failed"] += 1
-            log.error("%s: could not write the control file (%d decisions queued): %s",
-                      self.folder, len(fresh), exc)
+            self._report("control write failed", logging.ERROR,
+                         "could not write the control file (%d decisions queued): %s", len(fresh), exc)
             return False
         self.unpublished = []
         self._hint_min_change(len(records))
@@ -308,7 +305,7 @@ class Run:
                 self.writer.repair(schedule=self.schedule)
                 self.needs_repair = False
             except OSError as exc:
-                log.error("%s: control file still not written: %s", self.folder, exc)
+                self._report("control write failed", logging.ERROR, "control file still not written: %s", exc)
 
     def save(self) -> None:
         if self.unpublished:
@@ -335,8 +332,15 @@ class Run:
             self.dirty = False
             self.saved_at = time.monotonic()
         except (OSError, ValueError) as exc:
-            self.errors["state write failed"] += 1
-            log.error("%s: could not save state: %s", self.folder, exc)
+            self._report("state write failed", logging.ERROR, "could not save state: %s", exc)
+
+    def _report(self, what: str, level: int, message: str, *args: Any, exc_info: bool = False) -> None:
+        """Count a failure; log its first three, then its 10th, 100th, 1000th...: a failing
+        disk retried every quarter second, or a policy failing on every row, fills no log."""
+        n = self.errors[what] = self.errors[what] + 1
+        if n <= 3 or (n >= 10 and str(n).rstrip("0") == "1"):
+            suffix = f" ({what}: {n} times so far)" if n > 3 else ""
+            log.log(level, "%s: " + message + suffix, self.folder, *args, exc_info=exc_info and n <= 3)
 
     def clean_temp_files(self, older_than: float = 60.0) -> None:
         """Remove ``.autolr-*.tmp`` files a writer killed mid-write left behind."""

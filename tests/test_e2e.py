@@ -201,3 +201,44 @@ def test_kill_9_and_restart_gives_the_uninterrupted_decisions(tmp_path):
 @pytest.mark.soak
 def test_kill_9_and_restart_soak(tmp_path):
     kill_and_restart(tmp_path, trials=50, seed=2)
+
+
+def test_a_second_daemon_on_the_same_tree_is_refused(tmp_path):
+    """Regression: nothing stopped a second ``autolr watch`` on a tree already watched (or on
+    a folder inside it): every decision was journaled twice. It now exits with the first's pid.
+    After a kill -9 of the first, a new daemon starts (the lock dies with its process)."""
+    root = tmp_path / "logs"
+    (root / "run").mkdir(parents=True)
+    (root / "run" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(5)))
+    first = start_daemon(root)
+    try:
+        wait_until(lambda: (root / "run" / "autolr.json").exists(), what="the first daemon's control file")
+        for where in (root, root / "run"):
+            second = run_cli("watch", str(where), "--once", check=False)
+            assert second.returncode != 0 and f"pid {first.pid}" in second.stderr, second.stderr
+        journal = read_journal(root / "run")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        assert run_cli("watch", str(root), "--once", check=False).returncode == 0
+        assert read_journal(root / "run") == journal
+    finally:
+        stop(first)
+
+
+def test_sighup_stops_the_daemon_with_its_state_saved(tmp_path):
+    """Regression: SIGHUP (the terminal closed) killed the daemon without saving its state."""
+    root = tmp_path / "logs"
+    (root / "run").mkdir(parents=True)
+    log = root / "run" / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(5)))
+    proc = start_daemon(root)
+    try:
+        wait_until(lambda: (root / "run" / "autolr.json").exists(), what="the control file")
+        with open(log, "a") as f:
+            f.write("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(5, 9)))
+        wait_until(lambda: json.loads((root / "run" / "autolr.json").read_text())["step"] == 8, what="step 8")
+        proc.send_signal(signal.SIGHUP)  # before the periodic save (2 s after a change)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        stop(proc)
+    assert json.loads((root / "run" / "autolr.state.json").read_text())["rows"] == 9

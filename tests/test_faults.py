@@ -191,6 +191,24 @@ def test_bad_values_are_counted_and_reported_by_status(tmp_path):
     assert math.isfinite(control["lr"]) and control["lr"] > 0
 
 
+@pytest.mark.parametrize("damage", [
+    {"engine": [], "skipped": {"x": "many"}, "sources": 3},
+    {"engine": {"chain": "plateau"}, "last_metric": "low", "last_step": {}, "rows": "ten"},
+    {"engine": {"chain": {"monitor": 7}}, "skipped": ["a"], "sources": ["m.jsonl"]},
+])
+def test_status_shows_a_damaged_state_instead_of_failing(tmp_path, damage):
+    """Regression: ``autolr status`` raised (AttributeError, TypeError) on a state file of
+    valid JSON with fields of the wrong type; the run shows with those fields unknown."""
+    run = tmp_path / "run"
+    write_jsonl(run / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(5)])
+    make_daemon(tmp_path)[0].run()
+    state = json.loads((run / "autolr.state.json").read_text())
+    (run / "autolr.state.json").write_text(json.dumps({**state, **damage}))
+    for args in (("--json",), ()):
+        out = run_cli("status", str(tmp_path), *args)
+        assert out.returncode == 0 and str(run) in out.stdout, out.stderr
+
+
 def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path):
     run = tmp_path / "run"
     write_jsonl(run / "m.jsonl", rows(range(3)))
@@ -231,3 +249,45 @@ def test_damaged_state_unreadable_control_and_a_changed_chain_are_one_runs_probl
     daemon.run()
     assert "policy chain changed from step to plateau" in caplog.text and "policy error" not in caplog.text
     assert daemon.runs[runs[2]].engine.state["rows"] == 50  # the new chain read the whole log
+
+
+def test_a_deleted_control_file_is_written_again_from_the_journal(tmp_path):
+    """Regression: a deleted autolr.json stayed missing until the next decision: the training
+    loop fell back to its own LR meanwhile. The delete event (or the rescan) writes it again."""
+    run = tmp_path / "run"
+    write_jsonl(run / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(10)])
+    daemon, _ = make_daemon(tmp_path)
+    daemon.run()
+    before = json.loads((run / "autolr.json").read_text())
+    (run / "autolr.json").unlink()
+    daemon.handle(run / "autolr.json")
+    assert json.loads((run / "autolr.json").read_text()) == before
+    (run / "autolr.json").unlink()
+    daemon.rescan()
+    assert json.loads((run / "autolr.json").read_text()) == before
+
+
+def test_caught_up_is_not_announced_when_stopped_during_the_catch_up(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "run" / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(10)])
+    daemon, events = make_daemon(tmp_path)
+    catch_up = daemon.catch_up
+    monkeypatch.setattr(daemon, "catch_up", lambda: (daemon.stop(), catch_up()))  # SIGTERM meanwhile
+    daemon.run()
+    kinds = [k for k, _ in events]
+    assert "caught_up" not in kinds and kinds[-1] == "stopped"
+
+
+def test_a_failure_on_every_row_logs_a_bounded_number_of_lines(tmp_path, monkeypatch, caplog):
+    """Regression: a policy failing on every row logged a traceback per row, and a failing disk
+    an error per retry (4 a second) without bound. Each is counted; the first three are logged,
+    then the 10th, 100th, 1000th..."""
+    write_jsonl(tmp_path / "run" / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(1200)])
+    daemon, _ = make_daemon(tmp_path)
+    daemon.discover()
+    (run,) = daemon.runs.values()
+    monkeypatch.setattr(run.engine, "feed", lambda *a: 1 / 0)
+    with caplog.at_level("ERROR", logger="autolr.run"):
+        daemon.catch_up()
+    assert run.errors["policy error"] == 1200
+    assert len(caplog.records) == 6  # 1, 2, 3, 10, 100, 1000
+    assert "1000 times so far" in caplog.records[-1].getMessage()
