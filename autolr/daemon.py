@@ -50,6 +50,9 @@ DAEMON_LOCK = ".autolr-daemon.lock"  # held (flock) by the daemon watching its f
 #: journal keeps every decision meanwhile; a restart re-reads the rows since the last save.
 MAX_SAVES_PER_SECOND = 25
 SAVE_TICK = 0.25
+#: Seconds one log is read in a row while live before the others get their turn (a large
+#: log copied in must not hold back the decisions of every other run).
+READ_SLICE = 0.05
 #: Files that left their path, remembered this many seconds (and at most MAX_DEPARTED of them)
 #: for a rename that shows up later: the rescan finds a new name within ``--rescan`` seconds.
 DEPARTED_FOR = 300.0
@@ -183,6 +186,7 @@ class Daemon:
         self.rechecks: list[tuple[float, Path]] = []
         self.catching_up = False
         self._progress = (0.0, 0, 0.0)  # (start, rows, last report) while catching up
+        self._catch_up_saved = time.monotonic()
 
     # ---- discovery -----------------------------------------------------------------------
     def inside_root(self, path: Path) -> bool:
@@ -342,6 +346,7 @@ class Daemon:
         if in_place:
             reader.assume_in_place()
         multi = getattr(reader, "multi_run", False)
+        deadline = None if self.catching_up else time.monotonic() + READ_SLICE
         while True:
             records = self._read_source(path, reader)
             if records is None:
@@ -361,8 +366,25 @@ class Daemon:
                     run.feed(reader, records)
             if self.catching_up and records:
                 self._report_progress(len(records))
+                self._save_while_catching_up()
             if not reader.more or self.stop_event.is_set():
                 break
+            if deadline is not None and time.monotonic() > deadline:
+                self._requeue(path)  # the rest after the other logs' turn
+                break
+
+    def _requeue(self, path: Path) -> None:
+        with self.lock:
+            self.pending.add(os.fspath(path))
+        self.wake.set()
+
+    def _save_while_catching_up(self) -> None:
+        """Save the runs' state every ``flush`` seconds of a long catch-up (between reads, where
+        every run has taken what its readers read): a stop or crash then does not start over."""
+        now = time.monotonic()
+        if now - self._catch_up_saved >= self.options.flush:
+            self._catch_up_saved = now
+            self.flush(budget=max(1, round(MAX_SAVES_PER_SECOND * self.options.flush)))
 
     def _forget_source(self, path: Path) -> Reader | None:
         reader = self.sources.pop(path, None)

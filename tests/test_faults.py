@@ -291,3 +291,47 @@ def test_a_failure_on_every_row_logs_a_bounded_number_of_lines(tmp_path, monkeyp
     assert run.errors["policy error"] == 1200
     assert len(caplog.records) == 6  # 1, 2, 3, 10, 100, 1000
     assert "1000 times so far" in caplog.records[-1].getMessage()
+
+
+def test_a_large_log_read_live_takes_turns_with_the_others(tmp_path, monkeypatch):
+    """Regression: a log growing by a large block was read to its end before any other log
+    of the batch: a live decision of another run waited 25-36 s behind a copied-in log. Live
+    reads of one log now stop after a time slice and the log goes back in the queue."""
+    import autolr.daemon as daemon_mod
+    from autolr.readers import base
+
+    monkeypatch.setattr(daemon_mod, "READ_SLICE", 0.0)  # one read a turn
+    monkeypatch.setattr(base, "READ_BLOCK", 4096)
+    big, small = tmp_path / "big" / "m.jsonl", tmp_path / "small" / "m.jsonl"
+    for path in (big, small):
+        write_jsonl(path, [{"step": 0, "loss": 1.0}])
+    daemon, _ = make_daemon(tmp_path)
+    daemon.discover(), daemon.catch_up()
+    write_jsonl(big, [{"step": s, "loss": 1.0} for s in range(1, 2000)])
+    write_jsonl(small, [{"step": s, "loss": 1.0} for s in range(1, 3)])
+    for path in (big, small):
+        daemon.enqueue(str(path))
+    daemon.drain()
+    assert daemon.runs[small.parent].rows == 3  # read in the first turn
+    assert 1 < daemon.runs[big.parent].rows < 2000 and str(big) in daemon.pending
+    for _ in range(1000):
+        if not daemon.pending:
+            break
+        daemon.drain()
+    assert daemon.runs[big.parent].rows == 2000
+
+
+def test_the_state_is_saved_during_a_long_catch_up(tmp_path, monkeypatch):
+    """Regression: nothing was saved until the whole catch-up ended: a stop or crash in a long
+    one started it over. Runs are now saved every ``flush`` seconds between reads."""
+    from autolr.readers import base
+    from autolr.run import Run
+
+    monkeypatch.setattr(base, "READ_BLOCK", 4096)
+    write_jsonl(tmp_path / "run" / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(3000)])
+    saved_rows = []
+    save = Run.save
+    monkeypatch.setattr(Run, "save", lambda self: (saved_rows.append(self.rows), save(self)))
+    daemon, _ = make_daemon(tmp_path, flush=0.0)
+    daemon.run()
+    assert len([n for n in saved_rows if 0 < n < 3000]) >= 5 and saved_rows[-1] == 3000
