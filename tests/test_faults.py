@@ -5,6 +5,8 @@ import errno
 import json
 import math
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -337,3 +339,45 @@ def test_the_state_is_saved_during_a_long_catch_up(tmp_path, monkeypatch):
     daemon, _ = make_daemon(tmp_path, flush=0.0)
     daemon.run()
     assert len([n for n in saved_rows if 0 < n < 3000]) >= 5 and saved_rows[-1] == 3000
+
+
+def test_more_logs_than_the_descriptor_limit(tmp_path):
+    """Regression: every log kept a descriptor open for ever; with more logs than ``ulimit -n``
+    allows, the journal could not be opened, decisions were lost and the daemon exited. The
+    logs kept open are capped at half the limit; the others are opened at each read."""
+    import resource
+
+    root = tmp_path / "logs"
+    for i in range(150):
+        write_jsonl(root / f"r{i:03d}" / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(8)])
+        (root / f"c{i:03d}").mkdir()
+        (root / f"c{i:03d}" / "log.csv").write_text("step,loss\n" + "".join(f"{s},1.0\n" for s in range(8)))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    proc = subprocess.run([sys.executable, "-m", "autolr.cli", "watch", str(root), "--once", "--policy",
+                           "step:step_size=3"], capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for run in sorted(p for p in root.iterdir() if p.is_dir()):
+        assert json.loads((run / "autolr.json").read_text())["step"] == 5, run  # cuts at steps 2 and 5
+
+
+def test_kept_descriptors_are_capped_and_reads_go_on_beyond_the_cap(tmp_path, monkeypatch):
+    from autolr.readers import base
+
+    monkeypatch.setattr(base, "MAX_KEPT", base._kept[0] + 3)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"r{i}" / "m.csv")
+        paths[-1].parent.mkdir()
+        paths[-1].write_text("step,loss\n0,1.0\n")
+    daemon, _ = make_daemon(tmp_path)
+    daemon.discover(), daemon.catch_up()
+    kept = [p for p in paths if daemon.sources[p].tailer.fd is not None]
+    assert len(kept) == 3
+    for p in paths:
+        with open(p, "a") as f:
+            f.write("1,0.5\n2,0.5\n")
+        daemon.handle(p)
+        assert daemon.runs[p.parent].rows == 3
+    for p in kept:
+        daemon.drop_source(p)
+    assert base._kept[0] == base.MAX_KEPT - 3

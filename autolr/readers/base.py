@@ -30,6 +30,27 @@ MARK = 64
 IN_PLACE_READ = 64 << 10
 
 
+def _max_kept() -> int:
+    """Half the process's descriptor limit (at most 4096): the rest stay free for the journal,
+    control and state writes, inotify and the interpreter."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover (not POSIX)
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(8, min(4096, soft // 2))
+
+
+#: Descriptors the TextTailers keep open between reads, all together, at most. The logs opened
+#: beyond it are opened and closed at each read (an ``open`` more a read), so a daemon watching
+#: more logs than ``ulimit -n`` allows never runs out of descriptors.
+MAX_KEPT = _max_kept()
+_kept = [0]  # descriptors kept now
+
+
 class Reader:
     """Reads new records from one log file, resuming from a stored position.
 
@@ -168,6 +189,7 @@ class TextTailer:
         """Release the kept descriptor (the next read opens the file again)."""
         fd, self.fd, self.fd_identity, self.last_stat = self.fd, None, None, None
         if fd is not None:
+            _kept[0] -= 1
             try:
                 os.close(fd)
             except OSError:
@@ -195,6 +217,8 @@ class TextTailer:
                 return kept
             self.close()
             self.behind = None
+            if _kept[0] >= MAX_KEPT:
+                raise OSError(errno.EMFILE, "descriptors kept for logs at their limit (MAX_KEPT)")
             try:
                 fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
             except FileNotFoundError:
@@ -205,6 +229,7 @@ class TextTailer:
                 os.close(fd)
                 raise
             self.fd, self.fd_identity = fd, (st.st_dev, st.st_ino)
+            _kept[0] += 1
         return st
 
     def _drain_behind(self) -> os.stat_result | None:
@@ -235,11 +260,27 @@ class TextTailer:
         self.last_stat = None
         if self.in_place and self._kept_is_read():
             return _pread(self.fd, size, 0)
-        st = self._sync()
+        try:
+            st = self._sync()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            return self._head_unkept(size)
         if st is None:
             return None
         self.last_stat = st
         return _pread(self.fd, size, 0)
+
+    def _head_unkept(self, size: int) -> bytes | None:
+        """``head`` with a descriptor opened for this read only (none may be kept)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError:
+            return None
+        try:
+            return _pread(fd, size, 0)
+        finally:
+            os.close(fd)
 
     def _fetch(self, reuse_stat: bool = False) -> bytes:
         """The bytes from the offset (at most READ_BLOCK), after the restart checks."""
