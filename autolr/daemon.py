@@ -280,27 +280,24 @@ class Daemon:
     def _renamed_to(self, path: Path, reader: Reader, run: Run) -> dict[str, Any] | None:
         """The saved state for ``path`` when it is a log of ``run`` renamed from another name
         (rotation: ``train.log`` -> ``train.1.log``), so it is not read again from its start."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        identity = (st.st_dev, st.st_ino)
-        found = self.departed.pop(identity, None)
+        identity = _identity(path)
+        found = self.departed.pop(identity, None) if identity else None
         if found is not None:
             when, folder, name, state = found
             if folder != run.folder or name != reader.name or time.monotonic() - when > DEPARTED_FOR:
                 return None
         else:  # its old name not read since the rename (by this daemon, or by the last one)
-            saved = [(Path(p), v["state"]) for p, v in self.saved_sources.get(run.folder, {}).items()
+            saved = [(Path(p), v["state"], None) for p, v in self.saved_sources.get(run.folder, {}).items()
                      if isinstance(v, dict) and v.get("reader") == reader.name and _tail_identity(v.get("state")) == identity]
-            live = [r for r in run.sources.values() if r.name == reader.name and r.file_identity() == identity
-                    and r.path != path and _identity(r.path) != identity]
-            saved += [(r.path, r.get_state()) for r in live]
-            state = next((st for old, st in saved if old != path and _identity(old) != identity), None)
-            if state is None:
+            saved += [(r.path, r.get_state(), r) for r in run.sources.values()
+                      if r.name == reader.name and r.file_identity() == identity]
+            moved = [(state, r) for old, state, r in saved if old != path and _identity(old) != identity]
+            if not moved:
                 return None
-            for r in live:  # the file is read under its new name from now on
-                r.tailer.hand_over()
+            state = moved[0][0]
+            for _, r in moved:  # the file is read under its new name from now on
+                if r is not None:
+                    r.tailer.hand_over()
         log.info("%s: a renamed log (same file); reading on from where it was", path)
         return {"reader": reader.name, "state": state}
 

@@ -179,7 +179,7 @@ class Run:
             if d.kind == "rewind" and "apply_at_step" in fields:
                 # entries the resumed job has not reached are void; the initial one (at None)
                 # is in force from the start
-                schedule = [e for e in schedule if e["at"] is None or e["at"] < fields["apply_at_step"]]
+                schedule = _reached(schedule, fields["apply_at_step"])
             last_at = fields.get("apply_at_step", last_at)
             batch.append(fields)
         try:
@@ -443,9 +443,14 @@ def _scheduled(schedule: list[dict[str, Any]], entry: dict[str, Any]) -> list[di
     its publish added it: a rewind voids the entries the resumed job has not reached."""
     at = entry["apply_at_step"]
     if entry.get("kind") == "rewind" and at is not None:
-        schedule = [e for e in schedule if e["at"] is None or e["at"] < at]
+        schedule = _reached(schedule, at)
     item = {"at": at, "seq": entry["seq"], "scale": entry.get("scale"), "lr": entry.get("lr")}
     return [*schedule, item][-MAX_SCHEDULE:]
+
+
+def _reached(schedule: list[dict[str, Any]], at: int) -> list[dict[str, Any]]:
+    """The entries a job resumed before step ``at`` has reached (the initial one, at None, too)."""
+    return [e for e in schedule if e["at"] is None or e["at"] < at]
 
 
 def _same_decision(entry: dict[str, Any], decision: Decision) -> bool:

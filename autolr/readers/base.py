@@ -49,6 +49,11 @@ def _max_kept() -> int:
 #: more logs than ``ulimit -n`` allows never runs out of descriptors.
 MAX_KEPT = _max_kept()
 _kept = [0]  # descriptors kept now
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _open_read(path: Path) -> int:
+    return os.open(path, _READ_FLAGS)
 
 
 class Reader:
@@ -220,7 +225,7 @@ class TextTailer:
             if _kept[0] >= MAX_KEPT:
                 raise OSError(errno.EMFILE, "descriptors kept for logs at their limit (MAX_KEPT)")
             try:
-                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+                fd = _open_read(self.path)
             except FileNotFoundError:
                 return None
             try:
@@ -274,7 +279,7 @@ class TextTailer:
     def _head_unkept(self, size: int) -> bytes | None:
         """``head`` with a descriptor opened for this read only (none may be kept)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+            fd = _open_read(self.path)
         except FileNotFoundError:
             return None
         try:
@@ -331,7 +336,7 @@ class TextTailer:
     def _fetch_unkept(self) -> bytes:
         """``_fetch`` with a descriptor opened for this read only (out of descriptors)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+            fd = _open_read(self.path)
         except FileNotFoundError:
             return b""
         try:
