@@ -236,21 +236,27 @@ class CsvReader(Reader):
 
     def _remember_first(self, lines: bytes) -> None:
         """Keep the first data row of ``lines`` (complete lines after the header), if any."""
-        for line in lines.split(b"\n")[:-1]:
+        pos = 0
+        while (end := lines.find(b"\n", pos)) >= 0:
+            line, pos = lines[pos:end], end + 1
             row = self._row(line[:-1] if line.endswith(b"\r") else line)
-            if row is None:
-                continue
-            ok = row is not BAD_ROW and len(row) == len(self.header)
-            self.first = dict(zip(self.header, (c.strip() for c in row))) if ok else {}
-            return
+            if row is not None:
+                self.first = self._cells(row) or {}
+                return
 
     def _same_first(self, row: list[str]) -> bool:
         """Whether ``row``, the first after a wider header, repeats the first row we delivered
         (Lightning's rewrite copies the old cells); True when that cannot be told."""
-        if not self.first or row is BAD_ROW or len(row) != len(self.header):
+        cells = self._cells(row)
+        if not self.first or cells is None:
             return True
-        cells = dict(zip(self.header, (c.strip() for c in row)))
         return all(cells.get(k) == v for k, v in self.first.items())
+
+    def _cells(self, row: list[str]) -> dict[str, str] | None:
+        """A data row's cells by column name; None for a malformed row."""
+        if row is BAD_ROW or len(row) != len(self.header):
+            return None
+        return dict(zip(self.header, (c.strip() for c in row)))
 
     def _header_changed(self) -> bool:
         """True when the file's header row (its first non-blank line) is no longer ours."""
