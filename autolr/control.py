@@ -365,8 +365,11 @@ def _journal_entry(line: bytes) -> dict[str, Any] | None:
 class ControlWriter:
     """Publishes decisions for one run folder: journal line first, then the control file."""
 
-    def __init__(self, run_dir: str | os.PathLike, *, fsync: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, *, fsync: bool = True, create_dir: bool = True):
+        """``create_dir=False``: a run folder deleted by its user stays deleted (writes fail
+        with FileNotFoundError instead of creating it again)."""
         self.run_dir = Path(run_dir)
+        self.create_dir = create_dir
         self.path = self.run_dir / CONTROL_NAME
         self.journal = self.run_dir / JOURNAL_NAME
         self.fsync = fsync
@@ -384,6 +387,8 @@ class ControlWriter:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except FileNotFoundError:
+            if not self.create_dir:
+                raise
             # Not world-writable even under umask 0: whoever can write the folder can replace the file.
             self.run_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)

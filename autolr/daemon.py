@@ -57,6 +57,10 @@ READ_SLICE = 0.05
 #: for a rename that shows up later: the rescan finds a new name within ``--rescan`` seconds.
 DEPARTED_FOR = 300.0
 MAX_DEPARTED = 256
+#: Seconds a vanished control file or a run whose logs all vanished waits before the daemon
+#: writes in its folder again: ``rm -rf`` of a run folder deletes its files one by one, and a
+#: file written back meanwhile would make the folder reappear (and the rm fail).
+SETTLE = 0.5
 
 
 @dataclass
@@ -184,6 +188,10 @@ class Daemon:
         # New folders are walked again shortly after their creation event: files created in
         # them before the observer watched them send no event of their own.
         self.rechecks: list[tuple[float, Path]] = []
+        # run folders whose control file vanished: written again from the journal at this time
+        self.restores: dict[Path, float] = {}
+        # runs whose logs all vanished: their state is saved at this time if their folder is left
+        self.closing: dict[Path, tuple[float, Run]] = {}
         self.catching_up = False
         self._progress = (0.0, 0, 0.0)  # (start, rows, last report) while catching up
         self._catch_up_saved = time.monotonic()
@@ -315,14 +323,17 @@ class Daemon:
         run = self.runs.get(folder)
         if run is not None:
             return run
+        self._close(folder)  # a log again in a run folder that lost its logs: the new Run loads its state
         try:
             rel = str(folder.relative_to(self.root))
         except ValueError:
             rel = str(folder)
         settings = self.config.for_run(rel).merged(self.overrides)
+        created = not folder.is_dir()  # an MLflow run kept in a database has no folder of its own
         folder.mkdir(parents=True, exist_ok=True)
         run = Run(folder, settings, self.policies, fsync=self.options.fsync,
-                  on_decision=lambda r, rec: self.on_event("decision", {"run": str(r.folder), **rec}))
+                  on_decision=lambda r, rec: self.on_event("decision", {"run": str(r.folder), **rec}),
+                  create_folder=created)
         run.manual_by_events = self.native_events
         self.saved_sources[folder] = run.load()
         self.runs[folder] = run
@@ -410,8 +421,9 @@ class Daemon:
             return
         run.sources.pop(path, None)
         if not run.sources:
-            run.save()
             del self.runs[folder]
+            self.restores.pop(folder, None)
+            self.closing[folder] = (time.monotonic() + SETTLE, run)  # saved unless its folder goes too
             self.on_event("dropped", {"run": str(folder)})
 
     def handle(self, path: Path, in_place: bool = False) -> None:
@@ -449,12 +461,42 @@ class Daemon:
         """A control file written (``autolr set``: adopt it) or deleted (write it again from
         the journal, so the training loop keeps its LR)."""
         run.adopt_manual()
-        if not run.writer.path.exists() and run.seq:
-            try:
-                if run.writer.repair(schedule=run.schedule) is not None:
-                    log.info("%s: control file deleted; written again from the journal", run.folder)
-            except OSError as exc:
-                self.count("control write failed", run.folder, exc)
+        if run.seq and run.folder not in self.restores and not run.writer.path.exists():
+            self.restores[run.folder] = time.monotonic() + SETTLE  # unless the whole folder goes
+
+    def _restore(self, folder: Path) -> None:
+        run = self.runs.get(folder)
+        if run is None or not folder.is_dir() or run.writer.path.exists():
+            return  # (the run folder deleted: its logs' delete events drop the run)
+        try:
+            if run.writer.repair(schedule=run.schedule) is not None:
+                log.info("%s: control file deleted; written again from the journal", folder)
+        except OSError as exc:
+            self.count("control write failed", folder, exc)
+
+    def _close(self, folder: Path) -> None:
+        """Save the state of a run whose logs all vanished, unless its folder went with them."""
+        _, run = self.closing.pop(folder, (0.0, None))
+        if run is not None and folder.is_dir():
+            run.save()
+
+    def settle(self, now: float) -> None:
+        """What waits for a time: new folders walked again, deleted control files restored,
+        state saved for runs whose logs all vanished."""
+        for entry in [e for e in self.rechecks if e[0] <= now]:
+            self.rechecks.remove(entry)
+            if entry[1].is_dir():
+                for p in self.discover(entry[1]):
+                    self.process(p)
+        for folder in [f for f, t in self.restores.items() if t <= now]:
+            del self.restores[folder]
+            self._restore(folder)
+        for folder in [f for f, (t, _) in self.closing.items() if t <= now]:
+            self._close(folder)
+
+    def _next_settle(self) -> float:
+        return min([math.inf, *(t for t, _ in self.rechecks), *self.restores.values(),
+                    *(t for t, _ in self.closing.values())])
 
     def watch_link(self, path: Path) -> None:
         """A symlinked log: watch the file it leads to (inotify reports changes under the
@@ -761,7 +803,7 @@ class Daemon:
             tick = min(SAVE_TICK, self.options.flush)
             next_save = time.monotonic() + tick
             while not self.stop_event.is_set():
-                due = min([next_rescan, next_flush, next_save, *(t for t, _ in self.rechecks)])
+                due = min(next_rescan, next_flush, next_save, self._next_settle())
                 timeout = max(0.0, due - time.monotonic())
                 if self.inline is not None:  # our inotify reader: its batch lands in pending
                     self.inline.poll_once(0.0 if self.wake.is_set() else timeout)
@@ -771,11 +813,7 @@ class Daemon:
                 elif self.wake.wait(timeout):
                     self.drain()
                 now = time.monotonic()
-                for entry in [e for e in self.rechecks if e[0] <= now]:
-                    self.rechecks.remove(entry)
-                    if entry[1].is_dir():
-                        for p in self.discover(entry[1]):
-                            self.process(p)
+                self.settle(now)
                 if now >= next_rescan:
                     self.rescan()
                     next_rescan = now + self.options.rescan
@@ -790,6 +828,10 @@ class Daemon:
                 self.observer.stop()
                 with contextlib.suppress(RuntimeError):
                     self.observer.join(timeout=5)
+            for folder in list(self.restores):
+                self._restore(folder)
+            for folder in list(self.closing):
+                self._close(folder)
             self.flush()
             for reader in self.sources.values():
                 reader.close()

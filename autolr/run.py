@@ -40,11 +40,14 @@ class Run:
     """A run folder: sources feed records to one engine; decisions go to the control file."""
 
     def __init__(self, folder: Path, settings: Settings, registry: dict[str, type], *,
-                 fsync: bool = True, on_decision: Callable[["Run", dict], None] | None = None):
+                 fsync: bool = True, on_decision: Callable[["Run", dict], None] | None = None,
+                 create_folder: bool = True):
         self.folder = folder
         self.settings = settings
         self.engine = RunEngine(settings.chain(registry), history=settings.history)
-        self.writer = ControlWriter(folder, fsync=fsync)
+        # create_folder=False: the folder was there before us (a log's), and a user who deletes
+        # it means it: the writer never creates it again
+        self.writer = ControlWriter(folder, fsync=fsync, create_dir=create_folder)
         self.fsync = fsync
         self.sources: dict[Path, Reader] = {}
         self.seq = 0
@@ -310,6 +313,8 @@ class Run:
     def save(self) -> None:
         if self.unpublished:
             return  # saving now would lose the queued decisions after a crash
+        if not self.writer.create_dir and not self.folder.is_dir():
+            return  # its user deleted the run folder
         data = {
             "version": STATE_VERSION,
             "seq": self.seq,

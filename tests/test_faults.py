@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -12,6 +14,7 @@ import threading
 import pytest
 
 import autolr.control as control_mod
+from autolr.chain import Decision
 from autolr.control import read_journal
 
 from .conftest import run_cli
@@ -265,9 +268,11 @@ def test_a_deleted_control_file_is_written_again_from_the_journal(tmp_path):
     before = json.loads((run / "autolr.json").read_text())
     (run / "autolr.json").unlink()
     daemon.handle(run / "autolr.json")
+    daemon.settle(math.inf)  # (after a short wait: see the deleted run folder below)
     assert json.loads((run / "autolr.json").read_text()) == before
     (run / "autolr.json").unlink()
     daemon.rescan()
+    daemon.settle(math.inf)
     assert json.loads((run / "autolr.json").read_text()) == before
 
 
@@ -381,3 +386,36 @@ def test_kept_descriptors_are_capped_and_reads_go_on_beyond_the_cap(tmp_path, mo
     for p in kept:
         daemon.drop_source(p)
     assert base._kept[0] == base.MAX_KEPT - 3
+
+
+def test_a_deleted_run_folder_stays_deleted(tmp_path, caplog):
+    """Regression: ``rm -rf`` of a run folder failed ("Directory not empty") or the folder came
+    back: while rm deleted the files one by one, the daemon wrote the control file back from
+    the journal (its delete event) and saved the state of the run that lost its log. Both now
+    wait SETTLE seconds and happen only if the folder is still there. A folder the daemon
+    created itself (an MLflow run kept in a database) is still created again when needed."""
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    for folder in (run, kept):
+        write_jsonl(folder / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(10)])
+    daemon, events = make_daemon(tmp_path)
+    daemon.run()
+    (run / "autolr.json").unlink()  # rm -rf, with the daemon's events between its unlinks
+    daemon.handle(run / "autolr.json")
+    (run / "m.jsonl").unlink()
+    daemon.handle(run / "m.jsonl")
+    (kept / "m.jsonl").unlink()  # a log deleted, its folder kept
+    daemon.handle(kept / "m.jsonl")
+    daemon.rescan()
+    assert sorted(p.name for p in run.iterdir()) == ["autolr.decisions.jsonl", "autolr.lock", "autolr.state.json"]
+    shutil.rmtree(run)
+    daemon.handle(run)
+    daemon.settle(math.inf)
+    daemon.rescan()
+    assert not run.exists() and run not in daemon.runs
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert kept.is_dir() and json.loads((kept / "autolr.state.json").read_text())["rows"] == 10
+
+    made = daemon.open_run(tmp_path / "made")  # no folder of its own: the daemon makes it
+    shutil.rmtree(made.folder)
+    made.publish([Decision(scale=0.5, lr=None, step=1, policy="manual", reason="test", kind="change")])
+    assert json.loads((made.folder / "autolr.json").read_text())["scale"] == 0.5
