@@ -75,14 +75,14 @@ class Options:
 
 
 class DaemonLocked(RuntimeError):
-    """Another daemon watches this root, or a folder above it."""
+    """Another daemon watches this root, a folder above it or a folder inside it."""
 
 
 def take_daemon_lock(root: Path) -> int | None:
     """Lock ``root`` for one daemon (``flock`` on ``root/.autolr-daemon.lock``, released when
     the process ends, even by kill -9); return the descriptor to keep. DaemonLocked when a
-    daemon holds it, or holds the lock of a folder above (its runs would be tuned twice: every
-    decision journaled twice). None, with a warning, where no lock can be taken."""
+    daemon holds it, or holds the lock of a folder above or inside (their runs would be tuned
+    twice: every decision journaled twice). None, with a warning, where no lock can be taken."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover (not POSIX)
@@ -109,10 +109,34 @@ def take_daemon_lock(root: Path) -> int | None:
         pid = _pid_in(fd)
         os.close(fd)
         raise DaemonLocked(f"another autolr watch (pid {pid}) already watches {root}; stop it first") from None
+    below = _daemon_below(root)
+    if below is not None:
+        os.close(fd)
+        raise DaemonLocked(f"autolr watch {below[0]} (pid {below[1]}) already watches a folder inside {root}; "
+                           "stop it first") from None
     with contextlib.suppress(OSError):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _daemon_below(root: Path) -> tuple[Path, str] | None:
+    """(folder, pid) of a daemon holding the lock of a folder inside ``root``: one walk of the
+    tree at start (symlinks not followed), before anything is written."""
+    import fcntl
+
+    for folder, _, files in os.walk(root, onerror=lambda exc: None):
+        if DAEMON_LOCK not in files or folder == os.fspath(root):
+            continue
+        with contextlib.suppress(OSError):
+            fd = os.open(os.path.join(folder, DAEMON_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return Path(folder), _pid_in(fd)
+            finally:
+                os.close(fd)
+    return None
 
 
 def _pid_in(fd: int) -> str:

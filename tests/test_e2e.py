@@ -205,7 +205,8 @@ def test_kill_9_and_restart_soak(tmp_path):
 
 def test_a_second_daemon_on_the_same_tree_is_refused(tmp_path):
     """Regression: nothing stopped a second ``autolr watch`` on a tree already watched (or on
-    a folder inside it): every decision was journaled twice. It now exits with the first's pid.
+    a folder inside it, above it, or the same through a symlink): every decision was journaled
+    twice. It now exits with the first's pid.
     After a kill -9 of the first, a new daemon starts (the lock dies with its process)."""
     root = tmp_path / "logs"
     (root / "run").mkdir(parents=True)
@@ -216,6 +217,12 @@ def test_a_second_daemon_on_the_same_tree_is_refused(tmp_path):
         for where in (root, root / "run"):
             second = run_cli("watch", str(where), "--once", check=False)
             assert second.returncode != 0 and f"pid {first.pid}" in second.stderr, second.stderr
+        above = run_cli("watch", str(tmp_path), "--once", check=False)  # a folder above: refused too
+        assert above.returncode != 0 and f"pid {first.pid}" in above.stderr and "inside" in above.stderr, above.stderr
+        alias = tmp_path / "alias"  # the same folder through a symlink
+        alias.symlink_to(root)
+        second = run_cli("watch", str(alias), "--once", check=False)
+        assert second.returncode != 0 and f"pid {first.pid}" in second.stderr, second.stderr
         journal = read_journal(root / "run")
         first.send_signal(signal.SIGKILL)
         first.wait()
