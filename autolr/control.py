@@ -204,7 +204,7 @@ def parse_json(data: bytes, path: Path | str, limit: int = MAX_CONTROL_BYTES) ->
         raise ControlError(f"{path} is larger than {limit} bytes")
     try:
         return json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (RecursionError: nested thousands deep)
         raise ControlError(f"{path} is not valid JSON: {exc}") from exc
 
 
@@ -231,7 +231,7 @@ def last_journal_entry(path: Path) -> dict[str, Any] | None:
                 if line.strip():
                     try:
                         obj = json.loads(line)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         continue  # a torn last line from a crash: the one before it counts
                     if isinstance(obj, dict):
                         return obj

@@ -284,7 +284,12 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     reader.set_state(saved["state"])
         else:
-            run = self.open_run(cls.run_dir(path))
+            try:
+                run = self.open_run(cls.run_dir(path))
+            except Exception as exc:  # one run's damaged files never stop the daemon (or its start)
+                reader.close()
+                self.count("run failed to open", path, exc)
+                return None
             kind = next((r for r in run.sources.values()), None)
             if kind is not None and kind.name != reader.name:
                 # Lightning's CSV beside its event files, W&B's output.log beside run-*.wandb:

@@ -402,7 +402,11 @@ class RunEngine:
         }
 
     def set_state(self, data: dict[str, Any]) -> None:
-        self.state = data["chain"]
+        """Restore :meth:`get_state`'s output; all or nothing (a damaged state raises and
+        leaves the engine as it was)."""
+        chain_state = data["chain"]
+        if not isinstance(chain_state, dict):
+            raise TypeError("the chain's state is not an object")
         if "history" in data:
             rows = History.from_state(data["history"])
         else:  # the first format: a list of [step, epoch, metrics]
@@ -411,12 +415,13 @@ class RunEngine:
                 rows.append(step, epoch, metrics)
         rows.first = int(data["first_row"])
         rows.odd = {k + rows.first: v for k, v in rows.odd.items()}
-        self.rows = rows
-        self.checkpoints = deque((int(n), _pack(s)) for n, s in data["checkpoints"])
-        self.last_key = data["last_key"]
-        self.lanes = {str(k): v for k, v in (data.get("lanes") or {}).items() if type(v) in (int, float)}
+        checkpoints = deque((int(n), _pack(s)) for n, s in data["checkpoints"])
+        last_key = data["last_key"]
+        lanes = {str(k): v for k, v in dict(data.get("lanes") or {}).items() if type(v) in (int, float)}
+        rewinds = int(data.get("rewinds", 0))
+        self.state, self.rows, self.checkpoints, self.last_key = chain_state, rows, checkpoints, last_key
+        self.lanes, self.rewinds = lanes, rewinds
         self.last_lane = data.get("last_lane") if isinstance(data.get("last_lane"), str) else None
-        self.rewinds = int(data.get("rewinds", 0))
 
 
 def _pack(state: State) -> bytes | State:

@@ -379,8 +379,10 @@ class Run:
             seq, rows = int(data.get("seq", 0)), int(data.get("rows", 0))
             schedule = [dict(entry) for entry in data.get("schedule") or []]
             sources = dict(data.get("sources") or {})
+            if not all(isinstance(v, dict) and "state" in v for v in sources.values()):
+                raise ValueError("a log's saved position is damaged")  # (read from 0: the engine too)
             self.engine.set_state(data["engine"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:  # any shape of damage (the engine is left as it was)
             log.warning("%s: ignoring incompatible state (%s); starting over", self.folder, exc)
             self._resume_from_journal()
             return {}

@@ -258,6 +258,48 @@ def test_damaged_state_unreadable_control_and_a_changed_chain_are_one_runs_probl
     assert daemon.runs[runs[2]].engine.state["rows"] == 50  # the new chain read the whole log
 
 
+@pytest.mark.parametrize("damage", [
+    lambda s: json.dumps({**s, "engine": {**s["engine"], "history": 5}}),  # half applied before
+    lambda s: json.dumps({**s, "engine": {**s["engine"], "lanes": [1]}}),  # AttributeError: no start
+    lambda s: json.dumps({**s, "sources": {"m.jsonl": 5}}),  # AttributeError too
+    lambda s: json.dumps(s)[:-1] + ', "deep": ' + "[" * 100_000 + "}",  # too deep for the parser
+])
+def test_a_damaged_state_starts_its_run_over_and_the_journal_gets_nothing_twice(tmp_path, damage):
+    """Regressions (a helper's bug hunt): a state of valid JSON with a wrong shape in some
+    places was half restored (the chain's state, then a TypeError), and the run "started over"
+    from that engine: decisions journaled again and a final LR 10⁴ times too low; others raised
+    AttributeError out of the daemon's start, for every run of the tree; a state or journal
+    line nested 100,000 deep raised RecursionError out of ``watch`` and ``status``."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        write_jsonl(run / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(60)])
+    policy = ("plateau:method=threshold,patience=3,factor=0.7",)
+    make_daemon(tmp_path, policy=policy)[0].run()
+    journal = read_journal(runs[0])
+    path = runs[0] / "autolr.state.json"
+    path.write_text(damage(json.loads(path.read_text())))
+    for run in runs:
+        write_jsonl(run / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(60, 80)])
+    make_daemon(tmp_path, policy=policy)[0].run()
+    def entries(run):
+        return [{k: v for k, v in e.items() if k != "updated_at"} for e in read_journal(run)]
+    assert entries(runs[0]) == entries(runs[1])  # re-derived and matched: nothing twice
+    assert len(entries(runs[0])) > len(journal)
+    out = run_cli("status", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_journal_line_nested_too_deep_is_read_as_torn(tmp_path):
+    run = tmp_path / "run"
+    write_jsonl(run / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(5)])
+    make_daemon(tmp_path)[0].run()
+    with open(run / "autolr.decisions.jsonl", "a") as f:
+        f.write("[" * 100_000 + "\n")
+    out = run_cli("status", str(tmp_path))
+    assert out.returncode == 0 and str(run) in out.stdout, out.stderr
+    make_daemon(tmp_path)[0].run()
+
+
 def test_a_deleted_control_file_is_written_again_from_the_journal(tmp_path):
     """Regression: a deleted autolr.json stayed missing until the next decision: the training
     loop fell back to its own LR meanwhile. The delete event (or the rescan) writes it again."""
@@ -419,3 +461,20 @@ def test_a_deleted_run_folder_stays_deleted(tmp_path, caplog):
     shutil.rmtree(made.folder)
     made.publish([Decision(scale=0.5, lr=None, step=1, policy="manual", reason="test", kind="change")])
     assert json.loads((made.folder / "autolr.json").read_text())["scale"] == 0.5
+
+
+def test_a_run_that_fails_to_open_is_counted_and_the_others_go_on(tmp_path, monkeypatch):
+    from autolr.run import Run
+
+    for name in ("a", "b"):
+        write_jsonl(tmp_path / name / "m.jsonl", rows(range(5)))
+    load = Run.load
+
+    def failing_load(self):
+        if self.folder.name == "a":
+            raise OSError(errno.EIO, "I/O error")
+        return load(self)
+    monkeypatch.setattr(Run, "load", failing_load)
+    daemon, _ = make_daemon(tmp_path)
+    daemon.run()
+    assert set(daemon.runs) == {tmp_path / "b"} and daemon.errors["run failed to open"] == 1
