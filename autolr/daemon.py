@@ -303,7 +303,8 @@ class Daemon:
                     self._forget_source(old)
                     run.sources.pop(old)
                     self.on_event("ignored", {"path": str(old), "reader": kind.name, "kept": reader.name})
-            saved = self.saved_sources.get(run.folder, {}).get(str(path))
+            # taken once: later the live reader (or the departed list) knows better
+            saved = self.saved_sources.get(run.folder, {}).pop(str(path), None)
             if saved is None and (run.sources or self.departed or self.saved_sources.get(run.folder)):
                 saved = self._renamed_to(path, reader, run)
             run.add_source(reader, saved)
@@ -324,10 +325,10 @@ class Daemon:
             if folder != run.folder or name != reader.name or time.monotonic() - when > DEPARTED_FOR:
                 return None
         else:  # its old name not read since the rename (by this daemon, or by the last one)
-            saved = [(Path(p), v["state"], None) for p, v in self.saved_sources.get(run.folder, {}).items()
-                     if isinstance(v, dict) and v.get("reader") == reader.name and _tail_identity(v.get("state")) == identity]
-            saved += [(r.path, r.get_state(), r) for r in run.sources.values()
-                      if r.name == reader.name and r.file_identity() == identity]
+            saved = [(r.path, r.get_state(), r) for r in run.sources.values()  # live readers first
+                     if r.name == reader.name and r.file_identity() == identity]
+            saved += [(Path(p), v["state"], None) for p, v in self.saved_sources.get(run.folder, {}).items()
+                      if isinstance(v, dict) and v.get("reader") == reader.name and _tail_identity(v.get("state")) == identity]
             moved = [(state, r) for old, state, r in saved if old != path and _identity(old) != identity]
             if not moved:
                 return None

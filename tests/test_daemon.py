@@ -830,3 +830,29 @@ def test_a_rotated_log_is_read_on_under_its_new_name_not_again(tmp_path, order):
     make_daemon(tmp_path / "clean")[0].run()
     assert [e["kind"] for e in read_journal(run)].count("rewind") == 0
     assert decisions(run) == decisions(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("renamed_first", [True, False])
+def test_a_log_rotated_after_a_restart_reads_on_from_the_live_position(tmp_path, renamed_first):
+    """Regression (a helper's bug hunt): after a restart, a log read on past the position saved
+    at that restart, then rotated, was read under its new name from the saved position: the
+    rows in between again, a spurious rewind and their decisions journaled twice."""
+    rows = _rotation_rows()
+    run = tmp_path / "run"
+    write_jsonl(run / "train.jsonl", rows[:20])
+    make_daemon(tmp_path)[0].run()  # state saved at row 20
+    daemon, _ = make_daemon(tmp_path)
+    daemon.discover()
+    daemon.catch_up()
+    write_jsonl(run / "train.jsonl", rows[20:40])
+    daemon.handle(run / "train.jsonl")  # read live up to row 40
+    os.rename(run / "train.jsonl", run / "train.1.jsonl")
+    write_jsonl(run / "train.jsonl", rows[40:])
+    names = [run / "train.1.jsonl", run / "train.jsonl"]
+    for path in names if renamed_first else names[::-1]:
+        daemon.handle(path)
+    write_jsonl(tmp_path / "clean" / "train.jsonl", rows)
+    make_daemon(tmp_path / "clean")[0].run()
+    assert [e["kind"] for e in read_journal(run)].count("rewind") == 0
+    assert decisions(run) == decisions(tmp_path / "clean")
+    assert daemon.runs[run].engine.state["rows"] == 60
