@@ -39,12 +39,17 @@ def get_plugin_manager(
     pm.add_hookspecs(hookspecs)
     for module_name in BUILTIN_PLUGINS:
         pm.register(importlib.import_module(module_name), name=module_name)
-    if entry_points:
-        pm.load_setuptools_entrypoints("autolr")
-    if plugins_dir is not None:
-        for module in load_plugin_files(plugins_dir):
-            pm.register(module, name=f"plugins-dir:{module.__name__}")
-    pm.check_pending()
+    try:
+        if entry_points:
+            pm.load_setuptools_entrypoints("autolr")
+        if plugins_dir is not None:
+            for module in load_plugin_files(plugins_dir):
+                pm.register(module, name=f"plugins-dir:{module.__name__}")
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:  # a misspelt hook or argument name
+        hooks = ", ".join(sorted(n for n, f in vars(hookspecs).items() if hasattr(f, "autolr_spec")))
+        raise PluginError(f"plugin {getattr(exc.plugin, '__file__', None) or exc.plugin}: {exc} "
+                          f"(autolr's hooks: {hooks})") from exc
     return pm
 
 
