@@ -161,6 +161,12 @@ class Policy:
                 f"policy {cls.name!r} has no parameter {', '.join(map(repr, unknown))}; "
                 f"valid: {', '.join(fields) or '(none)'}"
             )
+        missing = [name for name, f in fields.items() if name not in params
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            example = ",".join(f"{name}=..." for name in missing)
+            raise PolicyError(f"policy {cls.name!r} needs {', '.join(map(repr, missing))} "
+                              f"(e.g. --policy {cls.name}:{example})")
         values = {k: coerce(v, hints[k], f"{cls.name}:{k}") for k, v in params.items()}
         try:
             return cls(**values)

@@ -45,6 +45,15 @@ def test_unknown_policy_lists_the_installed_ones():
         build("stepp")
 
 
+def test_a_missing_required_parameter_is_named_with_an_example():
+    """Regression (a helper's audit): it read "Step.__init__() missing 1 required keyword-only
+    argument"."""
+    with pytest.raises(PolicyError, match=r"policy 'step' needs 'step_size' \(e.g. --policy step:step_size=...\)"):
+        build("step:gamma=0.5")
+    with pytest.raises(PolicyError, match="needs 'milestones'"):
+        build("multistep")
+
+
 def test_unknown_parameter_lists_the_valid_ones():
     with pytest.raises(PolicyError, match="no parameter 'stepsize'.*valid: .*step_size"):
         build("step:stepsize=3")
