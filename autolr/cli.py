@@ -107,7 +107,8 @@ def replay(reg: Registry, logs: tuple[str, ...], config_path: str | None, every_
         if plot_path and len(logs) != 1:
             fail("--plot draws one log; give exactly one")
         for log in logs:
-            for line in replay_log(log, settings, reg.policies, reg.readers, every_row=every_row):
+            for line in replay_log(log, settings, reg.policies, reg.readers, every_row=every_row,
+                                   on_warning=lambda message: click.echo(f"warning: {message}", err=True)):
                 click.echo(json.dumps(line))
         if plot_path:
             from .plot import PlotError, plot_replay

@@ -96,6 +96,27 @@ VALIDATION_LOSSES = ("val_loss", "eval_loss", "val/loss", "eval/loss", "validati
 TRAINING_LOSSES = ("loss", "train_loss", "train/loss", "training_loss", "loss_step", "train_loss_step",
                    "train/loss_step")
 
+#: Rows after which a ``--metric`` never seen is reported even without a near spelling (a
+#: validation metric logged once an epoch can take thousands of per-step rows to appear).
+METRIC_UNSEEN_ROWS = 5000
+
+
+def missing_metric(metric: str, names: set[str], rows: int, *, finished: bool = False) -> str | None:
+    """A warning for a ``--metric`` no row has held so far: at once when a logged name is a
+    near spelling of it, after METRIC_UNSEEN_ROWS rows (or at the end of a ``finished`` log)
+    otherwise; None when none is due."""
+    import difflib
+
+    if metric in names or not rows:
+        return None
+    near = difflib.get_close_matches(metric, sorted(names), n=3, cutoff=0.75)
+    if not near and rows < METRIC_UNSEEN_ROWS and not finished:
+        return None
+    message = f"--metric {metric!r} is in none of {rows} rows read{'' if finished else ' so far'} (the policies never see it)"
+    if near:
+        return f"{message}; did you mean {' or '.join(map(repr, near))}?"
+    return f"{message}; the log has {', '.join(map(repr, sorted(names)[:12]))}"
+
 
 @functools.lru_cache(maxsize=1024)
 def default_mode(metric: str | None) -> str:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .config import Settings
 from .engine import RunEngine
+from .policy import missing_metric
 from .readers import reader_for
 
 
@@ -30,16 +31,23 @@ def replay_log(
     readers: dict[str, type],
     *,
     every_row: bool = False,
+    on_warning: Callable[[str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield the initial value, then one line per LR change (or per row with ``every_row``)."""
+    """Yield the initial value, then one line per LR change (or per row with ``every_row``).
+    ``on_warning``: told when the ``metric`` asked for is in no row of the log."""
     path = Path(path)
     reader = open_reader(path, readers)
     engine = RunEngine(settings.chain(registry), history=settings.history)
     name = str(path)
     yield _line(name, None, engine.lr, engine.scale, engine.chain.names, "initial")
     finishing = False
+    metric, names = engine.chain.metric, set()
     while True:
-        for record in reader.read():
+        records = reader.read()
+        if metric is not None and metric not in names and len(names) < 1000:
+            for record in records[:1000]:
+                names.update(record.metrics)
+        for record in records:
             decisions = engine.feed(record, reader.columns())
             if every_row:
                 last = decisions[-1] if decisions else None
@@ -54,6 +62,10 @@ def replay_log(
                 break
             reader.finish()  # a finished log: one more read takes a last line without its newline
             finishing = True
+    if metric is not None and on_warning is not None:
+        message = missing_metric(metric, names | set(reader.columns()), engine.state["rows"], finished=True)
+        if message:
+            on_warning(f"{path}: {message}")
 
 
 def _counter(record, engine: RunEngine) -> int | float | None:

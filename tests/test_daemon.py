@@ -20,9 +20,10 @@ PM = get_plugin_manager(entry_points=False)
 POLICIES, READERS = policy_classes(PM), reader_classes(PM)
 
 
-def make_daemon(root: Path, *, policy=("plateau:method=threshold,patience=3",), base_lr=0.1, config=None, **opts) -> tuple[Daemon, list]:
+def make_daemon(root: Path, *, policy=("plateau:method=threshold,patience=3",), base_lr=0.1, config=None, metric=None,
+                **opts) -> tuple[Daemon, list]:
     events: list = []
-    overrides = {"policies": parse_policy_options(policy), "base_lr": base_lr}
+    overrides = {"policies": parse_policy_options(policy), "base_lr": base_lr, **({"metric": metric} if metric else {})}
     daemon = Daemon(root, load_config(config), overrides, POLICIES, READERS,
                     Options(once=True, fsync=False, **opts), on_event=lambda k, d: events.append((k, d)))
     return daemon, events
@@ -856,3 +857,17 @@ def test_a_log_rotated_after_a_restart_reads_on_from_the_live_position(tmp_path,
     assert [e["kind"] for e in read_journal(run)].count("rewind") == 0
     assert decisions(run) == decisions(tmp_path / "clean")
     assert daemon.runs[run].engine.state["rows"] == 60
+
+
+def test_a_misspelt_metric_is_reported_once_by_the_daemon(tmp_path, caplog):
+    """Regression (a helper's audit): ``watch --metric val_los`` said nothing; the plateau
+    could never fire."""
+    write_jsonl(tmp_path / "run" / "m.jsonl", [{"step": s, "loss": 1.0, "val_loss": 1.0} for s in range(20)])
+    write_jsonl(tmp_path / "ok" / "m.jsonl", [{"step": s, "loss": 1.0, "val_los": 1.0} for s in range(20)])
+    with caplog.at_level("WARNING", logger="autolr.run"):
+        daemon, _ = make_daemon(tmp_path, metric="val_los")
+        daemon.run()
+        write_jsonl(tmp_path / "run" / "m.jsonl", [{"step": s, "loss": 1.0, "val_loss": 1.0} for s in range(20, 30)])
+        daemon.handle(tmp_path / "run" / "m.jsonl")
+    said = [r.getMessage() for r in caplog.records if "--metric" in r.getMessage()]
+    assert len(said) == 1 and "run: --metric 'val_los'" in said[0] and "did you mean 'val_loss'" in said[0], said

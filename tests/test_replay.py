@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from autolr.policy import METRIC_UNSEEN_ROWS, missing_metric
+
 from .conftest import run_cli
 
 
@@ -128,3 +130,22 @@ def test_replay_reads_a_finished_logs_last_line_without_its_newline(tmp_path, na
     assert got == want and got[-1]["step"] == 3
     live = reader_for(cut, READERS)(cut)
     assert [r.step for r in live.read()] == [0, 1, 2] and live.read() == []  # still waits for it
+
+
+def test_a_misspelt_metric_is_reported(tmp_path):
+    """Regression (a helper's audit): ``--metric val_los`` on a log with ``val_loss`` ran to
+    the end silently, the plateau never able to fire."""
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,step,loss,val_loss\n" + "".join(f"{e},{e},1.0,0.9\n" for e in range(6)))
+    spelt = run_cli("replay", str(log), "--metric", "val_los", "--policy", "plateau:method=threshold,patience=3")
+    assert "did you mean 'val_loss'" in spelt.stderr, spelt.stderr
+    right = run_cli("replay", str(log), "--metric", "val_loss", "--policy", "plateau:method=threshold,patience=3")
+    assert "warning" not in right.stderr and len(right.stdout.splitlines()) > 1  # it decided
+
+
+def test_missing_metric_waits_for_rows_unless_a_near_name_is_logged():
+    assert missing_metric("val_los", {"loss", "val_loss"}, 3) is not None
+    assert missing_metric("val_loss", {"loss", "val_loss"}, 10**6) is None
+    assert missing_metric("val_acc", {"loss"}, 100) is None  # a validation metric may come later
+    assert "'loss'" in missing_metric("val_acc", {"loss"}, METRIC_UNSEEN_ROWS)
+    assert missing_metric("val_acc", {"loss"}, 100, finished=True) is not None
