@@ -316,8 +316,9 @@ class Chain:
     # ---- manual override ---------------------------------------------------------------
     def override(self, state: State, *, lr: float | None = None, scale: float | None = None) -> State:
         """Adopt a manual LR or scale: the LR is that value now and later policy decisions
-        continue from it. manual = target / Π factors, taken before the min_lr/max_lr clamp,
-        so the clamp recomputed on the next row gives the target again; while the factors
+        continue from it (a target beyond min_lr/max_lr at that bound). manual = target / Π
+        factors, taken before the min_lr/max_lr clamp, so the clamp recomputed on the next
+        row gives the target again; while the factors
         multiply to 0 (a cosine to ``eta_min=0``) manual = target, and the target holds until
         a policy gives a usable LR again.
 
@@ -338,6 +339,12 @@ class Chain:
             target = state["scale"]
         if not _usable(target):
             raise ValueError(f"manual value out of range: lr {lr!r} on base_lr {self.base_lr!r}")
+        # a value beyond min_lr/max_lr is taken at the bound: taken as is, its factor would
+        # keep the clamped LR at the bound through later cuts (the LR then never moved)
+        if self.max_lr is not None:
+            target = min(target, self.max_lr / self.base)
+        if self.min_lr is not None:
+            target = max(target, self.min_lr / self.base)
         state = dict(state)
         raw = self._raw(dict(state, manual=1.0))
         manual = target / raw if _usable(raw) else target

@@ -150,6 +150,18 @@ def test_a_manual_lr_survives_the_clamp_on_the_next_rows(specs, kw, set_lr):
     assert ds == [None] * 5 and chain.lr(state) == pytest.approx(set_lr)
 
 
+@pytest.mark.parametrize("set_lr, bound, later", [(0.5, 0.2, 0.1), (0.001, 0.01, 0.01)])
+def test_a_manual_lr_beyond_the_bounds_is_taken_at_the_bound_and_later_cuts_still_cut(set_lr, bound, later):
+    """Regression (a helper's audit): ``autolr set --lr 0.5`` with max_lr 0.2 kept a factor of
+    5, so the next cut (x0.5) still gave 2.5 x base, clamped to 0.2: the LR never moved."""
+    chain = _chain("step:step_size=10,gamma=0.5", base_lr=0.1, min_lr=0.01, max_lr=0.2)
+    state, _ = _feed(chain, chain.init(), range(5))
+    state = chain.override(state, lr=set_lr)
+    assert chain.lr(state) == pytest.approx(bound)
+    state, ds = _feed(chain, state, range(5, 10))
+    assert chain.lr(state) == pytest.approx(later)  # the cut after step 9: bound x 0.5, within the bounds
+
+
 def test_a_manual_lr_while_the_factors_are_zero_holds_until_a_policy_moves():
     """Regression: a polynomial decay at total_iters (or a cosine to eta_min=0) multiplies to 0,
     and the override divided by it: ZeroDivisionError, and the daemon failed on every start."""
