@@ -362,6 +362,18 @@ def _journal_entry(line: bytes) -> dict[str, Any] | None:
     return None
 
 
+def scheduled_with(schedule: list[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """``schedule`` (the recent changes a control file lists, MAX_SCHEDULE at most) with a
+    published change added: a rewind first voids the entries the resumed job has not reached
+    (those at its ``apply_at_step`` or later; the initial one, at None, is in force from the
+    start). The publish and a restart rebuilding it from the journal both use this."""
+    at = entry["apply_at_step"]
+    if entry.get("kind") == "rewind" and at is not None:
+        schedule = [e for e in schedule if e["at"] is None or e["at"] < at]
+    item = {"at": at, "seq": entry["seq"], "scale": entry.get("scale"), "lr": entry.get("lr")}
+    return [*schedule, item][-MAX_SCHEDULE:]
+
+
 class ControlWriter:
     """Publishes decisions for one run folder: journal line first, then the control file."""
 
@@ -470,14 +482,13 @@ class ControlWriter:
             for record, d in zip(records, decisions):
                 seq += 1
                 record["seq"] = seq
-                if "apply_at_step" in record:
-                    scheduled.append({"at": record["apply_at_step"], "seq": seq,
-                                      "scale": record["scale"], "lr": record["lr"]})
                 entry = dict(record, kind=d.get("kind", "decision"), evidence=_plain(d.get("evidence") or {}))
+                if "apply_at_step" in record:
+                    scheduled = scheduled_with(scheduled, entry)
                 entry.pop("schedule", None)  # the journal holds every entry already
                 entries.append(entry)
             if "apply_at_step" in records[-1]:
-                records[-1]["schedule"] = scheduled[-MAX_SCHEDULE:]
+                records[-1]["schedule"] = scheduled
             journal = self._append_journal(entries)
             try:
                 control = atomic_write_json(self.path, records[-1], fsync=self.fsync)

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from .chain import Decision
 from .config import Settings
-from .control import (MAX_SCHEDULE, ControlConflict, ControlError, ControlWriteError, ControlWriter, JournalCursor,
-                      atomic_write_json, read_json)
+from .control import (ControlConflict, ControlError, ControlWriteError, ControlWriter, JournalCursor,
+                      atomic_write_json, read_json, scheduled_with)
 from .engine import RunEngine
 from .policy import missing_metric
 from .readers.base import Reader
@@ -170,7 +170,7 @@ class Run:
                 entry = self.pending.pop()
                 self.seq = entry["seq"]
                 if "apply_at_step" in entry:
-                    self.schedule = _scheduled(self.schedule, entry)
+                    self.schedule = scheduled_with(self.schedule, entry)
                 self._adopt_pending_manuals()
                 continue
             if self.pending:
@@ -190,17 +190,12 @@ class Run:
         if not fresh:
             return len(decisions) > 0
         batch, last_at = [], (self.schedule[-1]["at"] if self.schedule else None)
-        schedule = self.schedule
         for d in fresh:
             fields = self._control_fields(d, last_at)
-            if d.kind == "rewind" and "apply_at_step" in fields:
-                # entries the resumed job has not reached are void; the initial one (at None)
-                # is in force from the start
-                schedule = _reached(schedule, fields["apply_at_step"])
             last_at = fields.get("apply_at_step", last_at)
             batch.append(fields)
         try:
-            records = self.writer.publish_many(batch, schedule=schedule, after_seq=self.seq)
+            records = self.writer.publish_many(batch, schedule=self.schedule, after_seq=self.seq)
         except ControlConflict:
             self.unpublished = []
             if self._adopt_foreign():
@@ -415,7 +410,7 @@ class Run:
         schedule = self.schedule  # the control file a crash left behind the journal lists them all
         for entry in JournalCursor.after(self.writer.journal, seq):
             if "apply_at_step" in entry:
-                schedule = _scheduled(schedule, entry)
+                schedule = scheduled_with(schedule, entry)
         self.writer.repair(schedule=schedule)
         return {str(self.folder / rel): v for rel, v in sources.items()}
 
@@ -457,21 +452,6 @@ class Run:
             "skipped": dict(self.skipped()),
             "sources": sorted(_rel(p, self.folder) for p in self.sources),
         }
-
-
-def _scheduled(schedule: list[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
-    """``schedule`` (the recent changes a control file lists) with a journaled change added, as
-    its publish added it: a rewind voids the entries the resumed job has not reached."""
-    at = entry["apply_at_step"]
-    if entry.get("kind") == "rewind" and at is not None:
-        schedule = _reached(schedule, at)
-    item = {"at": at, "seq": entry["seq"], "scale": entry.get("scale"), "lr": entry.get("lr")}
-    return [*schedule, item][-MAX_SCHEDULE:]
-
-
-def _reached(schedule: list[dict[str, Any]], at: int) -> list[dict[str, Any]]:
-    """The entries a job resumed before step ``at`` has reached (the initial one, at None, too)."""
-    return [e for e in schedule if e["at"] is None or e["at"] < at]
 
 
 def _same_decision(entry: dict[str, Any], decision: Decision) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from autolr.config import load_config, parse_policy_options
-from autolr.control import read_journal
+from autolr.control import read_journal, scheduled_with
 from autolr.daemon import Daemon, Options
 from autolr.plugins import get_plugin_manager, policy_classes, reader_classes
 from autolr.replay import replay_log
@@ -871,3 +871,22 @@ def test_a_misspelt_metric_is_reported_once_by_the_daemon(tmp_path, caplog):
         daemon.handle(tmp_path / "run" / "m.jsonl")
     said = [r.getMessage() for r in caplog.records if "--metric" in r.getMessage()]
     assert len(said) == 1 and "run: --metric 'val_los'" in said[0] and "did you mean 'val_loss'" in said[0], said
+
+
+def test_apply_margin_a_rewind_in_the_same_batch_voids_the_entries_before_it(tmp_path):
+    """Regression (a helper's bug hunt): a rewind published in one batch with decisions of the
+    abandoned branch left those in the control file's schedule (only the schedule from before
+    the batch was voided), so it differed from what a restart rebuilds from the journal."""
+    run = tmp_path / "exp"
+    write_jsonl(run / "metrics.jsonl", flat_then_flat([*range(100), *range(50, 60)]))
+    _margin_daemon(tmp_path, policy=("step:step_size=20,gamma=0.5",)).run()
+    journal = read_journal(run)
+    assert [e["kind"] for e in journal].count("rewind") == 1
+    rebuilt: list = []
+    for entry in journal:
+        if "apply_at_step" in entry:
+            rebuilt = scheduled_with(rebuilt, entry)
+    schedule = json.loads((run / "autolr.json").read_text())["schedule"]
+    assert [e["seq"] for e in schedule] == [e["seq"] for e in rebuilt]
+    rewind = next(e for e in journal if e["kind"] == "rewind")
+    assert all(e["at"] is None or e["at"] < rewind["apply_at_step"] or e["seq"] >= rewind["seq"] for e in schedule)
