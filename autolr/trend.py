@@ -34,13 +34,72 @@ curve does not pass for autocorrelation).
 from __future__ import annotations
 
 import functools
+import importlib
 import math
+import os
+import sys
+import threading
+import types
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import special
+
+_SCIPY_LOCK = threading.RLock()
+
+
+def _scipy_extension(package: str, name: str) -> types.ModuleType | None:
+    """The compiled module ``scipy.<package>.<name>`` without running ``scipy/<package>/__init__.py``.
+
+    ``from scipy import special`` costs ~20 MB of RSS beyond the ufunc module (scipy's
+    array-API layer imports numpy.testing, numpy.f2py, ...) and ``from scipy import optimize``
+    ~24 MB more (linalg, sparse, ...); this module needs three ufuncs and MINPACK's ``lmdif``.
+    While the extension loads, an empty stand-in package is registered as ``scipy.<package>``
+    so that it and the sibling extensions it imports resolve; then every ``sys.modules`` entry
+    the load added under ``scipy.<package>`` is removed again, so a later real
+    ``import scipy.<package>`` runs the package normally (it gets the same extension functions).
+    The lock serialises loads from this module; another thread importing ``scipy.<package>``
+    during the few milliseconds of a load could still see the stand-in.
+
+    Returns the normally imported submodule when ``scipy.<package>`` is already imported, and
+    None when the light load fails for any reason (the caller then imports the public package).
+    """
+    full = f"scipy.{package}"
+    with _SCIPY_LOCK:
+        try:
+            if full in sys.modules:
+                return importlib.import_module(f"{full}.{name}")
+            import scipy
+
+            before = set(sys.modules)
+            stand_in = types.ModuleType(full)
+            stand_in.__path__ = [os.path.join(p, package) for p in scipy.__path__]
+            sys.modules[full] = stand_in
+            try:
+                return importlib.import_module(f"{full}.{name}")
+            finally:
+                for key in list(sys.modules):
+                    if key.startswith(f"{full}.") and key not in before:
+                        del sys.modules[key]
+                if sys.modules.get(full) is stand_in:
+                    del sys.modules[full]
+                if vars(scipy).get(package) is stand_in:
+                    delattr(scipy, package)
+        except Exception:
+            return None
+
+
+def _load_special():
+    """stdtr, stdtrit and ndtri: scipy.special's ufunc module (the same objects), or the package."""
+    ufuncs = _scipy_extension("special", "_ufuncs")
+    if ufuncs is None or not all(callable(getattr(ufuncs, f, None)) for f in ("stdtr", "stdtrit", "ndtri")):
+        from scipy import special as ufuncs
+    return ufuncs
+
+
+#: the scipy.special functions trend and the plateau policy use: ``special.stdtr`` etc.
+special = _load_special()
 
 MAD_SCALE = 1.4826
 DECLINE_SIGMAS = 25.0
@@ -751,8 +810,6 @@ def fit_curve(y, x=None) -> CurveFit | None:
 
     x is shifted to start at 0. Returns None when neither converges.
     """
-    from scipy import optimize
-
     x, y = _xy(y, x)
     if len(y) < 8 or not np.all(np.isfinite(y)):
         return None
@@ -766,10 +823,8 @@ def fit_curve(y, x=None) -> CurveFit | None:
     }
     for kind, (func, p0) in guesses.items():
         try:
-            with warnings.catch_warnings():  # a flat window leaves the covariance undefined: fine
-                warnings.simplefilter("ignore", optimize.OptimizeWarning)
-                params, _ = optimize.curve_fit(func, x, y, p0=p0, maxfev=400)
-        except (RuntimeError, ValueError, optimize.OptimizeWarning):
+            params = _curve_fit(func, x, y, p0, maxfev=400)
+        except (RuntimeError, ValueError):
             continue
         if not np.all(np.isfinite(params)):
             continue
@@ -777,6 +832,95 @@ def fit_curve(y, x=None) -> CurveFit | None:
         if best is None or rmse < best.rmse:
             best = CurveFit(kind, float(params[0]), tuple(float(p) for p in params), rmse)
     return best
+
+
+#: scipy's MINPACK ``_lmdif`` for :func:`_curve_fit`: None before the first fit, False when
+#: it could not be loaded or its interface is not the one expected (public curve_fit then)
+_lmdif = None
+_LMDIF_DOC = "_lmdif(fun, x0, args, full_output, ftol, xtol, gtol, maxfev, epsfcn, factor, diag)"
+
+
+class _LmdifBroken(Exception):
+    """scipy's private ``_lmdif`` did not behave as this module expects."""
+
+
+def _curve_fit(func, x: np.ndarray, y: np.ndarray, p0: tuple[float, ...], maxfev: int) -> np.ndarray:
+    """The parameters ``scipy.optimize.curve_fit(func, x, y, p0=p0, maxfev=maxfev)`` returns.
+
+    Without bounds, sigma or jac, curve_fit is ``leastsq``, which calls MINPACK's ``lmdif``
+    with fixed defaults; calling scipy's ``_lmdif`` directly with the same arguments gives
+    bit-identical parameters without importing ``scipy.optimize`` (see _scipy_extension).
+    RuntimeError when the fit does not converge, ValueError for non-finite data (as curve_fit).
+    Anything unexpected from ``_lmdif`` (it is private: a changed signature, a missing
+    function, an odd return value) switches this and later calls to the public curve_fit.
+    """
+    global _lmdif
+    x = np.asarray_chkfinite(x, float)
+    y = np.asarray_chkfinite(y, float)
+    start = np.array(p0, dtype=float)
+    if _lmdif is None:
+        with _SCIPY_LOCK:
+            if _lmdif is None:
+                lmdif = getattr(_scipy_extension("optimize", "_minpack"), "_lmdif", None)
+                # its docstring states the signature: a reordered one is not called blindly
+                _lmdif = lmdif if callable(lmdif) and _LMDIF_DOC in (lmdif.__doc__ or "") else False
+    lmdif = _lmdif
+    if lmdif is not False and start.ndim == 1 and y.ndim == 1 and len(y) >= len(start):
+        try:
+            return _curve_fit_lmdif(lmdif, func, x, y, start, maxfev)
+        except _LmdifBroken:
+            _lmdif = False
+    return _curve_fit_public(func, x, y, p0, maxfev)
+
+
+def _curve_fit_lmdif(lmdif, func, x: np.ndarray, y: np.ndarray, start: np.ndarray, maxfev: int) -> np.ndarray:
+    """:func:`_curve_fit` through ``lmdif``; _LmdifBroken when it misbehaves.
+
+    The arguments are leastsq's for curve_fit's call: full output, ftol = xtol = 1.49012e-8,
+    gtol = 0, epsfcn = the float64 machine epsilon (the residuals are float64), factor = 100,
+    no diag. curve_fit evaluates the residuals once at p0 beforehand to check their shape, and
+    afterwards estimates a covariance: neither changes the parameters, both are skipped.
+    """
+    raised = []
+
+    def residuals(params):
+        try:
+            return func(x, *params) - y
+        except BaseException as exc:  # the model's own error: propagates as from curve_fit
+            raised.append(exc)
+            raise
+
+    eps = float(np.finfo(float).eps)
+    try:
+        out = lmdif(residuals, start, (), 1, 1.49012e-8, 1.49012e-8, 0.0, maxfev, eps, 100, None)
+    except Exception as exc:  # TypeError for a changed signature, ...
+        if raised and exc is raised[-1]:
+            raise
+        raise _LmdifBroken from exc
+    try:
+        params, info = out[0], out[-1]
+    except (TypeError, IndexError, KeyError) as exc:
+        raise _LmdifBroken from exc
+    if not (isinstance(params, np.ndarray) and params.shape == start.shape and isinstance(info, int)):
+        raise _LmdifBroken
+    if info == 0:  # "improper input parameters": never for these arguments with this interface
+        raise _LmdifBroken
+    if info not in (1, 2, 3, 4):
+        raise RuntimeError(f"Optimal parameters not found (MINPACK lmdif info = {info})")
+    return params
+
+
+def _curve_fit_public(func, x: np.ndarray, y: np.ndarray, p0: tuple[float, ...], maxfev: int) -> np.ndarray:
+    """:func:`_curve_fit` through ``scipy.optimize.curve_fit``."""
+    from scipy import optimize
+
+    try:
+        with warnings.catch_warnings():  # a flat window leaves the covariance undefined: fine
+            warnings.simplefilter("ignore", optimize.OptimizeWarning)
+            params, _ = optimize.curve_fit(func, x, y, p0=p0, maxfev=maxfev)
+    except optimize.OptimizeWarning as exc:
+        raise RuntimeError(str(exc)) from exc
+    return params
 
 
 def forecast_gain(y, x=None, horizon: float | None = None, mode: str = "min") -> float | None:

@@ -141,6 +141,91 @@ def test_curve_fit_recovers_an_asymptote_and_forecasts_the_gain():
     assert trend.fit_curve([1.0, float("nan")] * 10) is None
 
 
+def _fit_cases():
+    """(func, x, y, p0) as fit_curve makes them, over a few windows: clean and noisy curves, noise, flat."""
+    rng = np.random.default_rng(3)
+    x = np.sort(rng.choice(np.arange(3000), 150, replace=False)).astype(float)
+    x -= x[0]
+    windows = [0.3 + 2.0 * np.exp(-x / 500), 0.1 + 3.0 * (x + 1) ** -0.7,
+               1 / (1 + 0.01 * x) * (1 + 0.05 * rng.standard_normal(len(x))),
+               rng.standard_normal(len(x)), np.full(len(x), 0.5)]
+    for y in windows:
+        lo, hi = float(np.min(y)), float(np.max(y))
+        yield lambda t, a, b, c: a + b * np.exp(-c * t), x, y, (lo, hi - lo, 3.0 / float(x[-1]))
+        yield lambda t, a, b, c: a + b * np.power(t + 1.0, -c), x, y, (lo, hi - lo, 0.5)
+
+
+def _outcome(fit, *args):
+    try:
+        return fit(*args, maxfev=400).tobytes()  # bit-exact
+    except (RuntimeError, ValueError) as exc:
+        return type(exc).__name__
+
+
+def test_light_curve_fit_is_scipy_curve_fit_bit_for_bit():
+    outcomes = [(_outcome(trend._curve_fit, *case), _outcome(trend._curve_fit_public, *case)) for case in _fit_cases()]
+    assert callable(trend._lmdif), "scipy's _lmdif not usable: fits fall back to scipy.optimize (+24 MB RSS)"
+    assert all(light == public for light, public in outcomes)
+    assert sum(isinstance(light, bytes) for light, _ in outcomes) >= 6  # most of them converge
+
+
+def test_curve_fit_falls_back_to_scipy_when_lmdif_misbehaves(monkeypatch):
+    cases = list(_fit_cases())
+    expected = [_outcome(trend._curve_fit_public, *case) for case in cases]
+    truth = trend.fit_curve(cases[0][2], cases[0][1])
+    monkeypatch.setattr(trend, "_lmdif", trend._lmdif)  # restored after the test
+
+    def model_error(t, a, b, c):  # the model's own error propagates as from curve_fit: no fallback
+        raise FloatingPointError("overflow")
+
+    with pytest.raises(FloatingPointError):
+        trend._curve_fit(model_error, *cases[0][1:], maxfev=400)
+    assert callable(trend._lmdif)
+
+    def changed_signature(*args):
+        raise TypeError("_lmdif() takes 10 positional arguments but 11 were given")
+
+    for broken in (changed_signature, lambda *args: None, lambda *args: (np.zeros(3), {}, 0)):
+        monkeypatch.setattr(trend, "_lmdif", broken)
+        assert _outcome(trend._curve_fit, *cases[0]) == expected[0]
+        assert trend._lmdif is False  # and later calls go straight to curve_fit
+        assert [_outcome(trend._curve_fit, *case) for case in cases] == expected
+    monkeypatch.setattr(trend, "_lmdif", changed_signature)
+    assert trend.fit_curve(cases[0][2], cases[0][1]) == truth
+
+
+def test_scipy_imports_normally_after_the_light_load():
+    import os
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys
+        import numpy as np, scipy
+        before = set(sys.modules)
+        from autolr import trend
+        fit = trend.fit_curve(0.3 + 2.0 * np.exp(-np.arange(100.0) / 20))
+        assert fit.kind == "exponential" and callable(trend._lmdif), fit
+        assert float(trend.special.stdtr(3, 1.0)) > 0.5
+        added = set(sys.modules) - before
+        assert not [m for m in added if m.startswith(("scipy.special", "scipy.optimize"))], added
+        assert "special" not in vars(scipy) and "optimize" not in vars(scipy)
+
+        import scipy.special, scipy.optimize, scipy.stats
+        assert scipy.special.stdtr is trend.special.stdtr and scipy.special.ndtri is trend.special.ndtri
+        assert scipy.optimize._minpack._lmdif is trend._lmdif and scipy.special._special_ufuncs
+        assert scipy.special.gamma(5.0) == 24.0 and abs(scipy.stats.norm.cdf(0.0) - 0.5) < 1e-15
+        x = np.arange(10.0)
+        popt, _ = scipy.optimize.curve_fit(lambda t, a, b: a * t + b, x, 2 * x + 1, p0=(1.0, 0.0))
+        assert np.allclose(popt, [2.0, 1.0]), popt
+        print("ok")
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(trend.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 # ---- slowdown test: has a clear decline stopped? ---------------------------------------------
 
 def _hinge_direct(y, x, k, phi, ratio=trend.SLOWDOWN_RATIO):

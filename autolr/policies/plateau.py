@@ -244,7 +244,7 @@ class Plateau(Policy):
                 alpha = math.inf  # too few effectively independent observations to stop early
             else:
                 # Predictive power: would the rate seen so far be significant over the full history?
-                from scipy import special
+                special = trend.special  # scipy.special's ufuncs (see trend._load_special)
 
                 dof = n - 3
                 t_c = float(special.stdtrit(dof, self.confidence))
