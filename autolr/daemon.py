@@ -29,7 +29,7 @@ from .config import Config
 from .control import CONTROL_NAME, atomic_write_json, read_json
 from .inotify import alias_inside
 from .readers import is_own_file, reader_for
-from .readers.base import Reader
+from .readers.base import Reader, TextTailer
 from .run import Run
 
 log = logging.getLogger("autolr.daemon")
@@ -191,6 +191,10 @@ class Daemon:
         # (device, inode) -> (time, run folder, reader name, state) of files that left their
         # path (renamed away by a log rotation): found under a new name, read on from there
         self.departed: OrderedDict[tuple[int, int], tuple[float, Path, str, dict]] = OrderedDict()
+        # path -> (time, tailer holding the kept descriptor) of departed files renamed to a name
+        # no reader takes (logrotate: train.jsonl.1): its writer may add rows to it before it
+        # reopens the path; the next reader of the path reads them first (_take_behind)
+        self.behind: OrderedDict[Path, tuple[float, TextTailer]] = OrderedDict()
         self.multi_state: dict[str, Any] = {}
         self._multi_saved_at = 0.0
         self.stop_event = threading.Event()
@@ -308,6 +312,7 @@ class Daemon:
             if saved is None and (run.sources or self.departed or self.saved_sources.get(run.folder)):
                 saved = self._renamed_to(path, reader, run)
             run.add_source(reader, saved)
+            self._take_behind(path, reader, run)
         self.sources[path] = reader
         self._paths[os.fspath(path)] = path  # events then look it up by this very object (no __eq__)
         self.watch_link(path)
@@ -347,6 +352,40 @@ class Daemon:
         self.departed[tuple(identity)] = (time.monotonic(), reader.run_dir(reader.path), reader.name, state)
         while len(self.departed) > MAX_DEPARTED:
             self.departed.popitem(last=False)
+
+    def _keep_behind(self, path: Path, reader: Reader) -> None:
+        """``path`` is gone and its file read to its end: keep the descriptor of the file if it
+        was renamed away (not deleted), for the rows its writer still adds (``_take_behind``)."""
+        tailer = getattr(reader, "tailer", None)
+        kept = tailer.detach() if isinstance(tailer, TextTailer) and not getattr(reader, "multi_run", False) else None
+        if kept is None:
+            return
+        old = self.behind.pop(path, None)
+        if old is not None:
+            old[1].close()
+        self.behind[path] = (time.monotonic(), kept)
+        while len(self.behind) > MAX_DEPARTED:
+            self.behind.popitem(last=False)[1][1].close()
+
+    def _take_behind(self, path: Path, reader: Reader, run: Run) -> None:
+        """A new log under the name a file was renamed away from (``_keep_behind``): the new
+        reader reads on in the old file through the kept descriptor first (the rows its writer
+        added after the rename), then the new file, as when the rename is seen while the source
+        lives. Only while that file is not read under another name, within DEPARTED_FOR."""
+        entry = self.behind.pop(path, None)
+        if entry is None:
+            return
+        when, kept = entry
+        tailer = getattr(reader, "tailer", None)
+        found = self.departed.get(kept.fd_identity)
+        if (found is not None and found[1] == run.folder and found[2] == reader.name
+                and time.monotonic() - when <= DEPARTED_FOR and isinstance(tailer, TextTailer)
+                and tailer.identity in (None, kept.fd_identity)):
+            with contextlib.suppress(Exception):
+                reader.set_state(found[3])  # where the old reader stopped in that file
+                if tailer.adopt(kept):
+                    del self.departed[kept.fd_identity]  # the new reader reads it: it departs again from there
+        kept.close()
 
     def open_run(self, folder: Path) -> Run:
         folder = Path(folder)
@@ -523,6 +562,9 @@ class Daemon:
             self._restore(folder)
         for folder in [f for f, (t, _) in self.closing.items() if t <= now]:
             self._close(folder)
+        for path in [p for p, (t, kept) in self.behind.items()
+                     if now - t > DEPARTED_FOR or kept.fd_identity not in self.departed]:
+            self.behind.pop(path)[1].close()  # its time is up, or it is read under another name
 
     def _next_settle(self) -> float:
         return min([math.inf, *(t for t, _ in self.rechecks), *self.restores.values(),
@@ -620,6 +662,7 @@ class Daemon:
             self._depart(reader, *reader.left_behind)
             reader.left_behind = None
         if not records and not reader.more and not os.path.exists(path):
+            self._keep_behind(path, reader)  # (its kept file was read to its end just now)
             self.drop_source(path)  # checked only when nothing came: one stat less per row
             return None
         return records
@@ -865,6 +908,9 @@ class Daemon:
             self.flush()
             for reader in self.sources.values():
                 reader.close()
+            for _, kept in self.behind.values():
+                kept.close()
+            self.behind.clear()
             self.on_event("stopped", {})
 
     def install_signal_handlers(self) -> None:

@@ -859,6 +859,51 @@ def test_a_log_rotated_after_a_restart_reads_on_from_the_live_position(tmp_path,
     assert daemon.runs[run].engine.state["rows"] == 60
 
 
+@pytest.mark.parametrize("gone", ["renamed", "deleted"])
+def test_a_log_renamed_to_a_name_no_reader_takes_is_read_to_its_end(tmp_path, gone):
+    """Regression: logrotate renames train.jsonl to train.jsonl.1 (no reader takes that name)
+    while the job writes on into its open file until it reopens train.jsonl. When the path
+    vanished, the source was dropped and its descriptor closed: the rows not read yet and
+    those the job wrote before reopening were lost. They are read, through the descriptor
+    kept for the next reader of the path, before the new file; once, even if the old file
+    shows up later under a name a reader takes. A deleted log's unread rows are read too."""
+    rows = _rotation_rows()
+    run = tmp_path / "run"
+    log = run / "train.jsonl"
+    write_jsonl(log, rows[:30])
+    daemon, _ = make_daemon(tmp_path)
+    daemon.discover()  # a live daemon: it keeps each log open between reads
+    daemon.catch_up()
+    with open(log, "a") as job:
+        job.writelines(json.dumps(r) + "\n" for r in rows[30:35])  # not read before the rename
+        job.flush()
+        if gone == "renamed":
+            os.rename(log, run / "train.jsonl.1")
+        else:
+            log.unlink()
+        daemon.handle(log)
+        assert log not in daemon.sources and run not in daemon.runs
+        assert daemon.closing[run][1].rows == 35  # its rows not read yet were read first
+        assert len(daemon.behind) == (gone == "renamed")
+        job.writelines(json.dumps(r) + "\n" for r in rows[35:40])  # into the old file
+    if gone == "deleted":
+        write_jsonl(log, rows[35:])  # those rows went with the deleted file: again in the new one
+    else:
+        write_jsonl(log, rows[40:])
+    daemon.handle(log)
+    assert daemon.runs[run].rows == len(rows) and not daemon.behind  # (its descriptor taken)
+    if gone == "renamed":  # found later under a name a reader takes: nothing read again
+        os.rename(run / "train.jsonl.1", run / "train.1.jsonl")
+        daemon.handle(run / "train.1.jsonl")
+        assert run / "train.1.jsonl" in daemon.sources
+    daemon.flush()
+    assert daemon.runs[run].rows == len(rows)
+    write_jsonl(tmp_path / "clean" / "train.jsonl", rows)
+    make_daemon(tmp_path / "clean")[0].run()
+    assert [e["kind"] for e in read_journal(run)].count("rewind") == 0
+    assert decisions(run) == decisions(tmp_path / "clean")
+
+
 def test_a_misspelt_metric_is_reported_once_by_the_daemon(tmp_path, caplog):
     """Regression (a helper's audit): ``watch --metric val_los`` said nothing; the plateau
     could never fire."""

@@ -283,3 +283,44 @@ def test_a_file_renamed_away_is_read_to_its_end_before_the_new_one(tmp_path: Pat
     renamed = cls(tmp_path / ("old-" + name))
     renamed.set_state(state)
     assert steps(renamed.read()) == [] and not renamed.restarted  # read on from where it stopped
+
+
+def _read_all(reader) -> list:
+    got, rounds = steps(reader.read()), 1
+    while reader.more:
+        got += steps(reader.read())
+        rounds += 1
+        assert rounds < 10
+    return got
+
+
+@pytest.mark.parametrize("gone", ["renamed", "deleted"])
+def test_a_vanished_file_is_read_to_its_end_through_the_kept_descriptor(tmp_path: Path, gone):
+    """Regression: logrotate renames the log to a name no reader takes (m.jsonl.1), or it is
+    deleted, with lines not read yet: the path's stat failing closed the descriptor and those
+    lines were lost. They are read first. A file renamed away keeps its descriptor, which a
+    new reader of the path adopts: the lines its writer added before reopening the path come
+    before the new file. A deleted file's descriptor is released once it is read."""
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(ROW % 1)
+    reader = JsonlReader(path)
+    assert steps(reader.read()) == [1]
+    with open(path, "ab") as job:  # the writer's open file
+        job.write(ROW % 2 + ROW % 3)
+        job.flush()
+        if gone == "renamed":
+            os.rename(path, tmp_path / "m.jsonl.1")
+        else:
+            path.unlink()
+        assert _read_all(reader) == [2, 3] and reader.read() == [] and not reader.restarted
+        if gone == "deleted":
+            assert reader.tailer.fd is None and reader.tailer.detach() is None
+            return
+        kept = reader.tailer.detach()
+        assert kept is not None and reader.tailer.fd is None
+        job.write(ROW % 4)  # written on before the job reopens its log
+    path.write_bytes(ROW % 7)
+    fresh = JsonlReader(path)
+    fresh.set_state(reader.get_state())
+    assert fresh.tailer.adopt(kept) and kept.fd is None
+    assert _read_all(fresh) == [4, 7] and fresh.restarted and fresh.left_behind is not None

@@ -209,13 +209,16 @@ class TextTailer:
     def _sync(self) -> os.stat_result | None:
         """Stat the path and (re)open it when it names another file than the kept one.
 
-        None when the path is gone (the descriptor is released then). Raises other OSErrors.
+        When the path is gone, the kept file's stat while it holds lines not read yet, then None
+        (the descriptor of the file read is kept: see ``detach``). Raises other OSErrors.
         """
         try:
             st = os.stat(self.path)
         except (FileNotFoundError, NotADirectoryError):
-            self.close()
-            return None
+            kept = self._drain_behind()  # renamed away or deleted: its unread lines still count
+            if kept is None and not self._renamed_away():
+                self.close()  # (a file renamed away stays open: see detach)
+            return kept
         if self.fd is None or (st.st_dev, st.st_ino) != self.fd_identity:
             kept = self._drain_behind()
             if kept is not None:
@@ -235,6 +238,8 @@ class TextTailer:
                 raise
             self.fd, self.fd_identity = fd, (st.st_dev, st.st_ino)
             _kept[0] += 1
+        elif self.behind is not None:  # gone a while, then renamed back: nothing left behind
+            self.behind = None
         return st
 
     def _drain_behind(self) -> os.stat_result | None:
@@ -251,6 +256,35 @@ class TextTailer:
             return None
         self.behind = self.offset
         return st
+
+    def detach(self) -> TextTailer | None:
+        """The kept descriptor, handed to a new tailer (which ``adopt`` gives to another reader of
+        the path) when the path is gone and the file read still has a name (renamed away): its
+        writer may still add lines to it before it reopens the path. None otherwise."""
+        if not self._renamed_away():
+            return None
+        kept = TextTailer(self.path, self.reader)
+        kept.fd, kept.fd_identity = self.fd, self.fd_identity
+        self.fd, self.fd_identity, self.last_stat = None, None, None
+        return kept
+
+    def _renamed_away(self) -> bool:
+        """The kept descriptor is the file read, not read under another name, not deleted."""
+        if self.handed_over or not self._kept_is_read():
+            return False
+        try:
+            return os.fstat(self.fd).st_nlink > 0
+        except OSError:
+            return False
+
+    def adopt(self, kept: TextTailer) -> bool:
+        """Take ``kept``'s descriptor (see ``detach``) when the offset belongs to its file: its
+        unread lines come first, then the file the path names now (``_drain_behind``)."""
+        if self.fd is not None or kept.fd is None or kept.fd_identity != self.identity:
+            return False
+        self.fd, self.fd_identity = kept.fd, kept.fd_identity
+        kept.fd, kept.fd_identity = None, None
+        return True
 
     def hand_over(self) -> None:
         """The kept file is read on under another name: the next read takes whatever the path
