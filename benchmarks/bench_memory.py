@@ -60,8 +60,7 @@ def measure(policy: str, rows: int, chunk: int, work: Path, timeout: float) -> d
     rng = random.Random(0)
     samples: list[tuple[int, float, float]] = []  # (rows, RSS MB, daemon CPU s)
     with Daemon(root, ["--policy", policy, "--base-lr", "0.1", "--no-fsync"], work / f"{root.name}.log") as d:
-        d.start()
-        time.sleep(3.0)
+        time.sleep(3.0)  # (the with statement started it: a second start() ran two daemons)
         start_rss = mem_kb(d.pid)["VmRSS"] / 1024
         written = 0
         t0 = time.monotonic()
