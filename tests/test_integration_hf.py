@@ -95,6 +95,6 @@ def test_hf_trainer_follows_the_daemon(tmp_path):
     assert all(e["apply_at_step"] >= e["step"] + MARGIN for e in decisions)
     # The daemon read the callback's JSONL: one row per Trainer log (logging_steps=1).
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows if "loss" in r] == list(range(STEPS))  # the index of the step just done
     # After training, the optimizer holds the scheduler's LR, without autolr's factor.
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(trainer.lr_scheduler.get_last_lr()[0])

@@ -14,7 +14,7 @@ Run folder: ``args.output_dir`` unless ``run_dir`` is given.
 What the daemon reads. The Trainer itself writes ``trainer_state.json`` only at checkpoints,
 which is too late to steer a run. So by default (``log_metrics=True``) the callback appends
 every log the Trainer emits (``on_log``: ``loss``, ``grad_norm``, ``learning_rate``, ``epoch``,
-eval metrics) to ``run_dir/metrics.jsonl`` as ``{"step": global_step, ...}``, on the main
+eval metrics) to ``run_dir/metrics.jsonl`` as ``{"step": global_step - 1, ...}``, on the main
 process only. Its rate is the Trainer's ``logging_steps`` (default 500): set it to 1-10 for
 a timely daemon. The ``learning_rate`` logged by the Trainer is its scheduler's, without
 autolr's factor. (The daemon keeps one log kind per run folder, the first it sees: the
@@ -80,7 +80,10 @@ class AutolrCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if self._logger is not None and logs:
-            self._logger(int(state.global_step), **{k: v for k, v in logs.items()
+            # global_step counts the steps done; a row's step is the (0-based) index of the last
+            # one, as in a PyTorch loop and Lightning's logs: a change decided after step s then
+            # comes in at step s + 1, where torch's own schedulers change it
+            self._logger(max(int(state.global_step) - 1, 0), **{k: v for k, v in logs.items()
                                                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
