@@ -236,7 +236,10 @@ class Run:
                         self.rows)
 
     def adopt_manual(self) -> None:
-        """Continue from an ``autolr set`` made since our last publish."""
+        """Continue from an ``autolr set`` made since our last publish; the state is saved at
+        once (between two reads, so it is whole): after a crash the restart adopts the set at
+        this same row, not at the row of an older save (where a chain whose factor moves
+        without publishing, ``--min-change``, would take another manual factor)."""
         if self.pending:
             return
         current = self.writer.current()
@@ -244,10 +247,11 @@ class Run:
             return
         self.seq = current["seq"]
         self.last_decision = current
+        self.dirty = True
         if current.get("policy") == "manual" and self._override(current):
             log.info("%s: adopted manual override seq %d (scale %g, lr %s)", self.folder,
                      current["seq"], current["scale"], current.get("lr"))
-        self.dirty = True
+            self.save()
 
     def _adopt_foreign(self) -> bool:
         """Take the journal entries written since our seq by another writer; True when one was

@@ -751,10 +751,12 @@ def test_a_restart_behind_the_journal_adopts_a_manual_set_between_two_decisions(
 
     run, _ = _run_of(tmp_path)
     run.save()  # the last save before the kill
+    saved = (tmp_path / "autolr.state.json").read_bytes()
     source = _Source(tmp_path / "metrics.jsonl")
     run.feed(source, _steps(0, 15))  # A: 0.05 at step 10
     set_manual(tmp_path, lr=0.015)
-    run.adopt_manual()
+    run.adopt_manual()  # (its save failed: a full disk, say)
+    (tmp_path / "autolr.state.json").write_bytes(saved)
     run.feed(source, _steps(15, 25))  # B: 0.0075 at step 20
     before = read_journal(tmp_path)
     assert [e["kind"] for e in before] == ["initial", "decision", "manual", "decision"]
@@ -935,3 +937,37 @@ def test_apply_margin_a_rewind_in_the_same_batch_voids_the_entries_before_it(tmp
     assert [e["seq"] for e in schedule] == [e["seq"] for e in rebuilt]
     rewind = next(e for e in journal if e["kind"] == "rewind")
     assert all(e["at"] is None or e["at"] < rewind["apply_at_step"] or e["seq"] >= rewind["seq"] for e in schedule)
+
+
+def test_a_manual_set_survives_a_kill_at_the_row_it_was_adopted(tmp_path):
+    """Regression (a helper's bug hunt): after a kill -9 the restart adopted an ``autolr set``
+    at the row of the last state save, not where it was adopted; with a factor that moves
+    without publishing (cosine with --min-change) the manual factor came out different and
+    decisions were journaled again over the override. The adoption now saves the state."""
+    from autolr.manual import set_manual
+    from autolr.run import Run
+
+    def run_of(root):
+        settings = Settings(policies=parse_policy_options(("cosine:T_max=2000",)), base_lr=0.1, min_change=0.05)
+        run = Run(root, settings, POLICIES, fsync=False)
+        run.load()
+        run.start()
+        return run
+
+    results = []
+    for name in ("uninterrupted", "killed"):
+        root = tmp_path / name
+        root.mkdir()
+        run, source = run_of(root), _Source(root / "metrics.jsonl")
+        run.feed(source, _steps(0, 400))
+        run.save()
+        run.feed(source, _steps(400, 470))  # not saved: the flush comes every few seconds
+        set_manual(root, lr=0.05)
+        run.adopt_manual()
+        position = run.rows  # where a restart's log reader resumes: the last save's
+        if name == "killed":
+            run = run_of(root)
+            position = run.rows
+        run.feed(source, _steps(position, 1400))
+        results.append([(e["kind"], e["step"], e["scale"]) for e in read_journal(root)])
+    assert results[0] == results[1]
