@@ -339,16 +339,18 @@ class Chain:
             target = state["scale"]
         if not _usable(target):
             raise ValueError(f"manual value out of range: lr {lr!r} on base_lr {self.base_lr!r}")
-        # a value beyond min_lr/max_lr is taken at the bound: taken as is, its factor would
-        # keep the clamped LR at the bound through later cuts (the LR then never moved)
+        # a value beyond min_lr/max_lr counts at the bound: taken as is, its factor would keep
+        # the clamped LR at the bound through later cuts (the LR then never moved). The scale
+        # stays the value set, so the next row publishes the clamp.
+        bounded = target
         if self.max_lr is not None:
-            target = min(target, self.max_lr / self.base)
+            bounded = min(bounded, self.max_lr / self.base)
         if self.min_lr is not None:
-            target = max(target, self.min_lr / self.base)
+            bounded = max(bounded, self.min_lr / self.base)
         state = dict(state)
         raw = self._raw(dict(state, manual=1.0))
-        manual = target / raw if _usable(raw) else target
-        state["manual"] = manual if _usable(manual) else target
+        manual = bounded / raw if _usable(raw) else bounded
+        state["manual"] = manual if _usable(manual) else bounded
         state["scale"] = target
         if lr is not None and self.base_lr is None:
             state["base"] = lr / target

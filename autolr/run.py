@@ -394,6 +394,9 @@ class Run:
             sources = dict(data.get("sources") or {})
             if not all(isinstance(v, dict) and "state" in v for v in sources.values()):
                 raise ValueError("a log's saved position is damaged")  # (read from 0: the engine too)
+            for key in ("max_step", "last_step"):  # compared with every row's step
+                if not (data.get(key) is None or type(data[key]) in (int, float) and math.isfinite(data[key])):
+                    raise ValueError(f"{key} is not a number")
             self.engine.set_state(data["engine"])
         except Exception as exc:  # any shape of damage (the engine is left as it was)
             log.warning("%s: ignoring incompatible state (%s); starting over", self.folder, exc)

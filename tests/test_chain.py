@@ -157,9 +157,11 @@ def test_a_manual_lr_beyond_the_bounds_is_taken_at_the_bound_and_later_cuts_stil
     chain = _chain("step:step_size=10,gamma=0.5", base_lr=0.1, min_lr=0.01, max_lr=0.2)
     state, _ = _feed(chain, chain.init(), range(5))
     state = chain.override(state, lr=set_lr)
-    assert chain.lr(state) == pytest.approx(bound)
+    assert chain.lr(state) == pytest.approx(set_lr)  # what the control file says until the next row
     state, ds = _feed(chain, state, range(5, 10))
-    assert chain.lr(state) == pytest.approx(later)  # the cut after step 9: bound x 0.5, within the bounds
+    assert ds[0] is not None and ds[0].lr == pytest.approx(bound)  # published at once (a helper's
+    assert chain.lr(state) == pytest.approx(later)  # hunt: it stayed at the value set) and the cut
+    # after step 9 acts from the bound: bound x 0.5, within the bounds
 
 
 def test_a_manual_lr_while_the_factors_are_zero_holds_until_a_policy_moves():

@@ -263,6 +263,8 @@ def test_damaged_state_unreadable_control_and_a_changed_chain_are_one_runs_probl
     lambda s: json.dumps({**s, "engine": {**s["engine"], "lanes": [1]}}),  # AttributeError: no start
     lambda s: json.dumps({**s, "sources": {"m.jsonl": 5}}),  # AttributeError too
     lambda s: json.dumps(s)[:-1] + ', "deep": ' + "[" * 100_000 + "}",  # too deep for the parser
+    lambda s: json.dumps({**s, "max_step": "x"}),  # TypeError on every later row (a helper's hunt)
+    lambda s: json.dumps({**s, "last_step": [1]}),
 ])
 def test_a_damaged_state_starts_its_run_over_and_the_journal_gets_nothing_twice(tmp_path, damage):
     """Regressions (a helper's bug hunt): a state of valid JSON with a wrong shape in some
