@@ -535,7 +535,7 @@ class Daemon:
 
     def _restore(self, folder: Path) -> None:
         run = self.runs.get(folder)
-        if run is None or not folder.is_dir() or run.writer.path.exists():
+        if run is None or not run.folder_unchanged() or run.writer.path.exists():
             return  # (the run folder deleted: its logs' delete events drop the run)
         try:
             if run.writer.repair(schedule=run.schedule) is not None:
@@ -546,7 +546,7 @@ class Daemon:
     def _close(self, folder: Path) -> None:
         """Save the state of a run whose logs all vanished, unless its folder went with them."""
         _, run = self.closing.pop(folder, (0.0, None))
-        if run is not None and folder.is_dir():
+        if run is not None and run.folder_unchanged():  # (not a new folder of the same name)
             run.save()
 
     def settle(self, now: float) -> None:

@@ -49,6 +49,7 @@ class Run:
         # create_folder=False: the folder was there before us (a log's), and a user who deletes
         # it means it: the writer never creates it again
         self.writer = ControlWriter(folder, fsync=fsync, create_dir=create_folder)
+        self.folder_identity = _folder_identity(folder)  # a folder deleted and made again is another run's
         self.fsync = fsync
         self.sources: dict[Path, Reader] = {}
         self.seq = 0
@@ -326,8 +327,8 @@ class Run:
     def save(self) -> None:
         if self.unpublished:
             return  # saving now would lose the queued decisions after a crash
-        if not self.writer.create_dir and not self.folder.is_dir():
-            return  # its user deleted the run folder
+        if not self.writer.create_dir and not self.folder_unchanged():
+            return  # its user deleted the run folder (and perhaps made a new one for a new run)
         data = {
             "version": STATE_VERSION,
             "seq": self.seq,
@@ -351,6 +352,12 @@ class Run:
             self.saved_at = time.monotonic()
         except (OSError, ValueError) as exc:
             self._report("state write failed", logging.ERROR, "could not save state: %s", exc)
+
+    def folder_unchanged(self) -> bool:
+        """The run folder is the one this run was opened in: not deleted, not made anew (a new
+        folder may get the deleted one's inode number at once; it has no journal of ours)."""
+        return (self.folder_identity is not None and _folder_identity(self.folder) == self.folder_identity
+                and (not self.seq or os.path.exists(self.writer.journal)))
 
     def _report(self, what: str, level: int, message: str, *args: Any, exc_info: bool = False) -> None:
         """Count a failure; log its first three, then its 10th, 100th, 1000th...: a failing
@@ -459,6 +466,14 @@ class Run:
             "skipped": dict(self.skipped()),
             "sources": sorted(_rel(p, self.folder) for p in self.sources),
         }
+
+
+def _folder_identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _same_decision(entry: dict[str, Any], decision: Decision) -> bool:

@@ -480,3 +480,22 @@ def test_a_run_that_fails_to_open_is_counted_and_the_others_go_on(tmp_path, monk
     daemon, _ = make_daemon(tmp_path)
     daemon.run()
     assert set(daemon.runs) == {tmp_path / "b"} and daemon.errors["run failed to open"] == 1
+
+
+def test_a_run_folder_deleted_and_made_again_at_once_is_a_new_run(tmp_path):
+    """Regression (a helper's hunt): ``rm -rf runs/exp`` and a new job in a new ``runs/exp``
+    within SETTLE: the dropped run's state was saved into the new folder (its folder "still
+    there"), and the new job continued the deleted run's: no control file, its rows counted on
+    top of the old ones. A folder is known by its inode."""
+    run = tmp_path / "exp"
+    write_jsonl(run / "m.jsonl", [{"loss": 1.0} for _ in range(30)])
+    daemon, _ = make_daemon(tmp_path, policy=("step:step_size=10,gamma=0.5",))
+    daemon.run()
+    shutil.rmtree(run)
+    daemon.handle(run / "m.jsonl")
+    write_jsonl(run / "m.jsonl", [{"loss": 1.0} for _ in range(12)])  # before SETTLE is over
+    daemon.handle(run / "m.jsonl")
+    daemon.settle(math.inf)
+    daemon.flush()
+    assert daemon.runs[run].rows == 12 and json.loads((run / "autolr.state.json").read_text())["rows"] == 12
+    assert [e["kind"] for e in read_journal(run)] == ["initial", "decision"]
