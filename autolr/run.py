@@ -167,6 +167,8 @@ class Run:
         crash: each one it holds is taken as published, and the manual entries after it adopted)."""
         fresh = []
         for decision in decisions:
+            if self.pending and not _same_decision(self.pending.peek(), decision):
+                self._skip_lost(decision)
             if self.pending and _same_decision(self.pending.peek(), decision):
                 entry = self.pending.pop()
                 self.seq = entry["seq"]
@@ -181,6 +183,23 @@ class Run:
                     self.seq = max(self.seq, entry["seq"])
             fresh.append(decision)
         return fresh
+
+    def _skip_lost(self, decision: Decision) -> None:
+        """Take as published the journal's decisions at steps before ``decision``'s: the replay
+        will not derive them again, their rows are gone (written, before the crash, into a log
+        that was then rotated to a name no reader takes, or deleted). They stay as they were;
+        matching goes on from ``decision`` (before, all that followed was journaled again)."""
+        step = decision.step
+        while isinstance(step, (int, float)):
+            entry = self.pending.peek()
+            if (entry is None or entry.get("kind") != "decision" or not isinstance(entry.get("step"), (int, float))
+                    or entry["step"] >= step):
+                return
+            self.pending.pop()
+            self.seq = entry["seq"]
+            if "apply_at_step" in entry:
+                self.schedule = scheduled_with(self.schedule, entry)
+            self._adopt_pending_manuals()
 
     def publish(self, decisions: list[Decision]) -> bool:
         """Publish decisions not already in the journal; True when something was written.

@@ -971,3 +971,20 @@ def test_a_manual_set_survives_a_kill_at_the_row_it_was_adopted(tmp_path):
         run.feed(source, _steps(position, 1400))
         results.append([(e["kind"], e["step"], e["scale"]) for e in read_journal(root)])
     assert results[0] == results[1]
+
+
+def test_a_restart_that_lost_rows_matches_the_journal_from_where_it_resumes(tmp_path):
+    """Regression (a helper's hunt): rows the job wrote into a log that was then rotated to a
+    name no reader takes were gone for a restart after kill -9; the first decision it derived
+    disagreed with the journal's next one, and every decision after it was journaled again
+    (66 duplicates with a cosine schedule). The journal's decisions at earlier steps are
+    taken as published; matching goes on from there."""
+    run, _ = _run_of(tmp_path, policy=("cosine:T_max=1000",))
+    source = _Source(tmp_path / "metrics.jsonl")
+    run.feed(source, _steps(0, 50))
+    run.save()
+    run.feed(source, _steps(50, 70))  # published, not saved: then the kill
+    restarted, _ = _run_of(tmp_path, policy=("cosine:T_max=1000",))
+    restarted.feed(source, _steps(55, 80))  # rows 50-54 are gone
+    steps = [e["step"] for e in read_journal(tmp_path) if e["kind"] == "decision"]
+    assert steps == list(range(80)) and restarted.seq == read_journal(tmp_path)[-1]["seq"]
