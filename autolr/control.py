@@ -362,6 +362,15 @@ def _journal_entry(line: bytes) -> dict[str, Any] | None:
     return None
 
 
+def path_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode) of what ``path`` names; None when nothing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def scheduled_with(schedule: list[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
     """``schedule`` (the recent changes a control file lists, MAX_SCHEDULE at most) with a
     published change added: a rewind first voids the entries the resumed job has not reached

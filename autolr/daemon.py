@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import Config
-from .control import CONTROL_NAME, atomic_write_json, read_json
+from .control import CONTROL_NAME, atomic_write_json, path_identity, read_json
 from .inotify import alias_inside
 from .readers import is_own_file, reader_for
 from .readers.base import Reader, TextTailer
@@ -143,15 +143,6 @@ def _pid_in(fd: int) -> str:
     with contextlib.suppress(OSError, ValueError):
         return str(int(os.pread(fd, 32, 0).strip()))
     return "unknown"
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file ``path`` names; None when none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _tail_identity(state: Any) -> tuple[int, int] | None:
@@ -323,7 +314,7 @@ class Daemon:
     def _renamed_to(self, path: Path, reader: Reader, run: Run) -> dict[str, Any] | None:
         """The saved state for ``path`` when it is a log of ``run`` renamed from another name
         (rotation: ``train.log`` -> ``train.1.log``), so it is not read again from its start."""
-        identity = _identity(path)
+        identity = path_identity(path)
         found = self.departed.pop(identity, None) if identity else None
         if found is not None:
             when, folder, name, state = found
@@ -334,7 +325,7 @@ class Daemon:
                      if r.name == reader.name and r.file_identity() == identity]
             saved += [(Path(p), v["state"], None) for p, v in self.saved_sources.get(run.folder, {}).items()
                       if isinstance(v, dict) and v.get("reader") == reader.name and _tail_identity(v.get("state")) == identity]
-            moved = [(state, r) for old, state, r in saved if old != path and _identity(old) != identity]
+            moved = [(state, r) for old, state, r in saved if old != path and path_identity(old) != identity]
             if not moved:
                 return None
             state = moved[0][0]

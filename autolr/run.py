@@ -20,7 +20,7 @@ from typing import Any, Callable
 from .chain import Decision
 from .config import Settings
 from .control import (ControlConflict, ControlError, ControlWriteError, ControlWriter, JournalCursor,
-                      atomic_write_json, read_json, scheduled_with)
+                      atomic_write_json, path_identity, read_json, scheduled_with)
 from .engine import RunEngine
 from .policy import missing_metric
 from .readers.base import Reader
@@ -49,7 +49,7 @@ class Run:
         # create_folder=False: the folder was there before us (a log's), and a user who deletes
         # it means it: the writer never creates it again
         self.writer = ControlWriter(folder, fsync=fsync, create_dir=create_folder)
-        self.folder_identity = _folder_identity(folder)  # a folder deleted and made again is another run's
+        self.folder_identity = path_identity(folder)  # a folder deleted and made again is another run's
         self.fsync = fsync
         self.sources: dict[Path, Reader] = {}
         self.seq = 0
@@ -155,7 +155,7 @@ class Run:
     def _check_metric(self, reader: Reader, records) -> None:
         """Warn once when the ``--metric`` given is in no row yet (misspelt, most likely)."""
         names = set(reader.columns())
-        for record in records[:1] + records[-1:] if isinstance(records, list) else ():
+        for record in (records[:1] + records[-1:]) if isinstance(records, list) else ():
             names.update(record.metrics)
         message = missing_metric(self.engine.chain.metric, names, self.rows)
         if message:
@@ -375,7 +375,7 @@ class Run:
     def folder_unchanged(self) -> bool:
         """The run folder is the one this run was opened in: not deleted, not made anew (a new
         folder may get the deleted one's inode number at once; it has no journal of ours)."""
-        return (self.folder_identity is not None and _folder_identity(self.folder) == self.folder_identity
+        return (self.folder_identity is not None and path_identity(self.folder) == self.folder_identity
                 and (not self.seq or os.path.exists(self.writer.journal)))
 
     def _report(self, what: str, level: int, message: str, *args: Any, exc_info: bool = False) -> None:
@@ -485,14 +485,6 @@ class Run:
             "skipped": dict(self.skipped()),
             "sources": sorted(_rel(p, self.folder) for p in self.sources),
         }
-
-
-def _folder_identity(folder: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(folder)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _same_decision(entry: dict[str, Any], decision: Decision) -> bool:
