@@ -188,6 +188,11 @@ def set_lr(reg: Registry, run: str, lr: float | None, scale: float | None, reaso
     except (ManualError, ControlError) as exc:
         fail(str(exc))
     click.echo(json.dumps(record))
+    wanted = lr if lr is not None else None if record["lr"] is None else scale * record["lr"] / record["scale"]
+    if wanted is not None and record["lr"] != wanted and not math.isclose(record["lr"], wanted, rel_tol=1e-12):
+        bound = "max_lr" if record["lr"] < wanted else "min_lr"
+        click.echo(f"warning: lr {wanted:g} is beyond the daemon's {bound} {record[bound]:g} for this run: "
+                   f"set to {record['lr']:g}", err=True)
     if lr is not None and known_base(before) is None:
         click.echo(f"warning: no base LR is known for this run, so lr {lr:g} went out with the scale "
                    f"unchanged ({record['scale']:g}): loops that read the scale (autolr's torch, "

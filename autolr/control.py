@@ -102,6 +102,9 @@ def validate_control(obj: Any) -> dict[str, Any]:
     lr = obj["lr"]
     if lr is not None and not _positive(lr):
         raise ControlError(f"control file lr {lr!r} is not a finite number > 0")
+    for key in ("min_lr", "max_lr"):
+        if obj.get(key) is not None and not _positive(obj[key]):
+            raise ControlError(f"control file {key} {obj[key]!r} is not a finite number > 0")
     at = obj.get("apply_at_step")
     if at is not None and not _integer(at):
         raise ControlError(f"control file apply_at_step {at!r} is not an integer")
@@ -596,7 +599,8 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-CONTROL_FIELDS = ("schema", "seq", "scale", "lr", "step", "policy", "reason", "updated_at", "apply_at_step")
+CONTROL_FIELDS = ("schema", "seq", "scale", "lr", "step", "policy", "reason", "updated_at", "apply_at_step",
+                  "min_lr", "max_lr")
 
 
 def _control_fields(entry: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,8 @@ def set_manual(run: str | Path, *, lr: float | None = None, scale: float | None 
     """Publish a manual LR (or scale) for ``run``; return the control record written.
 
     With ``lr`` and a known base LR (from the current control record) the scale follows, and
-    vice versa; without a base LR, ``--lr`` writes an absolute LR and keeps the scale.
+    vice versa, the LR held within the ``min_lr``/``max_lr`` the daemon's records carry; without
+    a base LR, ``--lr`` writes an absolute LR and keeps the scale.
     """
     if (lr is None) == (scale is None):
         raise ManualError("give exactly one of --lr or --scale")
@@ -32,14 +33,22 @@ def set_manual(run: str | Path, *, lr: float | None = None, scale: float | None 
     writer = ControlWriter(run_dir)
     current = writer.current()
     base = known_base(current)
-    if lr is not None:
-        new_scale = lr / base if base else (current["scale"] if current else 1.0)
+    bounds = {k: current[k] for k in ("min_lr", "max_lr") if current and current.get(k) is not None}
+    if base:
+        # The daemon's min_lr/max_lr (its records carry them): the loop never runs beyond them,
+        # not even until the daemon's next row.
+        wanted = lr if lr is not None else scale * base
+        new_lr = min(max(wanted, bounds.get("min_lr", 0.0)), bounds.get("max_lr", math.inf))
+        new_scale = scale if new_lr == wanted and scale is not None else new_lr / base
+    else:  # no base LR known: the daemon has no bounds either (they need base_lr)
         new_lr = lr
-    else:
-        new_scale, new_lr = scale, (scale * base if base else None)
+        if lr is None:
+            new_scale = scale
+        else:
+            new_scale = current["scale"] if current else 1.0
     return writer.publish(
         scale=new_scale, lr=new_lr, step=current.get("step") if current else None,
-        policy="manual", reason=reason, kind="manual",
+        policy="manual", reason=reason, kind="manual", **bounds,
         evidence={"requested_lr": lr, "requested_scale": scale,
                   "previous": {k: current.get(k) for k in ("seq", "lr", "scale")} if current else None},
     )

@@ -317,6 +317,10 @@ class Run:
     def _control_fields(self, d: Decision, last_at: int | None) -> dict[str, Any]:
         fields = {"scale": d.scale, "lr": d.lr, "step": d.step, "policy": d.policy,
                   "reason": d.reason, "evidence": d.evidence, "kind": d.kind}
+        chain = self.engine.chain
+        for key in ("min_lr", "max_lr"):  # for `autolr set`, which has no other way to know them
+            if getattr(chain, key) is not None:
+                fields[key] = getattr(chain, key)
         margin = self.settings.apply_margin
         if margin is None:
             return fields

@@ -300,6 +300,8 @@ BAD = {
     "negative scale": good(seq=2, scale=-0.5),
     "zero lr": good(seq=2, lr=0.0),
     "negative lr": good(seq=2, lr=-0.01),
+    "zero max_lr": good(seq=2, max_lr=0),
+    "string min_lr": good(seq=2, min_lr="0.01"),
     "string scale": good(seq=2, scale="0.5"),
     "bool scale": good(seq=2, scale=True),
     "wrong schema": good(seq=2, schema=2),

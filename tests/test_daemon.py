@@ -624,6 +624,37 @@ def test_a_manual_lr_set_before_the_daemon_knows_the_base_lr(tmp_path):
     assert entries[0] == ("manual", 0.5) and entries[-1] == ("decision", pytest.approx(0.25)), entries
 
 
+def test_a_manual_set_beyond_the_daemons_bounds_is_written_at_the_bound(tmp_path):
+    """``autolr set --lr`` above max_lr (or below min_lr) was written as is: the loop ran at it
+    until the daemon's next row took it to the bound. The daemon's records carry its bounds,
+    and ``set`` (through the CLI: it says so) writes the bound; a second set still sees them."""
+    from click.testing import CliRunner
+
+    from autolr.cli import main
+
+    run = tmp_path / "run"
+    write_jsonl(run / "metrics.jsonl", flat_then_flat(range(3)))
+    overrides = {"policies": parse_policy_options(("step:step_size=100",)), "base_lr": 0.1,
+                 "min_lr": 0.01, "max_lr": 0.2}
+    Daemon(tmp_path, load_config(None), overrides, POLICIES, READERS, Options(once=True, fsync=False)).run()
+    control = json.loads((run / "autolr.json").read_text())
+    assert (control["min_lr"], control["max_lr"]) == (0.01, 0.2)
+    runner = CliRunner()
+    for args, lr, bound in ((["--lr", "5"], 0.2, "max_lr 0.2"), (["--scale", "0.001"], 0.01, "min_lr 0.01"),
+                            (["--lr", "0.15"], 0.15, None)):
+        result = runner.invoke(main, ["set", str(run), *args])
+        assert result.exit_code == 0, result.output
+        control = json.loads((run / "autolr.json").read_text())
+        assert control["lr"] == pytest.approx(lr) and control["scale"] == pytest.approx(lr / 0.1)
+        assert (control["min_lr"], control["max_lr"]) == (0.01, 0.2)  # carried for the next set
+        assert (bound is None) == ("beyond" not in result.stderr), result.stderr
+        if bound:
+            assert f"beyond the daemon's {bound}" in result.stderr
+    write_jsonl(run / "metrics.jsonl", flat_then_flat(range(3, 6)))
+    Daemon(tmp_path, load_config(None), overrides, POLICIES, READERS, Options(once=True, fsync=False)).run()
+    assert read_journal(run)[-1]["kind"] == "manual"  # adopted as written: nothing to correct
+
+
 def _margin_daemon(root: Path, policy=("auto:warmup=0",), margin=5) -> Daemon:
     overrides = {"policies": parse_policy_options(policy), "base_lr": 0.1, "apply_margin": margin}
     return Daemon(root, load_config(None), overrides, POLICIES, READERS, Options(once=True, fsync=False))
