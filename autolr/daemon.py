@@ -300,10 +300,13 @@ class Daemon:
                     self.on_event("ignored", {"path": str(old), "reader": kind.name, "kept": reader.name})
             # taken once: later the live reader (or the departed list) knows better
             saved = self.saved_sources.get(run.folder, {}).pop(str(path), None)
+            at_start = saved is not None
             if saved is None and (run.sources or self.departed or self.saved_sources.get(run.folder)):
                 saved = self._renamed_to(path, reader, run)
             run.add_source(reader, saved)
             self._take_behind(path, reader, run)
+            if at_start:
+                self._reopen_moved(path, reader)
         self.sources[path] = reader
         self._paths[os.fspath(path)] = path  # events then look it up by this very object (no __eq__)
         self.watch_link(path)
@@ -334,6 +337,16 @@ class Daemon:
                     r.tailer.hand_over()
         log.info("%s: a renamed log (same file); reading on from where it was", path)
         return {"reader": reader.name, "state": state}
+
+    def _reopen_moved(self, path: Path, reader: Reader) -> None:
+        """The saved position is in a file ``path`` no longer names, rotated while no daemon
+        ran (or before this one read its last rows) to a name no reader takes: its rest is read
+        first, then the new file (``TextTailer.reopen_moved``)."""
+        tailer = getattr(reader, "tailer", None)
+        if isinstance(tailer, TextTailer) and not getattr(reader, "multi_run", False):
+            moved = tailer.reopen_moved(lambda p: self._reader_class(p) is not None)
+            if moved is not None:
+                log.info("%s: the file read before is %s now; reading its last rows first", path, moved.name)
 
     def _depart(self, reader: Reader, identity: tuple[int, int] | None, state: dict[str, Any]) -> None:
         """Remember a file that left ``reader``'s path, in case it shows up under another name."""

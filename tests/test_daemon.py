@@ -937,6 +937,36 @@ def test_a_log_renamed_to_a_name_no_reader_takes_is_read_to_its_end(tmp_path, go
     assert decisions(run) == decisions(tmp_path / "clean")
 
 
+@pytest.mark.parametrize("case", ["renamed", "renamed twice", "inode reused"])
+def test_a_restart_reads_the_rest_of_a_log_rotated_while_it_was_down(tmp_path, case):
+    """Regression: rows written into a log, which logrotate then renamed to a name no reader
+    takes (train.jsonl -> train.jsonl.1) while the daemon was down (killed before it read
+    them), were lost: the restart found a new train.jsonl and read only that. The saved
+    position names the file by (device, inode); the restart finds it in the folder, checks the
+    bytes before the position, and reads its rest first. A file that only has the inode number
+    now (the old one deleted, the number reused) is not read."""
+    rows = _rotation_rows()
+    run = tmp_path / "run"
+    log = run / "train.jsonl"
+    policy = ("step:step_size=5,gamma=0.9",)  # a decision every 5 rows: each lost row shows
+    write_jsonl(log, rows[:30])
+    make_daemon(tmp_path, policy=policy)[0].run()  # state saved at row 30
+    write_jsonl(log, rows[30:40])  # never read: the daemon is down
+    os.rename(log, run / "train.jsonl.1")
+    if case == "renamed twice":
+        os.rename(run / "train.jsonl.1", run / "train.jsonl.2.gz")
+    if case == "inode reused":  # another file's bytes under the old file's inode number
+        other = run / "train.jsonl.1"
+        other.write_bytes(b" " * (other.stat().st_size - 1) + b"\n"
+                          + b"".join(json.dumps(r).encode() + b"\n" for r in rows[30:40]))
+    write_jsonl(log, rows[40:])
+    make_daemon(tmp_path, policy=policy)[0].run()
+    write_jsonl(tmp_path / "clean" / "train.jsonl", rows if case != "inode reused" else rows[:30] + rows[40:])
+    make_daemon(tmp_path / "clean", policy=policy)[0].run()
+    assert [e["kind"] for e in read_journal(run)].count("rewind") == 0
+    assert decisions(run) == decisions(tmp_path / "clean")
+
+
 def test_a_misspelt_metric_is_reported_once_by_the_daemon(tmp_path, caplog):
     """Regression (a helper's audit): ``watch --metric val_los`` said nothing; the plateau
     could never fire."""

@@ -1,12 +1,14 @@
 """Reader interface and the byte-offset tailer shared by the text formats."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import stat
 from collections import Counter
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -285,6 +287,47 @@ class TextTailer:
         self.fd, self.fd_identity = kept.fd, kept.fd_identity
         kept.fd, kept.fd_identity = None, None
         return True
+
+    def reopen_moved(self, taken: Callable[[Path], bool]) -> Path | None:
+        """At a start, when the saved offset belongs to a file the path no longer names (rotated
+        to a name no reader takes while no daemon ran): find that file in the folder by its
+        (device, inode), under a name ``taken`` says no reader reads, check that the bytes
+        before the offset are the ones read (an inode number is reused once its file is
+        deleted), and keep it open, so its unread lines are read first (``_drain_behind``).
+        Returns its path, or None."""
+        if self.fd is not None or self.identity is None or not self.mark:
+            return None
+        with contextlib.suppress(OSError):
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self.identity:
+                return None
+        try:
+            with os.scandir(self.path.parent) as entries:
+                names = sorted(e.name for e in entries if e.inode() == self.identity[1])
+        except OSError:
+            return None
+        for name in names:
+            candidate = self.path.parent / name
+            if candidate == self.path or taken(candidate) or _kept[0] >= MAX_KEPT:
+                continue
+            try:
+                fd = _open_read(candidate)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                same = ((st.st_dev, st.st_ino) == self.identity and stat.S_ISREG(st.st_mode)
+                        and st.st_size >= self.offset
+                        and _pread(fd, len(self.mark), self.offset - len(self.mark)) == self.mark)
+            except OSError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            self.fd, self.fd_identity = fd, self.identity
+            _kept[0] += 1
+            return candidate
+        return None
 
     def hand_over(self) -> None:
         """The kept file is read on under another name: the next read takes whatever the path
