@@ -188,8 +188,10 @@ def set_lr(reg: Registry, run: str, lr: float | None, scale: float | None, reaso
     except (ManualError, ControlError) as exc:
         fail(str(exc))
     click.echo(json.dumps(record))
-    wanted = lr if lr is not None else None if record["lr"] is None else scale * record["lr"] / record["scale"]
-    if wanted is not None and record["lr"] != wanted and not math.isclose(record["lr"], wanted, rel_tol=1e-12):
+    wanted = lr  # the LR asked for, to say when the daemon's bounds held it
+    if lr is None and record["lr"] is not None:
+        wanted = scale * record["lr"] / record["scale"]
+    if wanted is not None and not math.isclose(record["lr"], wanted, rel_tol=1e-12):
         bound = "max_lr" if record["lr"] < wanted else "min_lr"
         click.echo(f"warning: lr {wanted:g} is beyond the daemon's {bound} {record[bound]:g} for this run: "
                    f"set to {record['lr']:g}", err=True)
