@@ -37,8 +37,9 @@ LOCK_NAME = "autolr.lock"
 MAX_CONTROL_BYTES = 64 << 10
 FILE_MODE = 0o644
 DIR_MODE = 0o755
-#: Recent changes a control file lists for step-exact application (multi-rank training).
-MAX_SCHEDULE = 32
+#: Changes a control file lists for step-exact application (multi-rank training, resumes):
+#: every change not yet due, then the most recent ones already due (see scheduled_with).
+MAX_SCHEDULE = 256
 #: A journal line longer than this is skipped by a restart's reading (ours are < 64 KiB).
 MAX_JOURNAL_LINE = 16 << 20
 
@@ -374,16 +375,30 @@ def path_identity(path: str | os.PathLike) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def scheduled_with(schedule: list[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
-    """``schedule`` (the recent changes a control file lists, MAX_SCHEDULE at most) with a
-    published change added: a rewind first voids the entries the resumed job has not reached
-    (those at its ``apply_at_step`` or later; the initial one, at None, is in force from the
-    start). The publish and a restart rebuilding it from the journal both use this."""
-    at = entry["apply_at_step"]
+def scheduled_with(schedule: list[dict[str, Any]], entry: dict[str, Any],
+                   now: int | float | None = None) -> list[dict[str, Any]]:
+    """``schedule`` (the changes a control file lists) with a published change added.
+
+    A rewind first voids the entries the resumed job has not reached (those at its
+    ``apply_at_step`` or later; one at None is in force from the start: the initial value, and a
+    manual override, which applies at once and which the daemon carries across rewinds). At
+    most MAX_SCHEDULE entries: every change not yet due at step ``now`` (the last step logged),
+    soonest first, and the most recent ones already due (a job resumed from a checkpoint finds
+    the one in force where it resumes). The publish and a restart rebuilding it from the
+    journal both use this."""
+    if schedule and schedule[-1]["seq"] >= entry["seq"]:
+        return schedule  # (entries come in seq order: this one is in already)
+    at = None if entry.get("kind") == "manual" else entry["apply_at_step"]
     if entry.get("kind") == "rewind" and at is not None:
         schedule = [e for e in schedule if e["at"] is None or e["at"] < at]
-    item = {"at": at, "seq": entry["seq"], "scale": entry.get("scale"), "lr": entry.get("lr")}
-    return [*schedule, item][-MAX_SCHEDULE:]
+    items = [*schedule, {"at": at, "seq": entry["seq"], "scale": entry.get("scale"), "lr": entry.get("lr")}]
+    if len(items) <= MAX_SCHEDULE:
+        return items
+    ahead = [i for i, e in enumerate(items) if e["at"] is not None and (now is None or e["at"] > now)]
+    due = [i for i, e in enumerate(items) if not (e["at"] is not None and (now is None or e["at"] > now))]
+    ahead = ahead[:MAX_SCHEDULE - 1]  # (more changes than that within the margin: the latest are left out)
+    due = due[len(due) - (MAX_SCHEDULE - len(ahead)):]
+    return [items[i] for i in sorted(ahead + due)]
 
 
 class ControlWriter:
@@ -471,13 +486,13 @@ class ControlWriter:
         return self.publish_many([decision])[-1]
 
     def publish_many(self, decisions: list[dict[str, Any]], schedule: list[dict[str, Any]] | None = None,
-                     after_seq: int | None = None) -> list[dict[str, Any]]:
+                     after_seq: int | None = None, now: int | float | None = None) -> list[dict[str, Any]]:
         """Journal several decisions (one write, one fsync) then write the last as the control file.
 
         Each decision gets its own seq; nothing unusable is written: a non-finite or
         non-positive LR raises before any byte hits the disk. Decisions with an
-        ``apply_at_step`` are added to ``schedule`` (recent changes, at most MAX_SCHEDULE),
-        which the control file then carries. ``after_seq``: the seq the caller last saw; when
+        ``apply_at_step`` are added to ``schedule`` (see :func:`scheduled_with`; ``now``: the last
+        step logged), which the control file then carries. ``after_seq``: the seq the caller last saw; when
         another writer has published since, :class:`ControlConflict` and nothing is written.
         """
         records = [self._record(**d) for d in decisions]
@@ -496,7 +511,7 @@ class ControlWriter:
                 record["seq"] = seq
                 entry = dict(record, kind=d.get("kind", "decision"), evidence=_plain(d.get("evidence") or {}))
                 if "apply_at_step" in record:
-                    scheduled = scheduled_with(scheduled, entry)
+                    scheduled = scheduled_with(scheduled, entry, now)
                 entry.pop("schedule", None)  # the journal holds every entry already
                 entries.append(entry)
             if "apply_at_step" in records[-1]:
@@ -685,8 +700,9 @@ class Control:
         that read the file before it switches at the same step. The ``schedule`` lists recent
         changes, so a rank that missed a version of the file still picks the right one. A
         change first seen after its step applies at once, with a warning. A record without
-        ``apply_at_step`` (the initial value, ``autolr set``) applies at once. What a client
-        applies never goes back to an older seq (a manual override is absent from the schedule).
+        ``apply_at_step`` (the initial value, ``autolr set``) applies at once; the daemon lists
+        both in the schedule at None (from the start). What a client applies never goes back to
+        an older seq.
         """
         self._refresh()
         rec = self._record

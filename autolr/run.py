@@ -172,8 +172,7 @@ class Run:
             if self.pending and _same_decision(self.pending.peek(), decision):
                 entry = self.pending.pop()
                 self.seq = entry["seq"]
-                if "apply_at_step" in entry:
-                    self.schedule = scheduled_with(self.schedule, entry)
+                self._schedule(entry)
                 self._adopt_pending_manuals()
                 continue
             if self.pending:
@@ -197,8 +196,7 @@ class Run:
                 return
             self.pending.pop()
             self.seq = entry["seq"]
-            if "apply_at_step" in entry:
-                self.schedule = scheduled_with(self.schedule, entry)
+            self._schedule(entry)
             self._adopt_pending_manuals()
 
     def publish(self, decisions: list[Decision]) -> bool:
@@ -215,7 +213,7 @@ class Run:
             last_at = fields.get("apply_at_step", last_at)
             batch.append(fields)
         try:
-            records = self.writer.publish_many(batch, schedule=self.schedule, after_seq=self.seq)
+            records = self.writer.publish_many(batch, schedule=self.schedule, after_seq=self.seq, now=self.max_step)
         except ControlConflict:
             self.unpublished = []
             if self._adopt_foreign():
@@ -269,6 +267,7 @@ class Run:
         self.last_decision = current
         self.dirty = True
         if current.get("policy") == "manual" and self._override(current):
+            self._schedule(dict(current, kind="manual"))
             log.info("%s: adopted manual override seq %d (scale %g, lr %s)", self.folder,
                      current["seq"], current["scale"], current.get("lr"))
             self.save()
@@ -283,6 +282,7 @@ class Run:
             self.seq = entry["seq"]
             self.last_decision = entry
             if entry.get("kind") == "manual" and self._override(entry):
+                self._schedule(entry)
                 manual = True
                 log.info("%s: adopted manual override seq %d (scale %s, lr %s)", self.folder,
                          entry["seq"], entry.get("scale"), entry.get("lr"))
@@ -295,8 +295,19 @@ class Run:
     def _adopt_pending_manuals(self) -> None:
         while self.pending and self.pending.peek().get("kind") == "manual":
             entry = self.pending.pop()
-            self._override(entry)
+            if self._override(entry):
+                self._schedule(entry)
             self.seq = entry["seq"]
+
+    def _scheduled(self, schedule: list[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
+        """``schedule`` with a journal entry, when the control file lists one (--apply-margin):
+        a change with its ``apply_at_step``, a manual override in force at once."""
+        if "apply_at_step" in entry or (entry.get("kind") == "manual" and self.settings.apply_margin is not None):
+            return scheduled_with(schedule, entry, self.max_step)
+        return schedule
+
+    def _schedule(self, entry: dict[str, Any]) -> None:
+        self.schedule = self._scheduled(self.schedule, entry)
 
     def _override(self, entry: dict[str, Any]) -> bool:
         """Continue from a manual control record or journal entry (its lr decides when the
@@ -446,8 +457,7 @@ class Run:
         self._adopt_pending_manuals()
         schedule = self.schedule  # the control file a crash left behind the journal lists them all
         for entry in JournalCursor.after(self.writer.journal, seq):
-            if "apply_at_step" in entry:
-                schedule = scheduled_with(schedule, entry)
+            schedule = self._scheduled(schedule, entry)
         self.writer.repair(schedule=schedule)
         return {str(self.folder / rel): v for rel, v in sources.items()}
 

@@ -842,3 +842,18 @@ def test_set_lr_warns_when_no_base_lr_is_known(tmp_path):
     ControlWriter(based).publish(scale=1.0, lr=0.1, step=None, policy="step", reason="initial", kind="initial")
     second = run_cli("set", str(based), "--lr", "0.05")
     assert json.loads(second.stdout)["scale"] == 0.5 and second.stderr == ""
+
+
+def test_the_schedule_lists_every_change_ahead_then_the_latest_due(monkeypatch):
+    """At most MAX_SCHEDULE entries: those not yet due at the last logged step (the soonest
+    when there are more), then the most recent ones already due; a manual override applies
+    at once (at None); an entry already in is not added again."""
+    monkeypatch.setattr(control, "MAX_SCHEDULE", 5)
+    schedule: list = []
+    for seq in range(1, 11):  # changes due at 10, 20, ..., 100
+        schedule = control.scheduled_with(schedule, {"seq": seq, "apply_at_step": 10 * seq, "scale": 1.0 / seq},
+                                          now=55)
+    assert [e["at"] for e in schedule] == [50, 60, 70, 80, 90]  # the one in force at 55, the 4 soonest ahead
+    schedule = control.scheduled_with(schedule, {"seq": 11, "kind": "manual", "scale": 0.5}, now=95)
+    assert [(e["seq"], e["at"]) for e in schedule] == [(6, 60), (7, 70), (8, 80), (9, 90), (11, None)]
+    assert control.scheduled_with(schedule, {"seq": 11, "kind": "manual", "scale": 0.5}, now=95) is schedule

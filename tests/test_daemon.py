@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from autolr.config import load_config, parse_policy_options
-from autolr.control import read_journal, scheduled_with
+from autolr.control import MAX_SCHEDULE, Control, read_journal, scheduled_with
 from autolr.daemon import Daemon, Options
 from autolr.plugins import get_plugin_manager, policy_classes, reader_classes
 from autolr.replay import replay_log
 from autolr.config import Settings
+
+from .framework_util import in_force
 
 PM = get_plugin_manager(entry_points=False)
 POLICIES, READERS = policy_classes(PM), reader_classes(PM)
@@ -658,6 +660,53 @@ def test_a_manual_set_beyond_the_daemons_bounds_is_written_at_the_bound(tmp_path
 def _margin_daemon(root: Path, policy=("auto:warmup=0",), margin=5) -> Daemon:
     overrides = {"policies": parse_policy_options(policy), "base_lr": 0.1, "apply_margin": margin}
     return Daemon(root, load_config(None), overrides, POLICIES, READERS, Options(once=True, fsync=False))
+
+
+@pytest.mark.parametrize("margin", [20, 50])
+def test_apply_margin_a_change_on_every_row_applies_at_its_step(tmp_path, margin):
+    """Regression (a helper's audit): the control file listed the last 32 changes; with a
+    change on every row and a margin of 32 or more all of them lay ahead of the job, so the
+    job found none in force and ran on the initial value for good (a cosine over 300 steps:
+    every step at scale 1). The file lists every change not yet due, then the latest due."""
+    run, log = tmp_path / "exp", tmp_path / "exp" / "metrics.jsonl"
+    write_jsonl(log, [{"step": 0, "loss": 1.0}])
+    daemon = _margin_daemon(tmp_path, policy=("cosine:T_max=300",), margin=margin)
+    daemon.discover()
+    daemon.catch_up()
+    job = Control(run)
+    used = {}
+    for step in range(1, 300):
+        used[step] = job.scale(step)  # the scale the job takes this step with
+        write_jsonl(log, [{"step": step, "loss": 1.0}])
+        daemon.handle(log)
+    journal = read_journal(run)
+    assert len(journal) == 300
+    assert used == {step: in_force(journal, step)["scale"] for step in used}
+    assert len(json.loads((run / "autolr.json").read_text())["schedule"]) <= MAX_SCHEDULE
+    assert Control(run).scale(100) == in_force(journal, 100)["scale"]  # a job resumed at step 100
+
+
+def test_apply_margin_a_manual_set_is_in_force_for_a_restarted_job(tmp_path):
+    """Regression (a helper's audit): an ``autolr set`` was missing from the control file's
+    schedule once the daemon published again, so a job restarted (or a rank reading late)
+    took the change before the set: 12.5x the LR the user set, until the next change."""
+    from autolr.manual import set_manual
+
+    run, log = tmp_path / "exp", tmp_path / "exp" / "metrics.jsonl"
+    write_jsonl(log, [{"step": s, "loss": 1.0} for s in range(66)])
+    daemon = _margin_daemon(tmp_path, policy=("step:step_size=30,gamma=0.5",), margin=20)
+    daemon.discover()
+    daemon.catch_up()  # changes at 30 (due 50) and 60 (due 85)
+    set_manual(run, scale=0.01)
+    write_jsonl(log, [{"step": s, "loss": 1.0} for s in range(66, 95)])
+    daemon.handle(log)  # adopts the set; the change at 90 is due at 114
+    assert read_journal(run)[-1]["kind"] == "decision" and read_journal(run)[-1]["apply_at_step"] == 114
+    restarted = Control(run)
+    assert restarted.scale(95) == pytest.approx(0.01)
+    assert restarted.scale(114) == pytest.approx(0.005)
+    daemon.flush()
+    _margin_daemon(tmp_path, policy=("step:step_size=30,gamma=0.5",), margin=20).run()  # the restart keeps it
+    assert Control(run).scale(95) == pytest.approx(0.01)
 
 
 def test_apply_margin_a_resumed_run_journals_its_rewind_and_guard_and_restarts(tmp_path):
