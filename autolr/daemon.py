@@ -449,6 +449,10 @@ class Daemon:
                 self._report_progress(len(records))
                 self._save_while_catching_up()
             if not reader.more or self.stop_event.is_set():
+                if not multi and not self.catching_up and not reader.more:
+                    run = self.run_for.get(path)
+                    if run is not None and run.pending and len(run.sources) == 1:
+                        run.check_journal_ahead()  # (its only log read to its end)
                 break
             if deadline is not None and time.monotonic() > deadline:
                 self._requeue(path)  # the rest after the other logs' turn
@@ -608,6 +612,9 @@ class Daemon:
                     self.process(path)
             except Exception as exc:  # one run's failure must not stop the others (or the start)
                 self.count("unexpected error", path, exc)
+        for run in list(self.runs.values()):  # every log read to its end
+            if run.pending:
+                run.check_journal_ahead()
 
     def catch_up_merged(self, run: Run, lanes: list[list[Path]]) -> None:
         """Catch ``run`` up on files written side by side, one list of files per folder (each

@@ -183,6 +183,30 @@ class Run:
             fresh.append(decision)
         return fresh
 
+    def check_journal_ahead(self) -> None:
+        """Called once the run's logs are read to their end while journal entries beyond the
+        saved state are still unmatched: when the next is a decision at a step beyond every row
+        read, the journal is not this log's (a run folder copied with its files to start a new
+        run, a log replaced while no daemon ran). Its entries are taken as superseded and a
+        rewind to the LR the log gives is published: before, the job kept the copied run's LR."""
+        entry = self.pending.peek()
+        if (entry is None or entry.get("kind") not in ("decision", "rewind") or self.max_step is None
+                or self.engine.state.get("unit") != "step" or not isinstance(entry.get("step"), (int, float))
+                or entry["step"] <= self.max_step):
+            return
+        for later in self.pending:
+            self.seq = max(self.seq, later["seq"])
+        log.warning("%s: the journal holds decisions up to step %s beyond the log's last step %s (a copied "
+                    "run folder, or a log replaced while no daemon ran): the LR continues from the log",
+                    self.folder, entry["step"], self.max_step)
+        engine = self.engine
+        self.publish([Decision(scale=engine.scale, lr=engine.lr, step=self.max_step, policy="rewind",
+                               reason=f"the journal's decisions from step {entry['step']} on are not this "
+                                      f"log's (its last step is {self.max_step}); the LR continues from the log",
+                               evidence={"journal_step": entry["step"], "log_step": self.max_step},
+                               kind="rewind")])
+        self.dirty = True
+
     def _skip_lost(self, decision: Decision) -> None:
         """Take as published the journal's decisions at steps before ``decision``'s: the replay
         will not derive them again, their rows are gone (written, before the crash, into a log

@@ -1016,6 +1016,38 @@ def test_a_restart_reads_the_rest_of_a_log_rotated_while_it_was_down(tmp_path, c
     assert decisions(run) == decisions(tmp_path / "clean")
 
 
+@pytest.mark.parametrize("live", [False, True])
+def test_a_run_folder_copied_to_start_a_new_run_continues_from_its_own_log(tmp_path, live):
+    """Regression (a helper's audit): ``cp -r runs/a runs/b`` (the control file and journal
+    with it), then a new job in b logging from step 0: the daemon matched the new log's
+    decisions against the copied journal and took them as published, so the job ran on a's
+    last LR (0.03125 instead of 1.0, then 0.5, ...). The journal's entries beyond every row
+    of the log are not this log's: a rewind to the log's LR is published."""
+    policy = ("step:step_size=20,gamma=0.5",)
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_jsonl(a / "metrics.jsonl", [{"step": s, "loss": 1.0} for s in range(100)])
+    make_daemon(a, policy=policy)[0].run()
+    b.mkdir()
+    for name in ("autolr.json", "autolr.decisions.jsonl"):  # (the copy seen before a's state file)
+        (b / name).write_bytes((a / name).read_bytes())
+    write_jsonl(b / "metrics.jsonl", [{"step": s, "loss": 1.0} for s in range(5)])
+    daemon, _ = make_daemon(b, policy=policy)
+    if live:
+        daemon.discover()
+        daemon.process(b / "metrics.jsonl")
+    else:
+        daemon.run()
+    assert Control(b).scale() == 1.0 and read_journal(b)[-1]["kind"] == "rewind"
+    write_jsonl(b / "metrics.jsonl", [{"step": s, "loss": 1.0} for s in range(5, 60)])
+    if live:
+        daemon.handle(b / "metrics.jsonl")
+    else:
+        make_daemon(b, policy=policy)[0].run()
+    assert Control(b).scale() == 0.125
+    assert [(e["kind"], e["step"]) for e in read_journal(b)[6:]] == [
+        ("rewind", 4), ("decision", 19), ("decision", 39), ("decision", 59)]
+
+
 def test_a_misspelt_metric_is_reported_once_by_the_daemon(tmp_path, caplog):
     """Regression (a helper's audit): ``watch --metric val_los`` said nothing; the plateau
     could never fire."""
