@@ -126,6 +126,60 @@ def test_resumed_fit_keeps_the_step_clock(tmp_path):
     assert all(scale[s] == pytest.approx(0.25) for s in range(35, 40))
 
 
+class TwoOptimizers(L.LightningModule):
+    """Manual optimization, a GAN's shape: A steps once a batch, B (the critic) three times."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        for opt, lin, times in ((opt_a, self.a, 1), (opt_b, self.b, 3)):
+            for _ in range(times):
+                loss = torch.nn.functional.mse_loss(lin(x), y)
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+        self.log("loss", loss)
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.a.parameters(), lr=BASE_LR), torch.optim.SGD(self.b.parameters(), lr=BASE_LR)]
+
+
+def test_two_optimizers_take_each_change_at_the_logged_step(tmp_path):
+    """Regression (a helper's audit): with manual optimization and two optimizers each handle
+    counted its own steps from ``global_step`` (which counts both optimizers' steps: 2 a batch
+    and more), while the rows carry one step a batch: changes landed early (by 10 batches of a
+    critic stepping 3 times a batch), and after a resume at twice the step. Every step now
+    takes the change in force at the step Lightning logs for its batch, in a resumed fit too."""
+    run = tmp_path / "run"
+    ControlWriter(run, fsync=False).publish_many([
+        dict(scale=1.0, lr=None, step=None, policy="", reason="initial", kind="initial", apply_at_step=None),
+        dict(scale=0.5, lr=None, step=5, policy="step", reason="test", apply_at_step=10),
+        dict(scale=0.25, lr=None, step=20, policy="step", reason="test", apply_at_step=25)])
+    used: list[tuple[int, int, float]] = []
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            for k, opt in enumerate(trainer.optimizers):
+                opt.register_step_pre_hook(lambda o, args, kwargs, k=k: used.append(
+                    (k, trainer.fit_loop.epoch_loop._batches_that_stepped, o.param_groups[0]["lr"] / BASE_LR)))
+
+    first = trainer(tmp_path / "logs", [AutolrCallback(run), Record()], -1, max_epochs=1, limit_train_batches=15,
+                    enable_checkpointing=True, default_root_dir=tmp_path)
+    first.fit(TwoOptimizers(), data())
+    first.save_checkpoint(tmp_path / "first.ckpt")
+    trainer(tmp_path / "logs", [AutolrCallback(run), Record()], -1, max_epochs=2, limit_train_batches=15).fit(
+        TwoOptimizers(), data(), ckpt_path=tmp_path / "first.ckpt")
+    want = {b: 1.0 if b < 10 else 0.5 if b < 25 else 0.25 for b in range(30)}
+    assert sorted({b for _, b, _ in used}) == list(range(30))
+    assert [(k, b, scale) for k, b, scale in used if scale != pytest.approx(want[b])] == []
+    assert sum(k == 1 for k, _, _ in used) == 3 * sum(k == 0 for k, _, _ in used)
+
+
 def test_imports_are_lazy():
     """Importing autolr (and this integration module) imports no framework."""
     import subprocess

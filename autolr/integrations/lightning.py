@@ -15,7 +15,10 @@ is), else ``default_root_dir``. The hooks go on at ``on_train_start``, after a c
 been restored, with the step clock at ``trainer.global_step``, so a resumed fit lands
 ``apply_at_step`` changes at the right steps; the clock is re-synced to ``global_step`` at
 every batch when there is one optimizer (automatic optimization), so steps skipped by AMP or
-accumulated batches do not shift it. They come off at the end of the fit.
+accumulated batches do not shift it. With several optimizers or manual optimization (where
+``global_step`` counts every optimizer's steps, and an optimizer may step several times a
+batch) every step reads the step the loggers write on the batch's rows. They come off at the
+end of the fit.
 
 ``AutolrCallback`` subclasses ``lightning.pytorch.Callback`` (the ``lightning`` package, else
 ``pytorch_lightning``); ``PLAutolrCallback`` is the same for the ``pytorch_lightning`` package.
@@ -58,9 +61,15 @@ class _AutolrCallbackMixin:
         start = int(trainer.global_step)
         self.handles = [_torch_integration.attach(_unwrap(opt), control, start_step=start)
                         for opt in trainer.optimizers]
+        if len(self.handles) != 1 or not getattr(pl_module, "automatic_optimization", True):
+            # global_step counts every optimizer's steps (two optimizers: 2 a batch), and an
+            # optimizer may step several times a batch (a GAN's critic); the rows carry the
+            # logged step, one a batch: every step takes its change by that clock.
+            for handle in self.handles:
+                handle.clock = lambda: _logged_step(trainer)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if len(self.handles) == 1 and getattr(pl_module, "automatic_optimization", True):
+        if len(self.handles) == 1 and self.handles[0].clock is None:
             self.handles[0].step = int(trainer.global_step)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -98,6 +107,13 @@ def _default_run_dir(trainer: Any) -> str | os.PathLike:
     elif kind == "WandbLogger":
         return Path(logger.experiment.dir).parent
     return trainer.log_dir or trainer.default_root_dir
+
+
+def _logged_step(trainer: Any) -> int:
+    """The step Lightning's loggers write on the current batch's rows (batches that stepped)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    step = getattr(loop, "_batches_that_stepped", None)
+    return int(step) if isinstance(step, int) else int(trainer.global_step)
 
 
 def _unwrap(optimizer: Any) -> Any:

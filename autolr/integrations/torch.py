@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 from ..control import Control
 
@@ -36,6 +36,9 @@ class AttachedControl:
         self.optimizer = optimizer
         self.control = control
         self.step = start_step  # optimizer steps taken (the apply_at_step clock)
+        #: When set, the step clock is read from it before every step instead of counted (the
+        #: Lightning callback's: the logged step, with several optimizers or manual optimization).
+        self.clock: Callable[[], int] | None = None
         self.scale = 1.0
         self.seq = 0
         self.last_lrs: list[Any] = []
@@ -46,6 +49,8 @@ class AttachedControl:
     def _pre(self, optimizer, args, kwargs) -> None:
         if self._saved is not None:
             self._restore(optimizer)  # the previous step raised before the post-hook ran
+        if self.clock is not None:
+            self.step = int(self.clock())
         entry = self.control.entry(step=self.step)
         self.scale, self.seq = (entry["scale"], entry["seq"]) if entry is not None else (1.0, 0)
         self._saved = [group["lr"] for group in optimizer.param_groups]
