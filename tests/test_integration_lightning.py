@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import pytest
 
@@ -178,6 +179,27 @@ def test_two_optimizers_take_each_change_at_the_logged_step(tmp_path):
     assert sorted({b for _, b, _ in used}) == list(range(30))
     assert [(k, b, scale) for k, b, scale in used if scale != pytest.approx(want[b])] == []
     assert sum(k == 1 for k, _, _ in used) == 3 * sum(k == 0 for k, _, _ in used)
+
+
+@pytest.mark.parametrize("version", [None, 0])
+def test_a_resume_into_a_new_log_folder_is_warned_of(tmp_path, version):
+    """Regression (two helpers' audits): a fit resumed with the README's ``CSVLogger("runs")``
+    logs into a new version_N folder, a new run for the daemon (its policies start over, the LR
+    back at full); nothing said so. The callback warns; with the first fit's version it does not."""
+    def fit(max_steps, logger_version, ckpt=None):
+        t = L.Trainer(max_steps=max_steps, callbacks=[AutolrCallback()], logger=CSVLogger(tmp_path, name="exp",
+                      version=logger_version), enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, accelerator="cpu", devices=1, default_root_dir=tmp_path)
+        t.fit(Regression(), data(), ckpt_path=ckpt)
+        return t
+    first = fit(5, None)
+    ControlWriter(first.log_dir, fsync=False).publish(scale=0.5, lr=None, step=4, policy="step", reason="test")
+    first.save_checkpoint(tmp_path / "first.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(10, version, ckpt=tmp_path / "first.ckpt")
+    said = [str(w.message) for w in caught if "resumes from a checkpoint" in str(w.message)]
+    assert len(said) == (version is None), said
 
 
 def test_imports_are_lazy():

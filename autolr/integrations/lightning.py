@@ -27,6 +27,7 @@ Importing this module imports neither until one of the two names is used.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,11 @@ class _AutolrCallbackMixin:
             run = _default_run_dir(trainer)
         control = run if isinstance(run, Control) else Control(run, min_interval=self.min_interval)
         self.control = control
+        if getattr(trainer, "ckpt_path", None) and self.run_dir is None and control.seq == 0:
+            warnings.warn(f"autolr: this fit resumes from a checkpoint but logs into {control.path.parent}, "
+                          "which has no control file yet: the daemon takes it for a new run and starts its "
+                          "policies over. Give the logger the first fit's version (CSVLogger(..., version=0)) "
+                          "or pass AutolrCallback(run_dir=...).", RuntimeWarning, stacklevel=2)
         start = int(trainer.global_step)
         self.handles = [_torch_integration.attach(_unwrap(opt), control, start_step=start)
                         for opt in trainer.optimizers]
