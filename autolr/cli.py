@@ -102,11 +102,13 @@ def replay(reg: Registry, logs: tuple[str, ...], config_path: str | None, every_
     from .replay import ReplayError, replay_log
 
     try:
-        settings = load_config(config_path).defaults.merged(cli_overrides(kw))
-        settings.chain(reg.policies)  # fail on bad specs before any output
+        config, overrides = load_config(config_path), cli_overrides(kw)
+        config.check(reg.policies, overrides)  # fail on bad specs before any output
         if plot_path and len(logs) != 1:
             fail("--plot draws one log; give exactly one")
         for log in logs:
+            # the log's run as the daemon would see it, with the config's folder as the root
+            settings = config.for_run(_run_key(Path(log), config_path, reg.readers)).merged(overrides)
             for line in replay_log(log, settings, reg.policies, reg.readers, every_row=every_row,
                                    on_warning=lambda message: click.echo(f"warning: {message}", err=True)):
                 click.echo(json.dumps(line))
@@ -119,6 +121,20 @@ def replay(reg: Registry, logs: tuple[str, ...], config_path: str | None, every_
                 fail(str(exc))
     except (ConfigError, PolicyError, ReplayError) as exc:
         fail(str(exc))
+
+
+def _run_key(log: Path, config_path: str | None, readers: dict[str, type]) -> str:
+    """The run folder of ``log`` relative to the config file's folder (the daemon matches a
+    ``[runs."glob"]`` section against the run's path under its root, or its name)."""
+    from .readers import reader_for
+
+    cls = reader_for(log, readers)
+    folder = Path(cls.run_dir(log) if cls is not None else log.parent).resolve()
+    root = Path(config_path).resolve().parent if config_path else Path.cwd().resolve()
+    try:
+        return str(folder.relative_to(root))
+    except ValueError:
+        return str(folder)
 
 
 @main.command()

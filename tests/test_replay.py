@@ -149,3 +149,21 @@ def test_missing_metric_waits_for_rows_unless_a_near_name_is_logged():
     assert missing_metric("val_acc", {"loss"}, 100) is None  # a validation metric may come later
     assert "'loss'" in missing_metric("val_acc", {"loss"}, METRIC_UNSEEN_ROWS)
     assert missing_metric("val_acc", {"loss"}, 100, finished=True) is not None
+
+
+def test_replay_takes_the_configs_run_sections_as_the_daemon_does(tmp_path):
+    """Regression (a helper's audit): ``replay --config`` used the top-level settings only, so
+    a run under ``[runs."sweep-*/lr-1e-3"]`` replayed at another base LR than the daemon's."""
+    (tmp_path / "autolr.toml").write_text('base_lr = 3e-4\npolicy = ["step:step_size=4,gamma=0.5"]\n'
+                                           '[runs."sweep-*/lr-1e-3"]\nbase_lr = 1e-3\n')
+    rows = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(6))
+    for run in ("sweep-a/lr-1e-3", "sweep-a/lr-3e-4"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "m.jsonl").write_text(rows)
+    run_cli("watch", str(tmp_path), "--once")
+    config = str(tmp_path / "autolr.toml")
+    for run, base in (("sweep-a/lr-1e-3", 1e-3), ("sweep-a/lr-3e-4", 3e-4)):
+        out = lines(str(tmp_path / run / "m.jsonl"), "--config", config)
+        assert [x["lr"] for x in out] == pytest.approx([base, base / 2])
+        journal = [json.loads(x) for x in (tmp_path / run / "autolr.decisions.jsonl").read_text().splitlines()]
+        assert [x["lr"] for x in out] == [e["lr"] for e in journal]
