@@ -15,7 +15,7 @@ import functools
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 UNITS = ("auto", "step", "epoch", "row")
 State = dict[str, Any]
@@ -101,10 +101,12 @@ TRAINING_LOSSES = ("loss", "train_loss", "train/loss", "training_loss", "loss_st
 METRIC_UNSEEN_ROWS = 5000
 
 
-def missing_metric(metric: str, names: set[str], rows: int, *, finished: bool = False) -> str | None:
-    """A warning for a ``--metric`` no row has held so far: at once when a logged name is a
-    near spelling of it, after METRIC_UNSEEN_ROWS rows (or at the end of a ``finished`` log)
-    otherwise; None when none is due."""
+def missing_metric(metric: str, names: set[str], rows: int, *, finished: bool = False,
+                   label: str = "--metric") -> str | None:
+    """A warning for a ``--metric`` (or a policy's ``label``, such as ``plateau:metric``) no
+    row has held so far: at once when a logged name is a near spelling of it, after
+    METRIC_UNSEEN_ROWS rows (or at the end of a ``finished`` log) otherwise; None when none is
+    due."""
     import difflib
 
     if metric in names or not rows:
@@ -112,10 +114,73 @@ def missing_metric(metric: str, names: set[str], rows: int, *, finished: bool = 
     near = difflib.get_close_matches(metric, sorted(names), n=3, cutoff=0.75)
     if not near and rows < METRIC_UNSEEN_ROWS and not finished:
         return None
-    message = f"--metric {metric!r} is in none of {rows} rows read{'' if finished else ' so far'} (the policies never see it)"
+    blind = "the policies never see it" if label == "--metric" else f"{label.split(':')[0]} never sees it"
+    message = f"{label} {metric!r} is in none of {rows} rows read{'' if finished else ' so far'} ({blind})"
     if near:
         return f"{message}; did you mean {' or '.join(map(repr, near))}?"
     return f"{message}; the log has {', '.join(map(repr, sorted(names)[:12]))}"
+
+
+class UnseenNames:
+    """What a chain names that no row has held yet, each reported once (see ``warnings``):
+    ``--metric`` and the policies' ``metric`` and ``guard_metric`` (misspelt, a policy is blind:
+    a plateau that never fires, a guard that is off), and a ``unit`` of step or epoch that no
+    row carries (the schedules never move)."""
+
+    MAX_NAMES = 1000  # distinct names kept to suggest a spelling from
+
+    def __init__(self, chain: Any | None) -> None:
+        self.metrics: dict[str, str] = {}
+        self.units: dict[str, str] = {}
+        self.names: set[str] = set()
+        self.rows = 0
+        if chain is None:  # nothing to check
+            return
+        if chain.metric:
+            self.metrics[chain.metric] = "--metric"
+        if chain.unit in ("step", "epoch"):
+            self.units[chain.unit] = "--unit"
+        for policy in chain.policies:
+            for key in ("metric", "guard_metric"):
+                name = getattr(policy, key, None)
+                if isinstance(name, str) and name:
+                    self.metrics.setdefault(name, f"{policy.name}:{key}")
+            unit = getattr(policy, "unit", None)
+            if unit in ("step", "epoch"):
+                self.units.setdefault(unit, f"{policy.name}:unit")
+
+    def __bool__(self) -> bool:
+        return bool(self.metrics or self.units)
+
+    def see(self, records: Sequence[Any], columns: Sequence[str] = ()) -> None:
+        """Take a batch of rows (``Record``s) and the log's column names."""
+        self.rows += len(records)
+        if self.metrics:
+            names = self.names
+            for record in records:
+                if len(names) < self.MAX_NAMES:
+                    names.update(record.metrics)
+            names.update(columns)
+            for metric in [m for m in self.metrics if m in names]:
+                del self.metrics[metric]
+        for unit in [u for u in self.units if any(getattr(r, u) is not None for r in records)]:
+            del self.units[unit]
+
+    def warnings(self, finished: bool = False) -> list[str]:
+        """The warnings due now (``finished``: the log is complete); each is given once."""
+        out = []
+        for metric, label in list(self.metrics.items()):
+            message = missing_metric(metric, self.names, self.rows, finished=finished, label=label)
+            if message:
+                out.append(message)
+                del self.metrics[metric]
+        if self.rows and (finished or self.rows >= METRIC_UNSEEN_ROWS):
+            for unit, label in self.units.items():
+                other = "epoch" if unit == "step" else "step"
+                out.append(f"{label} {unit}: none of {self.rows} rows read has a{'n' if unit == 'epoch' else ''} "
+                           f"{unit} (the schedules never move); use the {other} or the row as the unit")
+            self.units.clear()
+        return out
 
 
 @functools.lru_cache(maxsize=1024)

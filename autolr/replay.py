@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterator
 
 from .config import Settings
 from .engine import RunEngine
-from .policy import missing_metric
+from .policy import UnseenNames
 from .readers import reader_for
 
 
@@ -34,19 +34,18 @@ def replay_log(
     on_warning: Callable[[str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield the initial value, then one line per LR change (or per row with ``every_row``).
-    ``on_warning``: told when the ``metric`` asked for is in no row of the log."""
+    ``on_warning``: told when a metric or unit the chain names is in no row of the log."""
     path = Path(path)
     reader = open_reader(path, readers)
     engine = RunEngine(settings.chain(registry), history=settings.history)
     name = str(path)
     yield _line(name, None, engine.lr, engine.scale, engine.chain.names, "initial")
     finishing = False
-    metric, names = engine.chain.metric, set()
+    unseen = UnseenNames(engine.chain)
     while True:
         records = reader.read()
-        if metric is not None and metric not in names and len(names) < 1000:
-            for record in records[:1000]:
-                names.update(record.metrics)
+        if unseen:
+            unseen.see(records, reader.columns())
         for record in records:
             decisions = engine.feed(record, reader.columns())
             if every_row:
@@ -62,9 +61,8 @@ def replay_log(
                 break
             reader.finish()  # a finished log: one more read takes a last line without its newline
             finishing = True
-    if metric is not None and on_warning is not None:
-        message = missing_metric(metric, names | set(reader.columns()), engine.state["rows"], finished=True)
-        if message:
+    if on_warning is not None:
+        for message in unseen.warnings(finished=True):
             on_warning(f"{path}: {message}")
 
 

@@ -22,7 +22,7 @@ from .config import Settings
 from .control import (ControlConflict, ControlError, ControlWriteError, ControlWriter, JournalCursor,
                       atomic_write_json, path_identity, read_json, scheduled_with)
 from .engine import RunEngine
-from .policy import missing_metric
+from .policy import UnseenNames
 from .readers.base import Reader
 
 log = logging.getLogger("autolr.run")
@@ -71,7 +71,7 @@ class Run:
         self.restored = False
         self.published = 0  # decisions this process published (the min_change hint)
         self.save_after_feed = False  # a manual override adopted mid-feed: save once the feed is done
-        self.metric_warned = False  # a --metric in no row: said once
+        self.unseen = UnseenNames(self.engine.chain)  # a --metric or unit no row has: said once
         # True when the daemon's inotify reader reports every change of the control file and
         # the journal (it calls adopt_manual() then): feed() need not stat both every time.
         self.manual_by_events = False
@@ -146,21 +146,13 @@ class Run:
             # covered by matching the journal at restart, and a save per batch cost more than
             # the decision itself.
             self.publish(batch)
-        if self.last_metric is None and engine.chain.metric is not None and not self.metric_warned:
-            self._check_metric(reader, records)
+        if self.unseen:
+            self.unseen.see(records, columns)
+            for message in self.unseen.warnings():
+                log.warning("%s: %s", self.folder, message)
         if self.save_after_feed:  # the journal cannot say where in the rows the override came
             self.save_after_feed = False
             self.save()
-
-    def _check_metric(self, reader: Reader, records) -> None:
-        """Warn once when the ``--metric`` given is in no row yet (misspelt, most likely)."""
-        names = set(reader.columns())
-        for record in (records[:1] + records[-1:]) if isinstance(records, list) else ():
-            names.update(record.metrics)
-        message = missing_metric(self.engine.chain.metric, names, self.rows)
-        if message:
-            self.metric_warned = True
-            log.warning("%s: %s", self.folder, message)
 
     def _match_pending(self, decisions: list[Decision]) -> list[Decision]:
         """The decisions the journal beyond the saved state does not hold yet (re-derived after a
@@ -477,6 +469,8 @@ class Run:
         if isinstance(saved, dict):
             self.skipped_before = Counter({str(k): v for k, v in saved.items() if type(v) is int and v > 0})
         self.restored = True
+        if self.rows:
+            self.unseen = UnseenNames(None)  # (checked, and said if need be, before the restart)
         self.pending = JournalCursor.after(self.writer.journal, self.seq)
         self._adopt_pending_manuals()
         schedule = self.schedule  # the control file a crash left behind the journal lists them all

@@ -1062,6 +1062,17 @@ def test_a_misspelt_metric_is_reported_once_by_the_daemon(tmp_path, caplog):
     assert len(said) == 1 and "run: --metric 'val_los'" in said[0] and "did you mean 'val_loss'" in said[0], said
 
 
+def test_a_policys_misspelt_metric_is_reported_once_by_the_daemon_not_after_a_restart(tmp_path, caplog):
+    write_jsonl(tmp_path / "run" / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(20)])
+    policy = ("plateau:method=threshold,metric=losss",)
+    with caplog.at_level("WARNING", logger="autolr.run"):
+        make_daemon(tmp_path, policy=policy)[0].run()
+        write_jsonl(tmp_path / "run" / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(20, 30)])
+        make_daemon(tmp_path, policy=policy)[0].run()
+    said = [r.getMessage() for r in caplog.records if "losss" in r.getMessage()]
+    assert len(said) == 1 and "plateau:metric 'losss'" in said[0] and "did you mean 'loss'" in said[0], said
+
+
 def test_apply_margin_a_rewind_in_the_same_batch_voids_the_entries_before_it(tmp_path):
     """Regression (a helper's bug hunt): a rewind published in one batch with decisions of the
     abandoned branch left those in the control file's schedule (only the schedule from before

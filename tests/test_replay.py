@@ -143,6 +143,22 @@ def test_a_misspelt_metric_is_reported(tmp_path):
     assert "warning" not in right.stderr and len(right.stdout.splitlines()) > 1  # it decided
 
 
+@pytest.mark.parametrize("args,said", [
+    (["--policy", "plateau:method=threshold,metric=losss"], "plateau:metric 'losss' is in none of 30 rows read"),
+    (["--policy", "auto:guard_metric=losss"], "auto:guard_metric 'losss'"),
+    (["--policy", "step:step_size=5", "--unit", "epoch"], "--unit epoch: none of 30 rows read has an epoch"),
+    (["--policy", "step:step_size=5,unit=epoch"], "step:unit epoch: none of 30 rows"),
+])
+def test_a_policys_misspelt_metric_or_a_unit_no_row_has_is_reported(tmp_path, args, said):
+    """Regression (a helper's audit): a metric misspelt inside a policy spec (the plateau never
+    fires, auto's guard is off) and ``--unit epoch`` on a log without epochs (the schedules
+    never move) were never reported, in replay or by the daemon."""
+    log = tmp_path / "m.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(30)))
+    assert said in run_cli("replay", str(log), *args).stderr
+    assert "warning" not in run_cli("replay", str(log), "--policy", "step:step_size=5,unit=step").stderr
+
+
 def test_missing_metric_waits_for_rows_unless_a_near_name_is_logged():
     assert missing_metric("val_los", {"loss", "val_loss"}, 3) is not None
     assert missing_metric("val_loss", {"loss", "val_loss"}, 10**6) is None
