@@ -198,12 +198,15 @@ def set_lr(reg: Registry, run: str, lr: float | None, scale: float | None, reaso
     from .manual import ManualError, known_base, set_manual
 
     folder = control_path(run).parent
-    before = ControlWriter(folder).current() if lr is not None and folder.is_dir() else None
+    before = ControlWriter(folder).current() if folder.is_dir() else None
     try:
         record = set_manual(run, lr=lr, scale=scale, reason=reason)
     except (ManualError, ControlError) as exc:
         fail(str(exc))
     click.echo(json.dumps(record))
+    if before is None:
+        click.echo(f"note: no daemon has published for {folder} yet: the job must read this folder's "
+                   f"autolr.json (its run folder), and a daemon started later takes this value over", err=True)
     wanted = lr  # the LR asked for, to say when the daemon's bounds held it
     if lr is None and record["lr"] is not None:
         wanted = scale * record["lr"] / record["scale"]

@@ -28,10 +28,17 @@ def set_manual(run: str | Path, *, lr: float | None = None, scale: float | None 
     run_dir = Path(run)
     if run_dir.name == CONTROL_NAME:
         run_dir = run_dir.parent
+    if run_dir.is_file():
+        raise ManualError(f"{run_dir} is a file: give its run folder ({run_dir.parent})")
     if not run_dir.is_dir():
         raise ManualError(f"{run_dir}: no such run folder")
     writer = ControlWriter(run_dir)
     current = writer.current()
+    if current is None:
+        runs = sorted(p.parent.name for p in run_dir.glob(f"*/{CONTROL_NAME}"))
+        if runs:
+            raise ManualError(f"{run_dir} holds runs ({', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}), "
+                              "not a control file of its own: give one of them")
     base = known_base(current)
     bounds = {k: current[k] for k in ("min_lr", "max_lr") if current and current.get(k) is not None}
     if base:

@@ -673,8 +673,9 @@ def test_set_lr_through_the_real_command_line(run, cli):
 def test_set_scale_on_a_fresh_run(run):
     res = invoke(run, "--scale", "0.5")
     assert res.exit_code == 0, res.output
-    rec = json.loads(res.output)
+    rec = json.loads(res.stdout)
     assert rec["scale"] == 0.5 and rec["lr"] is None
+    assert "no daemon has published for" in res.stderr  # (is it the job's run folder?)
     assert Control(run).lr(0.2) == 0.1
     (entry,) = read_journal(run)
     assert entry["kind"] == "manual" and entry["policy"] == "manual" and entry["evidence"]["requested_scale"] == 0.5
@@ -684,10 +685,10 @@ def test_set_continues_from_a_decision_with_a_known_base_lr(run):
     ControlWriter(run).publish(scale=0.5, lr=0.1, step=40, policy="plateau", reason="flat")  # base 0.2
     res = invoke(run / CONTROL_NAME, "--lr", "0.05")  # the control file path works too
     assert res.exit_code == 0, res.output
-    rec = json.loads(res.output)
+    rec = json.loads(res.stdout)
     assert rec["seq"] == 2 and rec["lr"] == 0.05 and rec["scale"] == pytest.approx(0.25) and rec["step"] == 40
     res = invoke(run, "--scale", "0.1")
-    rec = json.loads(res.output)
+    rec = json.loads(res.stdout)
     assert rec["seq"] == 3 and rec["scale"] == 0.1 and rec["lr"] == pytest.approx(0.02)
     entries = read_journal(run)
     assert [e["kind"] for e in entries] == ["decision", "manual", "manual"]

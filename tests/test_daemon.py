@@ -1141,3 +1141,18 @@ def test_a_restart_that_lost_rows_matches_the_journal_from_where_it_resumes(tmp_
     restarted.feed(source, _steps(55, 80))  # rows 50-54 are gone
     steps = [e["step"] for e in read_journal(tmp_path) if e["kind"] == "decision"]
     assert steps == list(range(80)) and restarted.seq == read_journal(tmp_path)[-1]["seq"]
+
+
+def test_set_on_the_watched_root_or_a_log_file_is_refused(tmp_path):
+    """Regression (a helper's audit): ``autolr set runs --scale 0.5`` (the root, not a run)
+    wrote a control file no job reads, silently; on a log file it said "no such run folder"."""
+    from autolr.manual import ManualError, set_manual
+
+    write_jsonl(tmp_path / "exp1" / "m.jsonl", flat_then_flat(range(3)))
+    make_daemon(tmp_path)[0].run()
+    with pytest.raises(ManualError, match=r"holds runs \(exp1\)"):
+        set_manual(tmp_path, scale=0.5)
+    with pytest.raises(ManualError, match="is a file: give its run folder"):
+        set_manual(tmp_path / "exp1" / "m.jsonl", scale=0.5)
+    assert not (tmp_path / "autolr.json").exists()
+    set_manual(tmp_path / "exp1", scale=0.5)
