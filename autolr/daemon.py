@@ -186,6 +186,7 @@ class Daemon:
         # no reader takes (logrotate: train.jsonl.1): its writer may add rows to it before it
         # reopens the path; the next reader of the path reads them first (_take_behind)
         self.behind: OrderedDict[Path, tuple[float, TextTailer]] = OrderedDict()
+        self._links_said: set[Path] = set()  # symlinks out of the root, reported once each
         self.multi_state: dict[str, Any] = {}
         self._multi_saved_at = 0.0
         self.stop_event = threading.Event()
@@ -220,9 +221,20 @@ class Daemon:
         if self.options.follow_symlinks:
             return True
         try:
-            return Path(os.path.realpath(path)).is_relative_to(self.root)
+            inside = Path(os.path.realpath(path)).is_relative_to(self.root)
         except OSError:
             return False
+        if not inside:
+            self._skipped_link(path)
+        return inside
+
+    def _skipped_link(self, path: Path) -> None:
+        """Say once per path that a symlink leading out of the root is not followed (a run
+        folder linked to scratch space would otherwise vanish without a word)."""
+        if path not in self._links_said and len(self._links_said) < 1000:
+            self._links_said.add(path)
+            log.warning("%s leads out of the watched root (to %s): not followed; --follow-symlinks follows it",
+                        path, os.path.realpath(path))
 
     def discover(self, folder: Path | None = None) -> list[Path]:
         """Walk ``folder`` (default the root), add every recognised log not yet known; return them."""
@@ -241,6 +253,11 @@ class Daemon:
             # to a folder inside the root is walked where it lies (W&B's latest-run).
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                                  and not (follow and alias_inside(os.path.join(dirpath, d), real_root)))
+            if not follow:  # (os.walk does not enter them: say so for those leading out)
+                for d in dirnames:
+                    link = os.path.join(dirpath, d)
+                    if os.path.islink(link):
+                        self.inside_root(Path(link))
             candidates = [p for name in filenames
                           if (p := Path(dirpath) / name) not in self.sources and self._reader_class(p)]
             for path in sorted(candidates, key=_age):  # oldest first: a requeued job's log after the first
