@@ -622,6 +622,10 @@ def _control_fields(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: entry[k] for k in CONTROL_FIELDS if k in entry}
 
 
+#: Seconds without a control file after which a client says so, once (a misspelt run folder,
+#: or no daemon watching it, would otherwise leave the job at its own LR without a word).
+NO_FILE_WARNING = 120.0
+
 #: A file modified less than this long ago may be rewritten within the same timestamp tick
 #: (coarse or 1-2 s filesystem clocks), and atomic replaces recycle inode numbers, so its
 #: (inode, mtime, size) cannot prove it unchanged: the client re-reads it until it is older.
@@ -648,6 +652,7 @@ class Control:
         self._applied: dict[str, Any] | None = None  # the change this process applies (step mode)
         self._applied_seq = 0
         self._last_step: int | None = None
+        self._missing_since: float | None = time.monotonic()  # None once a file was seen or missed aloud
 
     def _refresh(self) -> None:
         if self.min_interval:
@@ -658,7 +663,15 @@ class Control:
         try:
             st = os.stat(self._fspath)
         except OSError:
-            return  # no file yet, or it vanished: keep the last good value
+            # no file yet, or it vanished: keep the last good value
+            since = self._missing_since
+            if since is not None and time.monotonic() - since > NO_FILE_WARNING:
+                self._missing_since = None
+                warnings.warn(f"autolr: no control file at {self.path} after {NO_FILE_WARNING:.0f} s: the LR is "
+                              "your own. Is this the folder the daemon sees the job's log in (it writes "
+                              "autolr.json beside it), and is `autolr watch` running?", RuntimeWarning, stacklevel=4)
+            return
+        self._missing_since = None
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if key == self._key and not self._recheck:
             return

@@ -858,3 +858,21 @@ def test_the_schedule_lists_every_change_ahead_then_the_latest_due(monkeypatch):
     schedule = control.scheduled_with(schedule, {"seq": 11, "kind": "manual", "scale": 0.5}, now=95)
     assert [(e["seq"], e["at"]) for e in schedule] == [(6, 60), (7, 70), (8, 80), (9, 90), (11, None)]
     assert control.scheduled_with(schedule, {"seq": 11, "kind": "manual", "scale": 0.5}, now=95) is schedule
+
+
+def test_a_client_says_once_when_no_control_file_comes(tmp_path, monkeypatch):
+    """Regression (a helper's audit): ``Control("runs/exp01")`` while the daemon writes
+    ``runs/exp1`` gave the job its own LR forever, without a word. After NO_FILE_WARNING
+    seconds without a file the client warns, once; a file seen first silences it."""
+    monkeypatch.setattr(control, "NO_FILE_WARNING", 0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        client = Control(tmp_path / "exp01")
+        assert [client.lr(0.1) for _ in range(3)] == [0.1] * 3
+        ControlWriter(tmp_path / "exp1").publish(scale=0.5, lr=None, step=None, policy="", reason="initial")
+        seen = Control(tmp_path / "exp1")
+        seen.lr(0.1)
+        (tmp_path / "exp1" / CONTROL_NAME).unlink()
+        assert seen.lr(0.1) == 0.05
+    said = [str(w.message) for w in caught if "no control file" in str(w.message)]
+    assert len(said) == 1 and "exp01" in said[0], said
