@@ -283,7 +283,7 @@ def watch(reg: Registry, root: str, config_path: str | None, poll: float | None,
 
 @main.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per run.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array, one object per run.")
 def status(root: str, as_json: bool) -> None:
     """Show every run under ROOT from its files (no daemon needed)."""
     from .status import collect_status
@@ -294,7 +294,7 @@ def status(root: str, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        click.echo(f"no autolr runs under {root}")
+        click.echo(f"no autolr runs under {root} (a run is a folder where `autolr watch` has written autolr.json)")
     for row in rows:
         click.echo(run_line(row))
 
