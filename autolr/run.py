@@ -507,6 +507,7 @@ class Run:
             "run": str(self.folder),
             "control": str(self.writer.path),
             "step": self.last_step,
+            "unit": self.engine.state.get("unit"),
             "metric": self.engine.state.get("monitor"),
             "value": _finite_or_none(self.last_metric),
             "lr": self.engine.lr,

@@ -38,6 +38,7 @@ def run_status(folder: Path) -> dict[str, Any]:
         "run": str(folder),
         "control": str(folder / CONTROL_NAME),
         "step": _number(state.get("last_step")),
+        "unit": _typed(chain.get("unit"), str),
         "metric": _typed(chain.get("monitor"), str),
         "value": _number(state.get("last_metric")),
         "lr": control.get("lr") if control else None,

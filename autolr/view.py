@@ -21,7 +21,8 @@ def run_line(s: dict[str, Any]) -> str:
     decision = f"#{last.get('seq')} {last.get('policy')} @ {last.get('step')}" if last else "no decision yet"
     skipped = sum((s.get("skipped") or {}).values())
     extra = f"  skipped {skipped}" if skipped else ""
-    return f"{s['run']}  step {s.get('step', '-')}  {metric}  {fmt_lr(s)}  [{decision}]{extra}"
+    counter = "epoch" if s.get("unit") == "epoch" else "step"  # (an epoch-level log's rows carry epochs)
+    return f"{s['run']}  {counter} {s.get('step', '-')}  {metric}  {fmt_lr(s)}  [{decision}]{extra}"
 
 
 #: Decision lines printed a second at most, in bursts of up to as many: a per-row schedule on

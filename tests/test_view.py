@@ -96,3 +96,17 @@ def test_output_that_fails_is_given_up_not_raised(tmp_path):
     view("run", {"run": "r", "policy": "auto", "control": "r/autolr.json"})  # no exception
     view("source", {"path": "r/m.jsonl", "reader": "jsonl"})
     assert view.out is None
+
+
+def test_a_run_line_names_its_counter(tmp_path):
+    """Regression (a helper's audit): an epoch-level log (Keras's CSVLogger) showed its epoch
+    as "step" in ``autolr status`` and the live table."""
+    from autolr.cli import main
+    from click.testing import CliRunner
+
+    for name, header, rows in (("keras", "epoch,loss", "0,1.0\n1,0.9\n"), ("steps", "step,loss", "0,1.0\n1,0.9\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.csv").write_text(f"{header}\n{rows}")
+    assert CliRunner().invoke(main, ["watch", str(tmp_path), "--once"]).exit_code == 0
+    out = CliRunner().invoke(main, ["status", str(tmp_path)]).stdout
+    assert f"{tmp_path / 'keras'}  epoch 1 " in out and f"{tmp_path / 'steps'}  step 1 " in out, out
