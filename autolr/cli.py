@@ -174,8 +174,11 @@ def _show(value: Any) -> str:
 @click.pass_obj
 def readers(reg: Registry) -> None:
     """List every installed log reader."""
+    modules = [cls.__module__ for cls in reg.readers.values()]
     for name, cls in reg.readers.items():
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        # the module's summary; the class's own when the module holds several readers
+        source = cls if modules.count(cls.__module__) > 1 and cls.__doc__ else sys.modules[cls.__module__]
+        doc = (source.__doc__ or "").strip().splitlines()
         click.echo(f"{name:<14} {doc[0] if doc else ''}")
 
 

@@ -194,3 +194,15 @@ def test_example_plugin_matches_torch_cycliclr(tmp_path):
             assert 0.02 * policy.factor_at(t, 0.02) == pytest.approx(sched.get_last_lr()[0], rel=1e-9)
             opt.step()
             sched.step()
+
+
+def test_readers_lists_each_reader_with_its_own_summary():
+    """Regression (a helper's audit): ``autolr readers`` gave mlflow and mlflow-file the same
+    line (their module's summary)."""
+    from click.testing import CliRunner
+
+    from autolr.cli import main
+
+    lines = dict(line.split(None, 1) for line in CliRunner().invoke(main, ["readers"]).stdout.splitlines())
+    assert {"csv", "jsonl", "mlflow", "mlflow-file", "tensorboard"} <= set(lines)
+    assert lines["mlflow"] != lines["mlflow-file"] and "file store" in lines["mlflow-file"]
