@@ -345,7 +345,8 @@ class JournalCursor:
         self.offset = self.end
 
     def __bool__(self) -> bool:
-        return self.peek() is not None
+        # (no call when it is spent: the daemon asks on every read of a live log)
+        return bool(self.buffer) or (self.offset < self.end and self.peek() is not None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Take every remaining entry, in order."""
