@@ -629,9 +629,10 @@ class Daemon:
                     self.process(path)
             except Exception as exc:  # one run's failure must not stop the others (or the start)
                 self.count("unexpected error", path, exc)
-        for run in list(self.runs.values()):  # every log read to its end
-            if run.pending:
-                run.check_journal_ahead()
+        if self.catching_up:  # (a rescan's reads stop at their time slice: the rest comes later)
+            for run in list(self.runs.values()):
+                if run.pending and not any(r.more for r in run.sources.values()):  # its logs read to their end
+                    run.check_journal_ahead()
 
     def catch_up_merged(self, run: Run, lanes: list[list[Path]]) -> None:
         """Catch ``run`` up on files written side by side, one list of files per folder (each

@@ -111,7 +111,8 @@ def missing_metric(metric: str, names: set[str], rows: int, *, finished: bool = 
 
     if metric in names or not rows:
         return None
-    near = difflib.get_close_matches(metric, sorted(names), n=3, cutoff=0.75)
+    # (not a name the metric ends with: val_accuracy, once an epoch, comes after many rows of accuracy)
+    near = [n for n in difflib.get_close_matches(metric, sorted(names), n=3, cutoff=0.75) if not metric.endswith(n)]
     if not near and rows < METRIC_UNSEEN_ROWS and not finished:
         return None
     blind = "the policies never see it" if label == "--metric" else f"{label.split(':')[0]} never sees it"
@@ -156,13 +157,14 @@ class UnseenNames:
         """Take a batch of rows (``Record``s) and the log's column names."""
         self.rows += len(records)
         if self.metrics:
-            names = self.names
+            names, wanted = self.names, self.metrics
             for record in records:
-                if len(names) < self.MAX_NAMES:
+                if len(names) < self.MAX_NAMES:  # (kept to suggest a spelling from)
                     names.update(record.metrics)
-            names.update(columns)
-            for metric in [m for m in self.metrics if m in names]:
-                del self.metrics[metric]
+                for metric in [m for m in wanted if m in record.metrics]:
+                    del wanted[metric]
+            for metric in [m for m in wanted if m in columns]:
+                del wanted[metric]
         for unit in [u for u in self.units if any(getattr(r, u) is not None for r in records)]:
             del self.units[unit]
 

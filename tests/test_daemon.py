@@ -1048,6 +1048,34 @@ def test_a_run_folder_copied_to_start_a_new_run_continues_from_its_own_log(tmp_p
         ("rewind", 4), ("decision", 19), ("decision", 39), ("decision", 59)]
 
 
+def test_a_rescan_reading_a_log_in_slices_takes_the_journal_as_its_own(tmp_path, monkeypatch):
+    """Regression (a helper's audit of the journal-ahead check): a run folder moved in with its
+    log and journal (no state) while the daemon runs is read in time slices; the safety-net
+    rescan's catch-up checked the journal against the log after its first slice, published a
+    spurious rewind and journaled the rest of the log's decisions again."""
+    from autolr import daemon as daemon_module
+    from autolr.readers import base
+
+    policy = ("step:step_size=50,gamma=0.9",)
+    src = tmp_path / "src" / "run1"
+    write_jsonl(src / "m.jsonl", [{"step": s, "loss": 1.0} for s in range(2000)])
+    make_daemon(tmp_path / "src", policy=policy)[0].run()
+    (src / "autolr.state.json").unlink()
+    journal = read_journal(src)
+    root = tmp_path / "root"
+    root.mkdir()
+    daemon, _ = make_daemon(root, policy=policy)
+    daemon.discover()
+    daemon.catching_up = False  # live from here on
+    monkeypatch.setattr(base, "READ_BLOCK", 4096)  # a read takes 4 KiB of the log...
+    monkeypatch.setattr(daemon_module, "READ_SLICE", 0.0)  # ...and the others get their turn after each
+    os.rename(src, root / "run1")
+    daemon.rescan()
+    while daemon.pending:
+        daemon.drain()
+    assert read_journal(root / "run1") == journal
+
+
 def test_a_misspelt_metric_is_reported_once_by_the_daemon(tmp_path, caplog):
     """Regression (a helper's audit): ``watch --metric val_los`` said nothing; the plateau
     could never fire."""

@@ -165,6 +165,21 @@ def test_missing_metric_waits_for_rows_unless_a_near_name_is_logged():
     assert missing_metric("val_acc", {"loss"}, 100) is None  # a validation metric may come later
     assert "'loss'" in missing_metric("val_acc", {"loss"}, METRIC_UNSEEN_ROWS)
     assert missing_metric("val_acc", {"loss"}, 100, finished=True) is not None
+    # a validation metric after many rows of its training twin is no misspelling (a helper's audit)
+    assert missing_metric("val_accuracy", {"loss", "accuracy"}, 50) is None
+
+
+def test_a_metric_after_a_thousand_other_names_is_seen():
+    """Regression (a helper's audit): once 1000 names were kept for spelling suggestions, rows
+    were no longer looked at, and val_loss, in every later row, was reported missing."""
+    from autolr.chain import Chain
+    from autolr.policy import UnseenNames
+    from autolr.records import Record
+
+    unseen = UnseenNames(Chain(policies=(), metric="val_loss"))
+    unseen.see([Record({f"grad_norm/layer{i}": 0.1 for i in range(1200)}, 0)])
+    unseen.see([Record({"loss": 1.0, "val_loss": 1.0}, s) for s in range(1, METRIC_UNSEEN_ROWS)])
+    assert not unseen and unseen.warnings() == []
 
 
 def test_replay_takes_the_configs_run_sections_as_the_daemon_does(tmp_path):
