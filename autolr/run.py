@@ -229,7 +229,7 @@ class Run:
             last_at = fields.get("apply_at_step", last_at)
             batch.append(fields)
         try:
-            records = self.writer.publish_many(batch, schedule=self.schedule, after_seq=self.seq, now=self.max_step)
+            records = self.writer.publish_many(batch, schedule=self.schedule, after_seq=self.seq, now=self._now())
         except ControlConflict:
             self.unpublished = []
             if self._adopt_foreign():
@@ -319,8 +319,12 @@ class Run:
         """``schedule`` with a journal entry, when the control file lists one (--apply-margin):
         a change with its ``apply_at_step``, a manual override in force at once."""
         if "apply_at_step" in entry or (entry.get("kind") == "manual" and self.settings.apply_margin is not None):
-            return scheduled_with(schedule, entry, self.max_step)
+            return scheduled_with(schedule, entry, self._now())
         return schedule
+
+    def _now(self) -> int | float | None:
+        """The counter ``apply_at_step`` counts in, where the job is: the last step, else epoch."""
+        return self.max_step if self.max_step is not None else self.last_step
 
     def _schedule(self, entry: dict[str, Any]) -> None:
         self.schedule = self._scheduled(self.schedule, entry)

@@ -686,6 +686,20 @@ def test_apply_margin_a_change_on_every_row_applies_at_its_step(tmp_path, margin
     assert Control(run).scale(100) == in_force(journal, 100)["scale"]  # a job resumed at step 100
 
 
+def test_apply_margin_an_epoch_level_log_lists_its_latest_changes(tmp_path):
+    """Regression (a helper's audit): on a log without steps (Keras's CSVLogger: epochs) the
+    bounded schedule had no step to tell due changes from those ahead, kept the 255 oldest, and
+    a client reading with ``step=`` never got a change after the 256th."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.csv").write_text("epoch,loss\n" + "".join(f"{e},1.0\n" for e in range(400)))
+    _margin_daemon(tmp_path, policy=("exponential:gamma=0.99",), margin=2).run()
+    journal = read_journal(run)
+    assert len(journal) == 401
+    assert Control(run).scale(401) == journal[-1]["scale"]
+    assert Control(run).scale(300) == in_force(journal, 300)["scale"]
+
+
 def test_apply_margin_a_manual_set_is_in_force_for_a_restarted_job(tmp_path):
     """Regression (a helper's audit): an ``autolr set`` was missing from the control file's
     schedule once the daemon published again, so a job restarted (or a rank reading late)
