@@ -1198,3 +1198,28 @@ def test_set_on_the_watched_root_or_a_log_file_is_refused(tmp_path):
         set_manual(tmp_path / "exp1" / "m.jsonl", scale=0.5)
     assert not (tmp_path / "autolr.json").exists()
     set_manual(tmp_path / "exp1", scale=0.5)
+
+
+@pytest.mark.parametrize("how", [{"scale": 0.3}, {"lr": 0.03}])
+def test_a_rewind_to_before_a_manual_set_resumes_at_the_value_set(how):
+    """Regression (a helper's audit): ``autolr set --scale 0.3`` after ten halvings (step 1009),
+    then a resume at step 500: the set's factor (0.3 / 0.5^10), carried back onto the older
+    checkpoints, gave 0.3 * 2^5 = 9.6 times the base LR there. The LR where the job resumes is
+    the value set, later decisions continue from it, and a saved state does the same."""
+    from autolr.engine import RunEngine
+    from autolr.records import Record
+
+    settings = Settings(policies=parse_policy_options(["step:step_size=100,gamma=0.5"]), base_lr=0.1)
+
+    def feed(engine, steps):
+        return [(d.step, d.scale, d.kind) for s in steps
+                for d in engine.feed(Record({"loss": 1.0}, s, None), ["loss"])]
+
+    engine = RunEngine(settings.chain(POLICIES))
+    feed(engine, range(1010))
+    engine.override(**how)
+    assert engine.scale == pytest.approx(0.3)
+    restored = RunEngine(settings.chain(POLICIES))
+    restored.set_state(json.loads(json.dumps(engine.get_state(), allow_nan=True)))
+    for e in (engine, restored):
+        assert feed(e, range(500, 601)) == [(500, pytest.approx(0.3), "rewind"), (599, pytest.approx(0.15), "decision")]
