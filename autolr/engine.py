@@ -324,7 +324,9 @@ class RunEngine:
     def override(self, *, lr: float | None = None, scale: float | None = None) -> None:
         """Adopt a manual LR; the history is kept and later decisions continue from it."""
         self.state = self.chain.override(self.state, lr=lr, scale=scale)
-        # A later rewind to before it takes the value set again where the job resumes (_rewind).
+        # A later rewind replaying rows past it takes it again at the same row; one to before
+        # it takes it where the job resumes (_rewind).
+        self.state["manual_set"] = [lr, scale, self.rows.first + len(self.rows)]
 
     def _remember(self, record: Record) -> None:
         rows = self.rows
@@ -354,15 +356,22 @@ class RunEngine:
                 base_rows, base_state = n, st
         state = _unpack(base_state)
         replayed = [rows.row(i) for i in range(base_rows - self.first_row, keep)]
-        for step, epoch, metrics in replayed:
-            state, _ = self.chain.update(state, Record(metrics, step, epoch), self.columns)
         manual = self.state.get("manual_set")
-        if manual is not None and state.get("manual_set") != manual:
+        if manual is not None and state.get("manual_set") == manual:
+            manual = None  # (the checkpoint has it already)
+        at = manual[2] if manual is not None and len(manual) > 2 else None
+        for i, (step, epoch, metrics) in enumerate(replayed):
+            if at == base_rows + i:
+                state, manual = self.chain.override(state, lr=manual[0], scale=manual[1]), None
+                state["manual_set"] = self.state["manual_set"]
+            state, _ = self.chain.update(state, Record(metrics, step, epoch), self.columns)
+        if manual is not None:
             # A manual set (autolr set) made after the rows kept: the LR is the value set where the
             # job resumes, later decisions continue from it. (Its factor, carried back instead,
             # is relative to the policies' factors when it was set: a 0.3 set after ten halvings
             # was 9.6 times the base LR at a resume five halvings earlier.)
             state = self.chain.override(state, lr=manual[0], scale=manual[1])
+            state["manual_set"] = self.state["manual_set"]
         # Forget what came after the cut.
         rows.truncate(keep)
         while len(self.checkpoints) > 1 and self.checkpoints[-1][0] > cut_row:

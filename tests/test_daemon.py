@@ -1223,3 +1223,26 @@ def test_a_rewind_to_before_a_manual_set_resumes_at_the_value_set(how):
     restored.set_state(json.loads(json.dumps(engine.get_state(), allow_nan=True)))
     for e in (engine, restored):
         assert feed(e, range(500, 601)) == [(500, pytest.approx(0.3), "rewind"), (599, pytest.approx(0.15), "decision")]
+
+
+def test_a_rewind_replaying_rows_past_a_manual_set_takes_it_at_its_row():
+    """A rewind whose replay starts at a checkpoint from before an ``autolr set`` and ends after
+    it takes the set at the row it was made: the state is that of a run that never went past
+    the resume point (every decision after it as the uninterrupted run's)."""
+    from autolr.engine import RunEngine
+    from autolr.records import Record
+
+    settings = Settings(policies=parse_policy_options(["step:step_size=5,gamma=0.9"]), base_lr=0.1)
+
+    def feed(engine, steps):
+        return [(d.step, round(d.scale, 12), d.kind) for s in steps
+                for d in engine.feed(Record({"loss": 1.0}, s, None), ["loss"])]
+
+    straight, resumed = RunEngine(settings.chain(POLICIES)), RunEngine(settings.chain(POLICIES))
+    for engine in (straight, resumed):
+        feed(engine, range(1030))  # a checkpoint at row 1024
+        engine.override(scale=0.5)
+    feed(straight, range(1030, 1040))
+    feed(resumed, range(1030, 1200))
+    assert [d[:2] for d in feed(resumed, [1040])] == [(1040, round(straight.scale, 12))]  # the rewind
+    assert feed(resumed, range(1041, 1100)) == feed(straight, range(1040, 1100))
