@@ -110,7 +110,7 @@ class Run:
         restart.
         """
         if not self.manual_by_events:
-            self.adopt_manual()
+            self.adopt_manual(save=False)  # (the batch is read, not fed: saved once it is)
         columns = tuple(reader.columns())
         batch: list[Decision] = []
         engine = self.engine
@@ -269,11 +269,12 @@ class Run:
                         "autolr.toml) publishes one per 0.1 %% of LR change instead.", self.folder, self.published,
                         self.rows)
 
-    def adopt_manual(self) -> None:
+    def adopt_manual(self, save: bool = True) -> None:
         """Continue from an ``autolr set`` made since our last publish; the state is saved at
         once (between two reads, so it is whole): after a crash the restart adopts the set at
         this same row, not at the row of an older save (where a chain whose factor moves
-        without publishing, ``--min-change``, would take another manual factor)."""
+        without publishing, ``--min-change``, would take another manual factor). ``save=False``
+        within a feed, whose batch is read but not fed yet: saved at its end."""
         if self.pending:
             return
         current = self.writer.current()
@@ -286,7 +287,10 @@ class Run:
             self._schedule(dict(current, kind="manual"))
             log.info("%s: adopted manual override seq %d (scale %g, lr %s)", self.folder,
                      current["seq"], current["scale"], current.get("lr"))
-            self.save()
+            if save:
+                self.save()
+            else:
+                self.save_after_feed = True
 
     def _adopt_foreign(self) -> bool:
         """Take the journal entries written since our seq by another writer; True when one was

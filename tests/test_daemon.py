@@ -1246,3 +1246,28 @@ def test_a_rewind_replaying_rows_past_a_manual_set_takes_it_at_its_row():
     feed(resumed, range(1030, 1200))
     assert [d[:2] for d in feed(resumed, [1040])] == [(1040, round(straight.scale, 12))]  # the rewind
     assert feed(resumed, range(1041, 1100)) == feed(straight, range(1040, 1100))
+
+
+def test_a_set_adopted_within_a_read_saves_no_position_ahead_of_the_engine(tmp_path):
+    """Regression (a helper's audit): without inotify the daemon adopts an ``autolr set`` when
+    it feeds the next batch, after reading it; the adoption saved the state at once, with the
+    read position past the batch and the engine before it. A crash then lost the batch's
+    rows for good. The save waits for the end of the feed."""
+    from autolr.manual import set_manual
+
+    run, log = tmp_path / "run", tmp_path / "run" / "m.jsonl"
+    policy = ("step:step_size=5,gamma=0.9",)
+    write_jsonl(log, [{"step": s, "loss": 1.0} for s in range(30)])
+    daemon, _ = make_daemon(tmp_path, policy=policy)
+    daemon.discover()
+    daemon.catch_up()
+    daemon.flush()
+    assert not daemon.runs[run].manual_by_events
+    set_manual(run, scale=0.5)
+    write_jsonl(log, [{"step": s, "loss": 1.0} for s in range(30, 60)])
+    daemon.handle(log)  # then a crash: no flush
+    state = json.loads((run / "autolr.state.json").read_text())
+    assert state["rows"] == 60 and state["max_step"] == 59
+    make_daemon(tmp_path, policy=policy)[0].run()  # the restart
+    steps = [e["step"] for e in read_journal(run) if e["kind"] == "decision"]
+    assert steps == list(range(4, 60, 5))
