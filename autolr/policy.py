@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping, Sequence
@@ -111,8 +112,10 @@ def missing_metric(metric: str, names: set[str], rows: int, *, finished: bool = 
 
     if metric in names or not rows:
         return None
-    # (not a name the metric ends with: val_accuracy, once an epoch, comes after many rows of accuracy)
-    near = [n for n in difflib.get_close_matches(metric, sorted(names), n=3, cutoff=0.75) if not metric.endswith(n)]
+    # (not a sibling, the same name but for its split or its epoch/step suffix: val_accuracy,
+    # once an epoch, comes after many rows of accuracy; val_loss_epoch after train_loss_epoch)
+    near = [n for n in difflib.get_close_matches(metric, sorted(names), n=3, cutoff=0.75)
+            if _stem(n) != _stem(metric)]
     if not near and rows < METRIC_UNSEEN_ROWS and not finished:
         return None
     blind = "the policies never see it" if label == "--metric" else f"{label.split(':')[0]} never sees it"
@@ -120,6 +123,15 @@ def missing_metric(metric: str, names: set[str], rows: int, *, finished: bool = 
     if near:
         return f"{message}; did you mean {' or '.join(map(repr, near))}?"
     return f"{message}; the log has {', '.join(map(repr, sorted(names)[:12]))}"
+
+
+_SPLIT_WORDS = frozenset({"val", "valid", "validation", "eval", "evaluation", "test", "train", "training",
+                          "epoch", "step"})
+
+
+def _stem(name: str) -> tuple[str, ...]:
+    """A metric name without its split and epoch/step words (``val_loss_epoch`` -> loss)."""
+    return tuple(w for w in re.split(r"[/_.\-\s]+", name.lower()) if w and w not in _SPLIT_WORDS)
 
 
 class UnseenNames:

@@ -166,7 +166,10 @@ def test_missing_metric_waits_for_rows_unless_a_near_name_is_logged():
     assert "'loss'" in missing_metric("val_acc", {"loss"}, METRIC_UNSEEN_ROWS)
     assert missing_metric("val_acc", {"loss"}, 100, finished=True) is not None
     # a validation metric after many rows of its training twin is no misspelling (a helper's audit)
-    assert missing_metric("val_accuracy", {"loss", "accuracy"}, 50) is None
+    for metric, logged in (("val_accuracy", "accuracy"), ("val_loss_epoch", "train_loss_epoch"),
+                           ("val_loss", "val_loss_step"), ("epoch_val_loss", "epoch_train_loss")):
+        assert missing_metric(metric, {"loss", logged}, 50) is None, metric
+    assert "did you mean 'val_loss'" in missing_metric("val_los", {"loss", "val_loss"}, 50)
 
 
 def test_a_metric_after_a_thousand_other_names_is_seen():
