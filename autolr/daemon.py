@@ -50,6 +50,10 @@ DAEMON_LOCK = ".autolr-daemon.lock"  # held (flock) by the daemon watching its f
 #: journal keeps every decision meanwhile; a restart re-reads the rows since the last save.
 MAX_SAVES_PER_SECOND = 25
 SAVE_TICK = 0.25
+#: Seconds a live run's journal must look ahead of its log, read to its end, before it is taken
+#: for another log's (Run.check_journal_ahead): a folder copied in, journal first, is read while
+#: the copy of its log is under way.
+AHEAD_SETTLE = 10.0
 #: Seconds one log is read in a row while live before the others get their turn (a large
 #: log copied in must not hold back the decisions of every other run).
 READ_SLICE = 0.05
@@ -469,7 +473,7 @@ class Daemon:
                 if not multi and not self.catching_up and not reader.more:
                     run = self.run_for.get(path)
                     if run is not None and run.pending and len(run.sources) == 1:
-                        run.check_journal_ahead()  # (its only log read to its end)
+                        run.check_journal_ahead(settle=AHEAD_SETTLE)  # (its only log read to its end)
                 break
             if deadline is not None and time.monotonic() > deadline:
                 self._requeue(path)  # the rest after the other logs' turn

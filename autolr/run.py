@@ -71,6 +71,7 @@ class Run:
         self.restored = False
         self.published = 0  # decisions this process published (the min_change hint)
         self.save_after_feed = False  # a manual override adopted mid-feed: save once the feed is done
+        self.ahead_since: float | None = None  # since when the journal looks ahead of the log (live reads)
         self.unseen = UnseenNames(self.engine.chain)  # a --metric or unit no row has: said once
         # True when the daemon's inotify reader reports every change of the control file and
         # the journal (it calls adopt_manual() then): feed() need not stat both every time.
@@ -175,17 +176,26 @@ class Run:
             fresh.append(decision)
         return fresh
 
-    def check_journal_ahead(self) -> None:
+    def check_journal_ahead(self, settle: float = 0.0) -> None:
         """Called once the run's logs are read to their end while journal entries beyond the
         saved state are still unmatched: when the next is a decision at a step beyond every row
         read, the journal is not this log's (a run folder copied with its files to start a new
         run, a log replaced while no daemon ran). Its entries are taken as superseded and a
-        rewind to the LR the log gives is published: before, the job kept the copied run's LR."""
+        rewind to the LR the log gives is published: before, the job kept the copied run's LR.
+        ``settle``: only once that has held for so many seconds (a live read's end of the log may
+        be the end of a copy still under way, which the journal came with)."""
         entry = self.pending.peek()
         if (entry is None or entry.get("kind") not in ("decision", "rewind") or self.max_step is None
                 or self.engine.state.get("unit") != "step" or not isinstance(entry.get("step"), (int, float))
                 or entry["step"] <= self.max_step):
+            self.ahead_since = None
             return
+        if settle:
+            now = time.monotonic()
+            if self.ahead_since is None:
+                self.ahead_since = now
+            if now - self.ahead_since < settle:
+                return
         for later in self.pending:
             self.seq = max(self.seq, later["seq"])
         log.warning("%s: the journal holds decisions up to step %s beyond the log's last step %s (a copied "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1031,12 +1032,16 @@ def test_a_restart_reads_the_rest_of_a_log_rotated_while_it_was_down(tmp_path, c
 
 
 @pytest.mark.parametrize("live", [False, True])
-def test_a_run_folder_copied_to_start_a_new_run_continues_from_its_own_log(tmp_path, live):
+def test_a_run_folder_copied_to_start_a_new_run_continues_from_its_own_log(tmp_path, live, monkeypatch):
     """Regression (a helper's audit): ``cp -r runs/a runs/b`` (the control file and journal
     with it), then a new job in b logging from step 0: the daemon matched the new log's
     decisions against the copied journal and took them as published, so the job ran on a's
     last LR (0.03125 instead of 1.0, then 0.5, ...). The journal's entries beyond every row
-    of the log are not this log's: a rewind to the log's LR is published."""
+    of the log are not this log's: a rewind to the log's LR is published (live, once that has
+    held for AHEAD_SETTLE seconds: the end of the log may be that of a copy under way)."""
+    from autolr import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "AHEAD_SETTLE", 0.3)
     policy = ("step:step_size=20,gamma=0.5",)
     a, b = tmp_path / "a", tmp_path / "b"
     write_jsonl(a / "metrics.jsonl", [{"step": s, "loss": 1.0} for s in range(100)])
@@ -1048,6 +1053,9 @@ def test_a_run_folder_copied_to_start_a_new_run_continues_from_its_own_log(tmp_p
     daemon, _ = make_daemon(b, policy=policy)
     if live:
         daemon.discover()
+        daemon.process(b / "metrics.jsonl")
+        assert Control(b).scale() == 0.03125  # not yet: a copy may be under way
+        time.sleep(0.35)
         daemon.process(b / "metrics.jsonl")
     else:
         daemon.run()
