@@ -626,8 +626,10 @@ def _control_fields(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 #: Seconds without a control file after which a client says so, once (a misspelt run folder,
-#: or no daemon watching it, would otherwise leave the job at its own LR without a word).
+#: or no daemon watching it, would otherwise leave the job at its own LR without a word): when
+#: the run folder does not exist either, and when it does (see Control._missing).
 NO_FILE_WARNING = 120.0
+NO_CONTROL_WARNING = 900.0
 
 #: A file modified less than this long ago may be rewritten within the same timestamp tick
 #: (coarse or 1-2 s filesystem clocks), and atomic replaces recycle inode numbers, so its
@@ -656,6 +658,7 @@ class Control:
         self._applied_seq = 0
         self._last_step: int | None = None
         self._missing_since: float | None = time.monotonic()  # None once a file was seen or missed aloud
+        self._missing_wait = NO_FILE_WARNING
 
     def _refresh(self) -> None:
         if self.min_interval:
@@ -667,18 +670,28 @@ class Control:
             st = os.stat(self._fspath)
         except OSError:
             # no file yet, or it vanished: keep the last good value
-            since = self._missing_since
-            if since is not None and time.monotonic() - since > NO_FILE_WARNING:
-                self._missing_since = None
-                warnings.warn(f"autolr: no control file at {self.path} after {NO_FILE_WARNING:.0f} s: the LR is "
-                              "your own. Is this the folder the daemon sees the job's log in (it writes "
-                              "autolr.json beside it), and is `autolr watch` running?", RuntimeWarning, stacklevel=4)
+            if self._missing_since is not None and time.monotonic() - self._missing_since > self._missing_wait:
+                self._missing()
             return
         self._missing_since = None
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if key == self._key and not self._recheck:
             return
         self._load(key, st.st_mtime_ns)
+
+    def _missing(self) -> None:
+        """Say once that no control file came: at NO_FILE_WARNING s when the run folder does not
+        exist either (a misspelt path), else at NO_CONTROL_WARNING s (the daemon writes the file
+        once it has seen a row of a log in the folder, which some loggers take minutes to write)."""
+        if self.path.parent.is_dir() and self._missing_wait < NO_CONTROL_WARNING:
+            self._missing_wait = NO_CONTROL_WARNING
+            return
+        self._missing_since = None
+        where = ("its folder does not exist either: is the path the one the job logs in?"
+                 if not self.path.parent.is_dir() else
+                 "is `autolr watch` running on a folder above it, and has the job logged a row there?")
+        warnings.warn(f"autolr: no control file at {self.path} after {self._missing_wait:.0f} s, the LR is your "
+                      f"own; {where}", RuntimeWarning, stacklevel=5)
 
     def _load(self, key: tuple[int, int, int], mtime_ns: int) -> None:
         self._key = key

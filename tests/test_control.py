@@ -865,14 +865,23 @@ def test_a_client_says_once_when_no_control_file_comes(tmp_path, monkeypatch):
     ``runs/exp1`` gave the job its own LR forever, without a word. After NO_FILE_WARNING
     seconds without a file the client warns, once; a file seen first silences it."""
     monkeypatch.setattr(control, "NO_FILE_WARNING", 0.0)
+    monkeypatch.setattr(control, "NO_CONTROL_WARNING", 0.3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         client = Control(tmp_path / "exp01")
         assert [client.lr(0.1) for _ in range(3)] == [0.1] * 3
+        (tmp_path / "slow").mkdir()  # a job whose logger writes its first row late: later
+        slow = Control(tmp_path / "slow")
+        slow.lr(0.1)
+        slow.lr(0.1)
+        assert len(caught) == 1
+        time.sleep(0.35)
+        slow.lr(0.1)
         ControlWriter(tmp_path / "exp1").publish(scale=0.5, lr=None, step=None, policy="", reason="initial")
         seen = Control(tmp_path / "exp1")
         seen.lr(0.1)
         (tmp_path / "exp1" / CONTROL_NAME).unlink()
         assert seen.lr(0.1) == 0.05
     said = [str(w.message) for w in caught if "no control file" in str(w.message)]
-    assert len(said) == 1 and "exp01" in said[0], said
+    assert len(said) == 2 and "exp01" in said[0] and "does not exist" in said[0], said
+    assert "slow" in said[1] and "autolr watch" in said[1]
