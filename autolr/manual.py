@@ -35,7 +35,8 @@ def set_manual(run: str | Path, *, lr: float | None = None, scale: float | None 
     writer = ControlWriter(run_dir)
     current = writer.current()
     if current is None:
-        runs = sorted(p.parent.name for p in run_dir.glob(f"*/{CONTROL_NAME}"))
+        runs = sorted(str(p.parent.relative_to(run_dir)) for depth in (1, 2, 3)  # (runs/sweep/lr-1e-3)
+                      for p in run_dir.glob("*/" * depth + CONTROL_NAME))
         if runs:
             raise ManualError(f"{run_dir} holds runs ({', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}), "
                               "not a control file of its own: give one of them")

@@ -1202,6 +1202,10 @@ def test_set_on_the_watched_root_or_a_log_file_is_refused(tmp_path):
     make_daemon(tmp_path)[0].run()
     with pytest.raises(ManualError, match=r"holds runs \(exp1\)"):
         set_manual(tmp_path, scale=0.5)
+    write_jsonl(tmp_path / "sweep" / "lightning_logs" / "version_0" / "m.jsonl", flat_then_flat(range(3)))
+    make_daemon(tmp_path)[0].run()
+    with pytest.raises(ManualError, match=r"holds runs \(lightning_logs/version_0\)"):
+        set_manual(tmp_path / "sweep", scale=0.5)
     with pytest.raises(ManualError, match="is a file: give its run folder"):
         set_manual(tmp_path / "exp1" / "m.jsonl", scale=0.5)
     assert not (tmp_path / "autolr.json").exists()
