@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .policy import TRAINING_LOSSES, VALIDATION_LOSSES, Observation, Policy, PolicyError, State, coerce
+from .policy import (METRIC_WORDS, TRAINING_LOSSES, TRAINING_WORDS, VALIDATION_LOSSES, VALIDATION_WORDS, Observation,
+                     Policy, PolicyError, State, coerce)
 from .records import Record
 
 #: Relative change below which a new LR is not a decision (floating-point noise).
@@ -45,9 +45,6 @@ _RANKS.update({name: _VAL_OTHER + 1 + i for i, name in enumerate(TRAINING_LOSSES
 _TRAIN_OTHER = len(_RANKS) + 1
 _OTHER, _NONE = _TRAIN_OTHER + 1, _TRAIN_OTHER + 2
 _VALIDATION = frozenset(VALIDATION_LOSSES)
-_WORDS = re.compile(r"[/_.\-\s]+")
-_VAL_WORDS = frozenset({"val", "valid", "validation", "eval", "evaluation"})
-_TRAIN_WORDS = frozenset({"train", "training"})
 
 
 @functools.lru_cache(maxsize=4096)
@@ -61,8 +58,8 @@ def metric_rank(name: str | None) -> int:
     lower = name.lower()
     if "loss" not in lower:
         return _NONE
-    words = set(_WORDS.split(lower))
-    return _VAL_OTHER if words & _VAL_WORDS else _TRAIN_OTHER if words & _TRAIN_WORDS else _OTHER
+    words = set(METRIC_WORDS.split(lower))
+    return _VAL_OTHER if words & VALIDATION_WORDS else _TRAIN_OTHER if words & TRAINING_WORDS else _OTHER
 
 
 def choose_metric(names: Iterable[str]) -> str | None:

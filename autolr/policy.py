@@ -97,6 +97,12 @@ VALIDATION_LOSSES = ("val_loss", "eval_loss", "val/loss", "eval/loss", "validati
 TRAINING_LOSSES = ("loss", "train_loss", "train/loss", "training_loss", "loss_step", "train_loss_step",
                    "train/loss_step")
 
+#: A metric name's words (split at / _ . - or space), and those that name a validation or a
+#: training split (``Loss/val``, ``val_loss_step``, ``train_loss_epoch``).
+METRIC_WORDS = re.compile(r"[/_.\-\s]+")
+VALIDATION_WORDS = frozenset({"val", "valid", "validation", "eval", "evaluation"})
+TRAINING_WORDS = frozenset({"train", "training"})
+
 #: Rows after which a ``--metric`` never seen is reported even without a near spelling (a
 #: validation metric logged once an epoch can take thousands of per-step rows to appear).
 METRIC_UNSEEN_ROWS = 5000
@@ -125,13 +131,12 @@ def missing_metric(metric: str, names: set[str], rows: int, *, finished: bool = 
     return f"{message}; the log has {', '.join(map(repr, sorted(names)[:12]))}"
 
 
-_SPLIT_WORDS = frozenset({"val", "valid", "validation", "eval", "evaluation", "test", "train", "training",
-                          "epoch", "step"})
+_SPLIT_WORDS = VALIDATION_WORDS | TRAINING_WORDS | {"test", "epoch", "step"}
 
 
 def _stem(name: str) -> tuple[str, ...]:
     """A metric name without its split and epoch/step words (``val_loss_epoch`` -> loss)."""
-    return tuple(w for w in re.split(r"[/_.\-\s]+", name.lower()) if w and w not in _SPLIT_WORDS)
+    return tuple(w for w in METRIC_WORDS.split(name.lower()) if w and w not in _SPLIT_WORDS)
 
 
 class UnseenNames:
