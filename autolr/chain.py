@@ -351,7 +351,6 @@ class Chain:
         state["scale"] = target
         if lr is not None and self.base_lr is None:
             state["base"] = lr / target
-        state["manual_set"] = [lr, scale]  # what was asked, taken again by a rewind to before it
         return state
 
 

@@ -397,8 +397,10 @@ def scheduled_with(schedule: list[dict[str, Any]], entry: dict[str, Any],
         return items
     if now is None:  # no step known to tell due from ahead: the latest
         return items[-MAX_SCHEDULE:]
-    ahead = [i for i, e in enumerate(items) if e["at"] is not None and e["at"] > now]
-    due = [i for i, e in enumerate(items) if e["at"] is None or e["at"] <= now]
+    ahead: list[int] = []
+    due: list[int] = []
+    for i, e in enumerate(items):
+        (ahead if e["at"] is not None and e["at"] > now else due).append(i)
     ahead = ahead[:MAX_SCHEDULE - 1]  # (more changes than that within the margin: the latest are left out)
     due = due[len(due) - (MAX_SCHEDULE - len(ahead)):]
     return [items[i] for i in sorted(ahead + due)]

@@ -328,6 +328,10 @@ class RunEngine:
         # it takes it where the job resumes (_rewind).
         self.state["manual_set"] = [lr, scale, self.rows.first + len(self.rows)]
 
+    def _set_again(self, state: State, manual: list) -> State:
+        """``state`` with the manual set ``manual`` ([lr, scale, row]) taken (see override)."""
+        return dict(self.chain.override(state, lr=manual[0], scale=manual[1]), manual_set=manual)
+
     def _remember(self, record: Record) -> None:
         rows = self.rows
         rows.append(record.step, record.epoch, record.metrics)
@@ -356,22 +360,20 @@ class RunEngine:
                 base_rows, base_state = n, st
         state = _unpack(base_state)
         replayed = [rows.row(i) for i in range(base_rows - self.first_row, keep)]
+        # The last manual set (autolr set), when the checkpoint predates it: taken again at its
+        # row, or where the job resumes when it came after the rows kept (the LR is the value
+        # set, later decisions continue from it). Its factor, carried back instead, is relative
+        # to the policies' factors when it was set: a 0.3 set after ten halvings was 9.6 times
+        # the base LR at a resume five halvings earlier.
         manual = self.state.get("manual_set")
         if manual is not None and state.get("manual_set") == manual:
-            manual = None  # (the checkpoint has it already)
-        at = manual[2] if manual is not None and len(manual) > 2 else None
+            manual = None
         for i, (step, epoch, metrics) in enumerate(replayed):
-            if at == base_rows + i:
-                state, manual = self.chain.override(state, lr=manual[0], scale=manual[1]), None
-                state["manual_set"] = self.state["manual_set"]
+            if manual is not None and manual[2] == base_rows + i:
+                state, manual = self._set_again(state, manual), None
             state, _ = self.chain.update(state, Record(metrics, step, epoch), self.columns)
         if manual is not None:
-            # A manual set (autolr set) made after the rows kept: the LR is the value set where the
-            # job resumes, later decisions continue from it. (Its factor, carried back instead,
-            # is relative to the policies' factors when it was set: a 0.3 set after ten halvings
-            # was 9.6 times the base LR at a resume five halvings earlier.)
-            state = self.chain.override(state, lr=manual[0], scale=manual[1])
-            state["manual_set"] = self.state["manual_set"]
+            state = self._set_again(state, manual)
         # Forget what came after the cut.
         rows.truncate(keep)
         while len(self.checkpoints) > 1 and self.checkpoints[-1][0] > cut_row:
