@@ -166,6 +166,49 @@ class Chain:
             lr = min(lr, self.max_lr)
         return lr / self.base
 
+    def ahead(self, state: State, start: int, stop: int, limit: int, beyond: int = 0) -> list[tuple[int, float]]:
+        """The scale at steps ``start`` … ``stop`` − 1 if no row comes first (each policy's
+        :meth:`~autolr.policy.Policy.ahead`, times ``manual``, clamped): ``[(step, scale), ...]``
+        where it changes from ``state["scale"]``, then from the entry before (by ``min_change``
+        at least, when set: the rule a published change follows); when none comes before
+        ``stop``, the first one within ``beyond`` more steps (a StepLR's next step). At most
+        ``limit`` entries, thinned evenly when there are more (each still exact at its step).
+        Empty unless the run counts steps and a policy moves on its own (a schedule, a warmup);
+        a value that is not finite and positive is left out, as the chain never publishes one."""
+        if state.get("unit") != "step" or stop <= start or limit <= 0:
+            return []
+        fixed, movers = state["manual"], []
+        for policy, pstate in zip(self.policies, state["policies"]):
+            if type(policy).ahead is Policy.ahead:
+                fixed *= policy.value(pstate)
+            else:
+                movers.append((policy.ahead, pstate))
+        if not movers:
+            return []
+        base, low, high, min_change = self.base, self.min_lr, self.max_lr, self.min_change
+        last, out = state["scale"], []
+        for t in range(start, stop + beyond):
+            if t >= stop and out:
+                break
+            raw = fixed
+            for ahead, pstate in movers:
+                raw *= ahead(pstate, t, "step")
+            lr = base * raw
+            if low is not None and lr < low:
+                lr = low
+            if high is not None and lr > high:
+                lr = high
+            scale = lr / base
+            if not _usable(scale):
+                continue  # as a published change: never one that is not finite and positive
+            if _changed(last, scale) and not (min_change and abs(scale - last) < min_change * last):
+                out.append((t, scale))
+                last = scale
+        if len(out) > limit:
+            n = len(out)
+            out = [out[round(i * (n - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else out[-1:]
+        return out
+
     # ---- observation -------------------------------------------------------------------
     def _restart_schedules(self, states: list) -> list:
         """Each policy's :meth:`~autolr.policy.Policy.restart_time`: the run's time runs back

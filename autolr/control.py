@@ -5,12 +5,17 @@ Control file (schema 1)::
     {"schema": 1, "seq": 7, "scale": 0.1, "lr": 0.01, "step": 1200,
      "policy": "plateau", "reason": "...", "updated_at": "2026-11-21T10:00:00.123456Z"}
 
+Optional: ``min_lr``/``max_lr`` (the daemon's bounds); ``apply_at_step`` with a ``schedule`` of
+recent changes (``--apply-margin``); ``ahead``, ``[[step, scale, lr], ...]``: where the run's
+schedule or warmup changes the LR next if no log row comes first (see :meth:`Control.entry`).
+
 Every write is atomic (temporary file in the same folder, fsync, ``os.replace``), so a reader
 never sees a partial file. Every decision is appended to ``autolr.decisions.jsonl`` first, with
 its evidence, so the journal is never behind the control file. Writers take ``autolr.lock``.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import errno
@@ -40,6 +45,9 @@ DIR_MODE = 0o755
 #: Changes a control file lists for step-exact application (multi-rank training, resumes):
 #: every change not yet due, then the most recent ones already due (see scheduled_with).
 MAX_SCHEDULE = 256
+#: Changes ahead a control file lists at most: the steps at which a schedule or a warmup would
+#: change the LR if no log row came first (see Chain.ahead), for a job logging every N steps.
+MAX_AHEAD = 256
 #: A journal line longer than this is skipped by a restart's reading (ours are < 64 KiB).
 MAX_JOURNAL_LINE = 16 << 20
 
@@ -118,7 +126,33 @@ def validate_control(obj: Any) -> dict[str, Any]:
                     and (entry.get("lr") is None or _positive(entry.get("lr")))
                     and (entry.get("at") is None or _integer(entry.get("at"))) and _integer(entry.get("seq"))):
                 raise ControlError(f"control file schedule entry {entry!r} is malformed")
+    if obj.get("ahead") is not None:
+        _validate_ahead(obj["ahead"])
     return obj
+
+
+def _validate_ahead(ahead: Any) -> None:
+    """ControlError unless ``ahead`` is a list of at most MAX_AHEAD [step, scale, lr] with the
+    steps increasing, every scale (and lr, when not null) finite and > 0."""
+    if not isinstance(ahead, list) or len(ahead) > MAX_AHEAD:
+        raise ControlError(f"control file ahead must be a list of at most {MAX_AHEAD} entries")
+    last = None
+    for item in ahead:
+        if not (isinstance(item, list) and len(item) == 3 and _integer(item[0]) and _positive(item[1])
+                and (item[2] is None or _positive(item[2])) and (last is None or item[0] > last)):
+            raise ControlError(f"control file ahead entry {item!r} is malformed (or its steps do not increase)")
+        last = item[0]
+
+
+def _ahead_index(record: dict[str, Any]) -> tuple[list[int], list[dict[str, Any]]] | None:
+    """A record's ``ahead`` as (steps, entries) for a bisection; None when it has none (or an
+    ``apply_at_step``, whose changes the ``schedule`` lists instead)."""
+    ahead = record.get("ahead")
+    if not ahead or record.get("apply_at_step") is not None:
+        return None
+    seq = record["seq"]
+    entries = [{"seq": seq, "scale": scale, "lr": lr, "ahead": at} for at, scale, lr in ahead]
+    return [at for at, _, _ in ahead], entries
 
 
 def _integer(x: Any) -> bool:
@@ -491,7 +525,8 @@ class ControlWriter:
         return self.publish_many([decision])[-1]
 
     def publish_many(self, decisions: list[dict[str, Any]], schedule: list[dict[str, Any]] | None = None,
-                     after_seq: int | None = None, now: int | float | None = None) -> list[dict[str, Any]]:
+                     after_seq: int | None = None, now: int | float | None = None,
+                     ahead: list[tuple[int, float, float | None]] | None = None) -> list[dict[str, Any]]:
         """Journal several decisions (one write, one fsync) then write the last as the control file.
 
         Each decision gets its own seq; nothing unusable is written: a non-finite or
@@ -499,10 +534,16 @@ class ControlWriter:
         ``apply_at_step`` are added to ``schedule`` (see :func:`scheduled_with`; ``now``: the last
         step logged), which the control file then carries. ``after_seq``: the seq the caller last saw; when
         another writer has published since, :class:`ControlConflict` and nothing is written.
+        ``ahead``: the changes ahead ``[(step, scale, lr), ...]`` the control file lists after the last
+        decision (not journaled: they are derived from it; see :meth:`Control.entry`).
         """
         records = [self._record(**d) for d in decisions]
         if not records:
             return []
+        if ahead:
+            records[-1]["ahead"] = [[int(at), float(scale), None if lr is None else float(lr)]
+                                    for at, scale, lr in ahead]
+            _validate_ahead(records[-1]["ahead"])  # never write an unusable LR
         with self.locked():
             current = self.current()
             self._known = None
@@ -515,6 +556,7 @@ class ControlWriter:
                 seq += 1
                 record["seq"] = seq
                 entry = dict(record, kind=d.get("kind", "decision"), evidence=_plain(d.get("evidence") or {}))
+                entry.pop("ahead", None)
                 if "apply_at_step" in record:
                     scheduled = scheduled_with(scheduled, entry, now)
                 entry.pop("schedule", None)  # the journal holds every entry already
@@ -652,6 +694,7 @@ class Control:
         self._fspath = os.fspath(self.path)  # os.stat on a str skips Path.__fspath__ per call
         self.min_interval = float(min_interval)
         self._record: dict[str, Any] | None = None
+        self._ahead: tuple[list[int], list[dict[str, Any]]] | None = None  # the record's changes ahead
         self._key: tuple[int, int, int] | None = None
         self._recheck = False  # the file is too recent for its key to prove it unchanged
         self._data: bytes | None = None  # the bytes last parsed, good or bad
@@ -718,6 +761,7 @@ class Control:
                           RuntimeWarning, stacklevel=4)
             return
         self._record = record
+        self._ahead = _ahead_index(record)
 
     def record(self) -> dict[str, Any] | None:
         """The last good control record, or None before the first one."""
@@ -733,7 +777,9 @@ class Control:
         change first seen after its step applies at once, with a warning. A record without
         ``apply_at_step`` (the initial value, ``autolr set``) applies at once; the daemon lists
         both in the schedule at None (from the start). What a client applies never goes back to
-        an older seq.
+        an older seq. A record's ``ahead`` list (``[[step, scale, lr], ...]``: where its schedule
+        or warmup changes the LR next if no log row comes first) applies from each step on, as
+        the record itself: a job that logs every N steps follows them step by step.
         """
         self._refresh()
         rec = self._record
@@ -742,6 +788,9 @@ class Control:
         chosen = None
         if rec.get("apply_at_step") is None:
             chosen = rec
+            ahead = self._ahead
+            if ahead is not None and step >= ahead[0][0]:
+                chosen = ahead[1][bisect.bisect_right(ahead[0], step) - 1]
         else:
             for item in rec.get("schedule") or [{"at": rec["apply_at_step"], "seq": rec["seq"],
                                                   "scale": rec["scale"], "lr": rec["lr"]}]:

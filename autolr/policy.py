@@ -231,6 +231,14 @@ class Policy:
         """The factor on the base learning rate for what follows."""
         raise NotImplementedError
 
+    def ahead(self, state: State, t: int, unit: str) -> float:
+        """The factor at step ``t`` (after the last row's step) if no other row comes first:
+        what ``value`` would give after a row at t − 1 that brings nothing but the time.
+        ``unit`` is the run's unit. Default ``value(state)``: a policy that reacts to the metric
+        holds until a row says otherwise; a schedule (a pure function of time) overrides it, and
+        the control file then lists its changes ahead for the job to take between log rows."""
+        return self.value(state)
+
     def monitor_changed(self, state: State) -> State:
         """The run's automatic metric changed (val_loss appeared): restart metric statistics."""
         return state

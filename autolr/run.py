@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .chain import Decision
 from .config import Settings
-from .control import (ControlConflict, ControlError, ControlWriteError, ControlWriter, JournalCursor,
+from .control import (MAX_AHEAD, ControlConflict, ControlError, ControlWriteError, ControlWriter, JournalCursor,
                       atomic_write_json, path_identity, read_json, scheduled_with)
 from .engine import RunEngine
 from .policy import UnseenNames
@@ -33,6 +33,10 @@ MAX_STATE_BYTES = 256 << 20
 #: Decisions of one read published together at most: catching up on a log where every row
 #: decides (a per-step schedule) holds this many, not one per row of the read (~50k).
 PUBLISH_CHUNK = 1024
+#: Steps ahead a control file plans changes for (Chain.ahead): twice the steps one read of the
+#: log brings (a logger flushing every N steps) plus the rows' stride, within these bounds; and
+#: when no change comes that soon, the next one within AHEAD_MAX steps.
+AHEAD_MIN, AHEAD_MAX = 8, 4096
 #: Decisions a run publishes before the daemon checks whether most rows decide (see min_change).
 HINT_ROWS = 1000
 
@@ -58,6 +62,7 @@ class Run:
         self.needs_repair = False  # journal ahead of the control file after a failed write
         self.schedule: list[dict[str, Any]] = []  # recent changes with their apply_at_step
         self.max_step: int | None = None
+        self.read_span = 0  # steps the last read that moved max_step on brought (see _ahead)
         self.last_step: int | float | None = None
         self.last_metric: float | None = None
         self.last_decision: dict[str, Any] | None = None
@@ -113,6 +118,7 @@ class Run:
         if not self.manual_by_events:
             self.adopt_manual(save=False)  # (the batch is read, not fed: saved once it is)
         columns = tuple(reader.columns())
+        max_before = self.max_step
         batch: list[Decision] = []
         engine = self.engine
         lane = self.lane_of(reader)
@@ -142,6 +148,10 @@ class Run:
                 if len(batch) >= PUBLISH_CHUNK:  # a decision on every row of a long log
                     self.publish(batch)
                     batch = []
+        if max_before is None and records and type(records[0].step) is int:
+            max_before = records[0].step - 1  # a first read: from its own first step
+        if max_before is not None and self.max_step is not None and self.max_step > max_before:
+            self.read_span = self.max_step - max_before
         if batch:
             # The state is saved by the daemon's flush timer, not here: a crash in between is
             # covered by matching the journal at restart, and a save per batch cost more than
@@ -239,7 +249,8 @@ class Run:
             last_at = fields.get("apply_at_step", last_at)
             batch.append(fields)
         try:
-            records = self.writer.publish_many(batch, schedule=self.schedule, after_seq=self.seq, now=self._now())
+            records = self.writer.publish_many(batch, schedule=self.schedule, after_seq=self.seq, now=self._now(),
+                                               ahead=self._ahead())
         except ControlConflict:
             self.unpublished = []
             if self._adopt_foreign():
@@ -269,6 +280,29 @@ class Run:
             for record in records:
                 self.on_decision(self, record)
         return True
+
+    def _ahead(self) -> list[tuple[int, float, float | None]]:
+        """The changes the chain would publish at the next steps if no row came first, for the
+        control file to list (a job logging every N steps, or a logger that flushes late, then
+        follows a warmup or a schedule step by step): from the last step on, as far as twice
+        the steps a read brings plus the rows' stride (AHEAD_MIN … AHEAD_MAX), or to the next
+        change. Empty with ``--apply-margin``, whose changes the ``schedule`` lists, and while
+        each read brings the one row of a log written every step (a daemon that falls behind
+        reads several at once, and lists them again)."""
+        engine = self.engine
+        state = engine.state
+        last = state.get("last_step")
+        if self.settings.apply_margin is not None or state.get("unit") != "step" or type(last) is not int:
+            return []
+        rows = engine.rows
+        stride = rows.stride if rows.steps is None and rows.stride > 0 else 1
+        if stride == 1 and self.read_span <= 1:
+            return []  # a row every step, read as it comes: the job is a step ahead at most
+        reach = min(max(2 * max(self.read_span, stride) + stride, AHEAD_MIN), AHEAD_MAX)
+        chain = engine.chain
+        plan = chain.ahead(state, last + 1, last + 1 + reach, MAX_AHEAD, beyond=AHEAD_MAX - reach)
+        base = chain.base_lr if chain.base_lr is not None else state.get("base")
+        return [(at, scale, None if base is None else base * scale) for at, scale in plan]
 
     def _hint_min_change(self, n: int) -> None:
         """Say once when most rows publish a decision (a per-step schedule) and min_change is 0."""

@@ -314,6 +314,13 @@ BAD = {
     "a JSON number": "0.5",
     "oversized": json.dumps(good(seq=2, reason="x" * MAX_CONTROL_BYTES)),
     "not UTF-8": b'{"schema": 1, "seq": 2, "scale": 0.5, "lr": null, "reason": "\xff"}',
+    "ahead not a list": good(seq=2, ahead={"10": 0.5}),
+    "ahead entry of two": good(seq=2, ahead=[[10, 0.5]]),
+    "ahead zero scale": good(seq=2, ahead=[[10, 0.0, None]]),
+    "ahead negative lr": good(seq=2, ahead=[[10, 0.5, -1.0]]),
+    "ahead step not an integer": good(seq=2, ahead=[[10.5, 0.5, None]]),
+    "ahead steps going back": good(seq=2, ahead=[[10, 0.5, None], [10, 0.25, None]]),
+    "ahead too long": good(seq=2, ahead=[[i, 0.5, None] for i in range(control.MAX_AHEAD + 1)]),
 }
 
 
@@ -468,6 +475,34 @@ def test_publish_then_client_round_trip(run):
     writer.publish(scale=0.25, lr=0.025, step=200, policy="plateau", reason="flat again")
     assert ctl.lr(0.1) == 0.025 and ctl.scale() == 0.25 and ctl.seq == 2
     assert ctl.record()["step"] == 200
+
+
+def test_the_changes_ahead_apply_from_their_steps_and_are_not_journaled(run):
+    writer = ControlWriter(run)
+    ctl = Control(run)
+    writer.publish_many([dict(scale=0.1, lr=0.01, step=49, policy="warmup", reason="ramp")],
+                        ahead=[(51, 0.2, 0.02), (60, 0.5, 0.05), (100, 1.0, 0.1)])
+    assert [ctl.lr(1.0, step) for step in (40, 50, 51, 59, 60, 99, 100, 10_000)] == \
+        [0.01, 0.01, 0.02, 0.02, 0.05, 0.05, 0.1, 0.1]
+    assert [ctl.scale(step) for step in (50, 60)] == [0.1, 0.5]
+    assert ctl.entry(75) == {"seq": 1, "scale": 0.5, "lr": 0.05, "ahead": 60}
+    assert ctl.lr(1.0) == 0.01 and ctl.scale() == 0.1  # without a step: the record itself
+    assert "ahead" not in read_journal(run)[-1]
+    # The next record replaces them: its own, or none.
+    writer.publish(scale=0.05, lr=0.005, step=120, policy="plateau", reason="flat")
+    assert ctl.lr(1.0, 130) == 0.005 and ctl.seq == 2
+    # A record whose changes come with apply_at_step (--apply-margin) lists them in its schedule.
+    write_raw(run, good(seq=3, scale=0.5, lr=None, apply_at_step=200, ahead=[[150, 0.25, None]],
+                        schedule=[{"at": 200, "seq": 3, "scale": 0.5, "lr": None}]))
+    assert ctl.scale(160) == 0.05 and ctl.entry(160)["seq"] == 2  # its ahead is not taken
+    assert ctl.scale(200) == 0.5
+
+
+def test_publishing_an_unusable_change_ahead_raises_and_writes_nothing(run):
+    writer = ControlWriter(run)
+    with pytest.raises(ControlError):
+        writer.publish_many([dict(scale=0.1, lr=None, step=1, policy="p", reason="r")], ahead=[(5, math.inf, None)])
+    assert not (run / CONTROL_NAME).exists() and not (run / JOURNAL_NAME).exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -146,7 +146,8 @@ def check_common(run: Path, rec: dict, sched_name: str | None) -> dict[int, floa
         assert user == pytest.approx([rec["base"] * factor(s), rec["base"] * GROUP_RATIO * factor(s)], rel=1e-12)
     # the LR each step used: user LR x the scale of the control entry applied at that step
     for s, (user, used, seq, scale) in enumerate(zip(rec["user"], rec["used"], rec["seq"], rec["scale"])):
-        assert seq in scale_of and scale == scale_of[seq], (s, seq)
+        # the entry's own scale, or a change it listed ahead (the step schedule's, at its step)
+        assert seq in scale_of and scale in (scale_of[seq], 0.5 ** (s // STEP_SIZE)), (s, seq)
         assert used == [u * scale for u in user], s
     assert rec["seq"] == sorted(rec["seq"])  # never back to an older decision
     for used, sgd in zip(rec["used"], rec["sgd"]):
@@ -189,6 +190,51 @@ def test_free_running_loop_follows_the_daemon_live(root):
     rec = train(run, "SGD", "LambdaLR", steps=100, sync=False, until_changes=3)
     check_common(run, rec, "LambdaLR")
     assert len(set(rec["seq"])) > 3, "fewer than 3 decisions reached the loop during training"
+
+
+def test_a_log_flushed_every_100_steps_still_gets_every_step_of_a_warmup_and_a_cosine(tmp_path):
+    """A logger that writes its rows every N steps (Lightning's CSVLogger flushes every 100, a
+    Trainer logs every ``logging_steps``): the daemon sees step 99 only at step 100, yet each
+    step from there on runs at the schedule's own factor, from the changes the control file
+    lists ahead. Before the first rows, the chain's start value (the warmup's 0.1)."""
+    warmup, t_max, flush = 300, 2000, 100
+    root = tmp_path / "runs"
+    run = root / "sparse"
+    run.mkdir(parents=True)
+    log_path = run / "metrics.jsonl"
+    log_path.touch()  # the logger's file exists from the start: the daemon publishes the start value
+    daemon = start_daemon(root, "--no-fsync", "--policy", f"warmup:steps={warmup},start_factor=0.1",
+                          "--policy", f"cosine:T_max={t_max}")
+    try:
+        wait_until(lambda: (run / "autolr.json").exists(), what="the start value")
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        handle = attach(opt, run)
+        used = []
+        with open(log_path, "a") as log:
+            for step in range(600):
+                x = torch.randn(8, 4, dtype=torch.float64)
+                opt.zero_grad()
+                loss = model(x).pow(2).mean()
+                loss.backward()
+                opt.step()
+                used.append(handle.scale)
+                log.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+                if step % flush == flush - 1:
+                    log.flush()
+                    wait_until(lambda: _control_step(run) == step, what=f"the decision after step {step}")
+        handle.detach()
+    finally:
+        stop(daemon)
+
+    def factor(s: int) -> float:
+        return (0.1 + 0.9 * min(s, warmup) / warmup) * (1 + math.cos(math.pi * s / t_max)) / 2
+
+    assert used[:flush] == [0.1] * flush
+    wrong = [(s, used[s], factor(s)) for s in range(flush, 600) if not math.isclose(used[s], factor(s), rel_tol=1e-12)]
+    assert not wrong, wrong[:5]
+    assert "ahead" not in read_journal(run)[-1] and len(read_journal(run)) == 1 + 600 // flush * flush
 
 
 def test_without_a_control_file_attach_changes_nothing(tmp_path):

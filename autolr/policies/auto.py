@@ -156,6 +156,14 @@ class Auto(Policy):
         w = 1.0 if state.get("ramp_done") else self._warmup_factor(state, None if t is None else t + 1)
         return w * state["decay"] * state["guard"] * state["boost"]
 
+    def ahead(self, state: State, t: int, unit: str) -> float:
+        """During a warmup counted in steps: its factor at step ``t`` times the others."""
+        if state["ramp_done"] or (unit if self.unit == "auto" else self.unit) != "step":
+            return self.value(state)
+        last = state["t"]
+        w = self._warmup_factor(state, t if last is None else max(t, last + 1))
+        return w * state["decay"] * state["guard"] * state["boost"]
+
     def restart_time(self, state: State) -> State:
         """The warmup's time starts over (it is read from the next row); a guard event that
         ended it early keeps it ended."""

@@ -41,6 +41,13 @@ class Schedule(Policy):
         t = state["t"]
         return self.factor_at(0.0 if t is None else t + 1, state["base_lr"])
 
+    def ahead(self, state: State, t: int, unit: str) -> float:
+        """``factor_at(t)`` when the schedule counts steps (never before the time it is at)."""
+        if (unit if self.unit == "auto" else self.unit) != "step":
+            return self.value(state)
+        last = state["t"]
+        return self.factor_at(t if last is None else max(t, last + 1), state["base_lr"])
+
     def restart_time(self, state: State) -> State:
         return self.init(state["base_lr"])
 
