@@ -573,6 +573,29 @@ class ControlWriter:
                            dict(records[-1]))
         return records
 
+    def relist(self, seq: int, ahead: list[tuple[int, float, float | None]]) -> bool:
+        """Rewrite the control file of record ``seq`` with the changes ``ahead`` (see
+        :meth:`publish_many`): the same seq, nothing journaled, for a chain that can first list
+        them without a new decision (the run's first row, a restart). False, writing nothing,
+        when ``seq`` is not the record in force on disk (another writer moved on, or the
+        journal is ahead of the file and waits for :meth:`repair`)."""
+        listed = [[int(at), float(scale), None if lr is None else float(lr)] for at, scale, lr in ahead]
+        _validate_ahead(listed)
+        with self.locked():
+            self._known = None
+            on_disk = None
+            with contextlib.suppress(OSError, ControlError):
+                on_disk = validate_control(read_json(self.path))
+            current = self.current()
+            if on_disk is None or current is None or on_disk["seq"] != seq or current["seq"] != seq:
+                return False
+            record = {k: v for k, v in on_disk.items() if k != "ahead"}
+            if listed:
+                record["ahead"] = listed
+            atomic_write_json(self.path, record, fsync=self.fsync)
+            self._known = None
+        return True
+
     @staticmethod
     def _record(*, scale: float, lr: float | None, step: int | None, policy: str, reason: str,
                 evidence: dict[str, Any] | None = None, kind: str = "decision", **extra: Any) -> dict[str, Any]:

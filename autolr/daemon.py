@@ -306,15 +306,16 @@ class Daemon:
                 reader.close()
                 self.count("run failed to open", path, exc)
                 return None
-            kind = next((r for r in run.sources.values()), None)
-            if kind is not None and kind.name != reader.name:
+            kind = next((r for r in run.sources.values() if not getattr(r, "companion", False)), None)
+            if kind is not None and kind.name != reader.name and not getattr(cls, "companion", False):
                 # Lightning's CSV beside its event files, W&B's output.log beside run-*.wandb:
-                # the same metrics twice would double every observation. One kind per run.
+                # the same metrics twice would double every observation. One kind per run
+                # (besides a companion: a callback's fit starts, which carry no metric).
                 if getattr(kind, "priority", 0) >= cls.priority or run.rows:
                     self.ignored[path] = kind.name
                     self.on_event("ignored", {"path": str(path), "reader": cls.name, "kept": kind.name})
                     return None
-                for old in list(run.sources):
+                for old in [p for p, r in run.sources.items() if not getattr(r, "companion", False)]:
                     self.ignored[old] = reader.name
                     self._forget_source(old)
                     run.sources.pop(old)

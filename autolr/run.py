@@ -22,7 +22,7 @@ from .config import Settings
 from .control import (MAX_AHEAD, ControlConflict, ControlError, ControlWriteError, ControlWriter, JournalCursor,
                       atomic_write_json, path_identity, read_json, scheduled_with)
 from .engine import RunEngine
-from .policy import UnseenNames
+from .policy import Policy, UnseenNames
 from .readers.base import Reader
 
 log = logging.getLogger("autolr.run")
@@ -63,6 +63,10 @@ class Run:
         self.schedule: list[dict[str, Any]] = []  # recent changes with their apply_at_step
         self.max_step: int | None = None
         self.read_span = 0  # steps the last read that moved max_step on brought (see _ahead)
+        # (seq, unit) the control file's changes ahead were last worked out for, and whether a
+        # policy of the chain can move on its own (a schedule, a warmup) at all
+        self.ahead_key: tuple[int, str | None] | None = None
+        self.moves = any(type(p).ahead is not Policy.ahead for p in self.engine.chain.policies)
         self.last_step: int | float | None = None
         self.last_metric: float | None = None
         self.last_decision: dict[str, Any] | None = None
@@ -161,6 +165,8 @@ class Run:
             self.unseen.see(records, columns)
             for message in self.unseen.warnings():
                 log.warning("%s: %s", self.folder, message)
+        if self.moves and (self.seq, engine.state.get("unit")) != self.ahead_key:
+            self._relist_ahead()
         if self.save_after_feed:  # the journal cannot say where in the rows the override came
             self.save_after_feed = False
             self.save()
@@ -248,9 +254,10 @@ class Run:
             fields = self._control_fields(d, last_at)
             last_at = fields.get("apply_at_step", last_at)
             batch.append(fields)
+        ahead = self._ahead() if self.moves else []
         try:
             records = self.writer.publish_many(batch, schedule=self.schedule, after_seq=self.seq, now=self._now(),
-                                               ahead=self._ahead())
+                                               ahead=ahead)
         except ControlConflict:
             self.unpublished = []
             if self._adopt_foreign():
@@ -274,6 +281,7 @@ class Run:
         self._hint_min_change(len(records))
         self.schedule = records[-1].get("schedule", self.schedule)
         self.seq = records[-1]["seq"]
+        self.ahead_key = (self.seq, self.engine.state.get("unit"))
         self.last_decision = records[-1]
         self.dirty = True
         if self.on_decision:
@@ -296,13 +304,28 @@ class Run:
             return []
         rows = engine.rows
         stride = rows.stride if rows.steps is None and rows.stride > 0 else 1
-        if stride == 1 and self.read_span <= 1:
+        if self.rows <= 1:
+            reach = MAX_AHEAD  # the first row (a callback's at the start of a fit): no cadence known yet
+        elif stride == 1 and self.read_span <= 1:
             return []  # a row every step, read as it comes: the job is a step ahead at most
-        reach = min(max(2 * max(self.read_span, stride) + stride, AHEAD_MIN), AHEAD_MAX)
+        else:
+            reach = min(max(2 * max(self.read_span, stride) + stride, AHEAD_MIN), AHEAD_MAX)
         chain = engine.chain
         plan = chain.ahead(state, last + 1, last + 1 + reach, MAX_AHEAD, beyond=AHEAD_MAX - reach)
         base = chain.base_lr if chain.base_lr is not None else state.get("base")
         return [(at, scale, None if base is None else base * scale) for at, scale in plan]
+
+    def _relist_ahead(self) -> None:
+        """List the changes ahead in the control record in force when it was published without
+        them: the run's unit was not known yet (its initial value), a manual set, or a restart.
+        Its seq stays; nothing is journaled. A failing disk only costs the list."""
+        self.ahead_key = (self.seq, self.engine.state.get("unit"))
+        ahead = self._ahead()
+        if ahead and not (self.unpublished or self.needs_repair or self.pending):
+            try:
+                self.writer.relist(self.seq, ahead)
+            except (OSError, ValueError) as exc:
+                log.warning("%s: the changes ahead were not listed in the control file: %s", self.folder, exc)
 
     def _hint_min_change(self, n: int) -> None:
         """Say once when most rows publish a decision (a per-step schedule) and min_change is 0."""

@@ -10,6 +10,7 @@ import pytest
 
 from autolr.chain import build_chain
 from autolr.plugins import policy_classes
+from autolr.control import read_journal
 from autolr.records import Record
 
 CHAINS = [
@@ -167,3 +168,38 @@ def test_no_changes_ahead_with_an_apply_margin_or_a_policy_that_waits_for_rows(t
     run, source = _run(tmp_path / "b", "plateau:method=threshold,patience=2")
     run.feed(source, [Record({"loss": 1.0}, step=s) for s in range(10)])
     assert _control(tmp_path / "b")["policy"] == "plateau" and "ahead" not in _control(tmp_path / "b")
+
+
+@pytest.mark.parametrize("spec, length, start", [("warmup:steps=100", 100, 0.01), ("auto", 100, 0.1)])
+def test_a_start_row_lists_the_warmup_from_the_first_step_in_the_initial_record(tmp_path, spec, length, start):
+    """The Lightning and Hugging Face callbacks write ``{"step": global_step - 1}`` when a fit
+    starts: the run then counts steps, and its initial record (the same seq: no new decision)
+    lists the warmup from step 1 on, before the logger's first rows."""
+    run, source = _run(tmp_path, spec)
+    run.start()
+    assert _control(tmp_path)["seq"] == 1 and "ahead" not in _control(tmp_path)
+    run.feed(source, [Record({}, step=-1)])
+    control = _control(tmp_path)
+    assert control["seq"] == 1 and control["scale"] == pytest.approx(start)
+    assert [at for at, _, _ in control["ahead"]] == list(range(1, length + 1))
+    assert control["ahead"][-1][1] == 1.0
+    assert len(read_journal(tmp_path)) == 1  # nothing journaled
+    run.feed(source, [Record({"loss": 2.0}, step=s) for s in range(49, 100, 50)])  # the first flush
+    control = _control(tmp_path)
+    assert control["seq"] == 3 and control["scale"] == 1.0 and "ahead" not in control  # the warmup is over
+
+
+def test_the_changes_ahead_are_not_listed_over_another_writers_record(tmp_path):
+    from autolr.control import ControlWriter
+
+    run, source = _run(tmp_path, "warmup:steps=100")
+    run.start()
+    ControlWriter(tmp_path).publish(scale=0.3, lr=None, step=None, policy="manual", reason="set", kind="manual")
+    assert not run.writer.relist(1, [(5, 0.5, None)])
+    assert _control(tmp_path)["seq"] == 2 and "ahead" not in _control(tmp_path)
+    run.feed(source, [Record({}, step=-1)])  # adopts the set, then lists from it: manual x warmup
+    control = _control(tmp_path)
+    assert control["seq"] == 2 and control["scale"] == 0.3
+    # (a set is relative: the warmup's own rise, x100 from here, follows it, as the daemon's
+    # decisions would)
+    assert control["ahead"][-1] == [100, pytest.approx(0.3 / 0.01), None]

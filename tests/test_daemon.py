@@ -465,6 +465,29 @@ def test_one_log_kind_per_run(tmp_path):
     assert len([e for e in events if e[0] == "ignored"]) == 2
 
 
+@pytest.mark.parametrize("start_first", [True, False])
+def test_a_callbacks_fit_start_file_is_read_beside_the_runs_log_of_any_kind(tmp_path, start_first):
+    """autolr-fit.jsonl (the Lightning callback's: the step a fit starts at) is a companion: read
+    beside metrics.csv whichever comes first, while a second log kind is still left out."""
+    run = tmp_path / "run"
+    run.mkdir()
+    start = run / "autolr-fit.jsonl"
+    if start_first:
+        start.write_text('{"step": -1}\n')
+    (run / "metrics.csv").write_text("step,loss\n" + "".join(f"{s},1.0\n" for s in range(10)))
+    write_jsonl(run / "other.jsonl", flat_then_flat(range(10)))
+    daemon, events = make_daemon(tmp_path)
+    daemon.run()
+    if not start_first:  # a fit resumed later in a run the daemon knows (a restart: from its state)
+        start.write_text('{"step": 4}\n')
+        daemon, events = make_daemon(tmp_path)
+        daemon.run()
+        assert daemon.runs[run].engine.rewinds == 1
+    assert sorted(p.name for p in daemon.runs[run].sources) == ["autolr-fit.jsonl", "metrics.csv"]
+    assert [d["path"] for k, d in events if k == "ignored"] == [str(run / "other.jsonl")]
+    assert daemon.runs[run].rows == 11
+
+
 def test_catching_up_reports_progress(tmp_path, monkeypatch):
     import autolr.daemon as daemon_mod
     import autolr.readers.base as base

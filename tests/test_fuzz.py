@@ -25,6 +25,7 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(Healt
 READER_FILES = {
     "csv": "m.csv",
     "jsonl": "m.jsonl",
+    "fit-start": "autolr-fit.jsonl",
     "tensorboard": "events.out.tfevents.1.host",
     "text": "train.log",
     "wandb": "wandb/offline-run-20260101_000000-abc/run-abc.wandb",
@@ -66,6 +67,7 @@ def same(a: list[Record], b: list[Record]) -> bool:
 SEEDS = {
     "csv": b"epoch,step,loss,val_loss\r\n0,1,2.5,NA\r\n0,2,nan,\r\n",
     "jsonl": b'{"step": 1, "loss": "2.5", "a": {"b": 1}}\n{"step": 2, "loss": NaN}\n',
+    "fit-start": b'{"step": -1}\n{"step": 4}\n',
     "text": b"iter 100: loss 2.3450, time 12.34ms\n{'loss': '3.1', 'epoch': 0.5}\r\x1b[2K1/9 \xe2\x94\x81 - loss: 0.3\n",
     "mlflow-file": b"1700000000000 0.5 1\n1700000000001 0.4 2\n",
     "hf-trainer-state": b'{"log_history": [{"loss": 1.0, "step": 5, "epoch": 0.1}]}',

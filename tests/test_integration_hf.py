@@ -98,3 +98,24 @@ def test_hf_trainer_follows_the_daemon(tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == list(range(STEPS))  # the index of the step just done
     # After training, the optimizer holds the scheduler's LR, without autolr's factor.
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(trainer.lr_scheduler.get_last_lr()[0])
+
+
+def test_a_warmup_is_followed_step_by_step_with_logs_every_50_steps(tmp_path):
+    """``logging_steps=50``: the callback's start row lets the daemon list the warmup ahead from
+    the first step, and each record lists the steps to the next logs; before, the steps up to
+    the first log ran at the Trainer's own LR and the warmup moved in 50-step stairs."""
+    root = tmp_path / "runs"
+    run = root / "gpt2-tiny"
+    warmup, steps = 80, 120
+    args = TrainingArguments(output_dir=str(run), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=LR, lr_scheduler_type="constant", logging_steps=50, report_to="none",
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    cb, probe = AutolrCallback(), Probe()
+    with daemon(root, "--no-fsync", "--policy", f"warmup:steps={warmup},start_factor=0.1"), torch_threads(1):
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=RandomTokens(), callbacks=[cb, probe]).train()
+    scale = {s: probe.applied[s] / LR for s in range(steps)}
+    wrong = [s for s in range(steps) if scale[s] != pytest.approx(0.1 + 0.9 * min(s, warmup) / warmup, rel=1e-9)]
+    # the first steps may run before the daemon has read the fit's start (a few ms)
+    assert not wrong or max(wrong) < 20, (wrong, daemon_log(root), journal_summary(run))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": -1} and [r["step"] for r in rows if "loss" in r] == [49, 99]

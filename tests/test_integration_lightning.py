@@ -12,7 +12,7 @@ L = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from autolr.control import ControlWriter  # noqa: E402
+from autolr.control import ControlWriter, read_journal  # noqa: E402
 from autolr.integrations.lightning import AutolrCallback  # noqa: E402
 
 from .framework_util import MARGIN, check_applied, daemon, daemon_log, journal_summary, late_warnings, torch_threads  # noqa: E402
@@ -284,3 +284,27 @@ def test_the_callback_reads_the_control_file_of_the_first_loggers_run(tmp_path, 
            reader_classes(pm), Options(once=True, fsync=False)).run()
     controls = sorted(p.parent for p in root.rglob("autolr.json"))
     assert controls == [cb.run_path], (controls, cb.run_path)
+
+
+def test_a_warmup_is_followed_from_the_first_steps_although_the_csv_comes_every_100(tmp_path):
+    """Lightning's defaults: a row every 50 steps, written at every 100th. The callback's row in
+    autolr-fit.jsonl (the step the fit starts at) lets the daemon list the warmup ahead from the
+    first step, read beside metrics.csv; before, the first 100 steps ran at the user's own LR
+    and the warmup moved in 50-step stairs."""
+    root = tmp_path / "runs"
+    warmup, steps = 150, 300
+    with daemon(root, "--no-fsync", "--policy", f"warmup:steps={warmup},start_factor=0.1"), torch_threads(1):
+        cb, probe = AutolrCallback(), Probe()
+        t = L.Trainer(max_steps=steps, callbacks=[cb, probe], logger=CSVLogger(root, name="exp", version=0),
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      accelerator="cpu", devices=1)
+        t.fit(Regression(delay=0.005), data())
+    run = root / "exp" / "version_0"
+    scale = {s: probe.applied[s] / (BASE_LR * user_lambda(s)) for s in range(steps)}
+    want = {s: 0.1 + 0.9 * min(s, warmup) / warmup for s in range(steps)}
+    wrong = [s for s in range(steps) if not scale[s] == pytest.approx(want[s], rel=1e-9)]
+    # the first steps may run before the daemon has read the fit's start (a few ms)
+    assert not wrong or max(wrong) < 30, (wrong, daemon_log(root), journal_summary(run))
+    assert (run / "autolr-fit.jsonl").read_text() == '{"step":-1}\n'
+    # the daemon read Lightning's CSV too: the warmup's decisions at its rows
+    assert [e["step"] for e in read_journal(run) if e["kind"] == "decision"] == [49, 99, 149]

@@ -15,8 +15,12 @@ What the daemon reads. The Trainer itself writes ``trainer_state.json`` only at 
 which is too late to steer a run. So by default (``log_metrics=True``) the callback appends
 every log the Trainer emits (``on_log``: ``loss``, ``grad_norm``, ``learning_rate``, ``epoch``,
 eval metrics) to ``run_dir/metrics.jsonl`` as ``{"step": global_step - 1, ...}``, on the main
-process only. Its rate is the Trainer's ``logging_steps`` (default 500): set it to 1-10 for
-a timely daemon. The ``learning_rate`` logged by the Trainer is its scheduler's, without
+process only, after a row ``{"step": global_step - 1}`` at train begin (where the fit starts:
+the daemon then lists a warmup's or a schedule's changes ahead from the first step, and a
+resumed fit's rewind is seen at once). Its rate is the Trainer's ``logging_steps`` (default
+500): a warmup and a schedule move at every step between logs all the same (the control
+file's ``ahead``), but the plateau tests and the divergence guard see only the logged rows:
+set it to 1-10 for a timely daemon. The ``learning_rate`` logged by the Trainer is its scheduler's, without
 autolr's factor. (The daemon keeps one log kind per run folder, the first it sees: the
 JSONL, before any checkpoint's ``trainer_state.json``. ``report_to="tensorboard"`` writes
 ``output_dir/runs/...``, which the daemon treats as a run folder of its own.)
@@ -73,6 +77,9 @@ class AutolrCallback(TrainerCallback):
             self.handle = _torch_integration.attach(optimizer, self.control, start_step=int(state.global_step))
         if self.log_metrics and state.is_world_process_zero and self._logger is None:
             self._logger = Logger(self.run_path / "metrics.jsonl")
+            # Where the fit starts, before the first log: the daemon then counts this run in
+            # steps and lists a warmup's changes ahead from the first step (see the module doc).
+            self._logger(int(state.global_step) - 1)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.handle is not None:

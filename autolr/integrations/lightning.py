@@ -20,6 +20,12 @@ accumulated batches do not shift it. With several optimizers or manual optimizat
 batch) every step reads the step the loggers write on the batch's rows. They come off at the
 end of the fit.
 
+At the start of each fit the callback (on global rank 0) appends ``{"step": s - 1}``, where
+``s`` is the step the fit starts at, to ``autolr-fit.jsonl`` in the run folder
+(``mark_start=False``: not). The CSVLogger writes its first rows at its first flush (every 100
+steps by default); from this row the daemon knows the run counts steps and lists a warmup's or
+a schedule's changes ahead from the first step, and sees a resumed fit's rewind at once.
+
 ``AutolrCallback`` subclasses ``lightning.pytorch.Callback`` (the ``lightning`` package, else
 ``pytorch_lightning``); ``PLAutolrCallback`` is the same for the ``pytorch_lightning`` package.
 Importing this module imports neither until one of the two names is used.
@@ -32,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ..control import Control
+from ..logger import Logger
+from ..readers import FIT_START_FILE
 from . import torch as _torch_integration
 
 __all__ = ["AutolrCallback", "PLAutolrCallback"]
@@ -40,10 +48,12 @@ __all__ = ["AutolrCallback", "PLAutolrCallback"]
 class _AutolrCallbackMixin:
     """The callback's behaviour; mixed with the Callback base of the installed Lightning."""
 
-    def __init__(self, run_dir: str | os.PathLike | Control | None = None, *, min_interval: float = 0.0):
+    def __init__(self, run_dir: str | os.PathLike | Control | None = None, *, min_interval: float = 0.0,
+                 mark_start: bool = True):
         super().__init__()
         self.run_dir = run_dir
         self.min_interval = min_interval
+        self.mark_start = mark_start
         self.handles: list[_torch_integration.AttachedControl] = []
         self.control: Control | None = None
 
@@ -67,12 +77,15 @@ class _AutolrCallbackMixin:
         start = int(trainer.global_step)
         self.handles = [_torch_integration.attach(_unwrap(opt), control, start_step=start)
                         for opt in trainer.optimizers]
-        if len(self.handles) != 1 or not getattr(pl_module, "automatic_optimization", True):
+        logged = len(self.handles) != 1 or not getattr(pl_module, "automatic_optimization", True)
+        if logged:
             # global_step counts every optimizer's steps (two optimizers: 2 a batch), and an
             # optimizer may step several times a batch (a GAN's critic); the rows carry the
             # logged step, one a batch: every step takes its change by that clock.
             for handle in self.handles:
                 handle.clock = lambda: _logged_step(trainer)
+        if self.mark_start and getattr(trainer, "is_global_zero", True):
+            _mark_start(control.path.parent, (_logged_step(trainer) if logged else start) - 1)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if len(self.handles) == 1 and self.handles[0].clock is None:
@@ -113,6 +126,20 @@ def _default_run_dir(trainer: Any) -> str | os.PathLike:
     elif kind == "WandbLogger":
         return Path(logger.experiment.dir).parent
     return trainer.log_dir or trainer.default_root_dir
+
+
+def _mark_start(folder: Path, step: int) -> None:
+    """Append ``{"step": step}`` (the last step done; -1 for a new fit) to FIT_START_FILE: the
+    logger writes its first rows only at its first flush (100 steps for the CSVLogger), and
+    this row lets the daemon list a warmup's or a schedule's changes ahead from the first
+    step, and see a resumed fit's rewind at once. A folder that cannot be written is warned
+    about, never fatal."""
+    try:
+        with Logger(folder / FIT_START_FILE) as log:
+            log(step)
+    except OSError as exc:
+        warnings.warn(f"autolr: cannot write {folder / FIT_START_FILE}: {exc}; the daemon sees this fit "
+                      "at its logger's first flush", RuntimeWarning, stacklevel=3)
 
 
 def _logged_step(trainer: Any) -> int:

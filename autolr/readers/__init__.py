@@ -9,6 +9,10 @@ from pathlib import Path
 OWN_FILES = frozenset({"autolr.json", "autolr.decisions.jsonl", "autolr.state.json", "autolr.lock", "autolr.toml",
                        "autolr.daemon.log"})
 
+#: Where a framework callback notes the step each fit starts at (``{"step": s}``, the last step
+#: done): read beside the run's own log of any kind (see ``FitStartReader``).
+FIT_START_FILE = "autolr-fit.jsonl"
+
 
 def is_own_file(path: Path) -> bool:
     name = path.name

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..hookspecs import hookimpl
+from . import FIT_START_FILE
 import numpy as np
 
 from ..records import EPOCH_KEYS, STEP_KEYS, Record, split_counters
@@ -270,6 +271,24 @@ def _group_batch(keys: list[str], values: np.ndarray, steps: np.ndarray, epochs:
     return Batch(steps, epochs, {k: values[:, j] for j, k in enumerate(keys)})
 
 
+class FitStartReader(JsonlReader):
+    """A callback's fit starts (autolr-fit.jsonl: the step each fit starts at), beside any log."""
+
+    name = "fit-start"
+    priority = 20  # the file is a JSONL's, but this reader's
+    #: Read beside the run's log of another kind (a run keeps one kind of log: the same metrics
+    #: twice would double every observation). Its rows carry a step and no metric: a Lightning
+    #: run, whose CSVLogger writes its first rows at its first flush, counts in steps from its
+    #: first step on (the control file lists a warmup ahead from there), and a resumed fit's
+    #: rewind is seen when it starts.
+    companion = True
+
+    @classmethod
+    def matches(cls, path: Path) -> bool:
+        return path.name == FIT_START_FILE
+
+
 @hookimpl
 def register_readers(register) -> None:
     register(JsonlReader)
+    register(FitStartReader)
