@@ -20,8 +20,8 @@ the daemon then lists a warmup's or a schedule's changes ahead from the first st
 resumed fit's rewind is seen at once). Its rate is the Trainer's ``logging_steps`` (default
 500): a warmup and a schedule move at every step between logs all the same (the control
 file's ``ahead``), but the plateau tests and the divergence guard see only the logged rows:
-set it to 1-10 for a timely daemon. The ``learning_rate`` logged by the Trainer is its scheduler's, without
-autolr's factor. (The daemon keeps one log kind per run folder, the first it sees: the
+set it to 1-10 for a timely daemon. The ``learning_rate`` logged by the Trainer is its
+scheduler's, without autolr's factor. (The daemon keeps one log kind per run folder, the first it sees: the
 JSONL, before any checkpoint's ``trainer_state.json``. ``report_to="tensorboard"`` writes
 ``output_dir/runs/...``, which the daemon treats as a run folder of its own.)
 
