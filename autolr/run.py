@@ -66,6 +66,7 @@ class Run:
         # (seq, unit) the control file's changes ahead were last worked out for, and whether a
         # policy of the chain can move on its own (a schedule, a warmup) at all
         self.ahead_key: tuple[int, str | None] | None = None
+        self.ahead_end: int | None = None  # the last step a list of changes ahead reached
         self.moves = any(type(p).ahead is not Policy.ahead for p in self.engine.chain.policies)
         self.last_step: int | float | None = None
         self.last_metric: float | None = None
@@ -293,8 +294,8 @@ class Run:
         """The changes the chain would publish at the next steps if no row came first, for the
         control file to list (a job logging every N steps, or a logger that flushes late, then
         follows a warmup or a schedule step by step): from the last step on, as far as twice
-        the steps a read brings plus the rows' stride (AHEAD_MIN … AHEAD_MAX), or to the next
-        change. Empty with ``--apply-margin``, whose changes the ``schedule`` lists, and while
+        the steps a read brings plus the rows' stride (AHEAD_MIN … AHEAD_MAX) and at least as
+        far as the list before, or to the next change. Empty with ``--apply-margin``, whose changes the ``schedule`` lists, and while
         each read brings the one row of a log written every step (a daemon that falls behind
         reads several at once, and lists them again)."""
         engine = self.engine
@@ -310,6 +311,11 @@ class Run:
             return []  # a row every step, read as it comes: the job is a step ahead at most
         else:
             reach = min(max(2 * max(self.read_span, stride) + stride, AHEAD_MIN), AHEAD_MAX)
+        if self.ahead_end is not None and self.ahead_end - last > reach:
+            # as far as a list before went: the job may be there already (a daemon catching
+            # up), and a shorter list would take its LR back to the factor of an earlier step
+            reach = min(self.ahead_end - last, AHEAD_MAX)
+        self.ahead_end = last + reach
         chain = engine.chain
         plan = chain.ahead(state, last + 1, last + 1 + reach, MAX_AHEAD, beyond=AHEAD_MAX - reach)
         base = chain.base_lr if chain.base_lr is not None else state.get("base")

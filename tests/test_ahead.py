@@ -143,9 +143,13 @@ def test_a_run_lists_as_far_ahead_as_twice_what_a_read_brings(tmp_path):
     # (from its first row's) plus the stride of 10 after the last row
     assert ahead[0][0] == 92 and ahead[-1][0] == 90 + 2 * 91 + 10 and len(ahead) == 191
     assert ahead[-1][1] == pytest.approx(0.01 + 0.99 * 282 / 1000) and ahead[-1][2] is None
-    run.feed(source, [Record({"loss": 1.0}, step=100)])  # then one row a read
+    run.feed(source, [Record({"loss": 1.0}, step=100)])  # then one row a read: as far as before
     ahead = _control(tmp_path)["ahead"]
-    assert (ahead[0][0], ahead[-1][0]) == (102, 100 + 2 * 10 + 10)
+    assert (ahead[0][0], ahead[-1][0]) == (102, 282)
+    for s in range(110, 400, 10):
+        run.feed(source, [Record({"loss": 1.0}, step=s)])
+    ahead = _control(tmp_path)["ahead"]  # and once the rows pass it, twice the 10 steps a read brings, + 10
+    assert (ahead[0][0], ahead[-1][0]) == (392, 390 + 2 * 10 + 10)
 
 
 def test_a_step_schedule_lists_its_next_step_however_far(tmp_path):
@@ -203,3 +207,20 @@ def test_the_changes_ahead_are_not_listed_over_another_writers_record(tmp_path):
     # (a set is relative: the warmup's own rise, x100 from here, follows it, as the daemon's
     # decisions would)
     assert control["ahead"][-1] == [100, pytest.approx(0.3 / 0.01), None]
+
+
+def test_a_list_reaches_at_least_as_far_as_the_one_before(tmp_path):
+    """A daemon catching up publishes a long list, then shorter reads: the job may already be at
+    the far end, and a shorter list would take its LR back to an earlier step's factor."""
+    from autolr.control import Control
+
+    run, source = _run(tmp_path, "warmup:steps=2000")
+    run.feed(source, [Record({"loss": 1.0}, step=s) for s in range(0, 1000, 10)])  # a long first read
+    far = _control(tmp_path)["ahead"][-1][0]
+    assert far > 1500
+    job = Control(tmp_path)
+    before = job.scale(far)
+    for s in range(1000, 1100, 10):  # then a row a read
+        run.feed(source, [Record({"loss": 1.0}, step=s)])
+        assert _control(tmp_path)["ahead"][-1][0] >= far
+        assert job.scale(far) >= before  # never back to an earlier step's factor
