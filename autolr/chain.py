@@ -123,6 +123,11 @@ class Chain:
         return self.base_lr if self.base_lr is not None else 1.0
 
     @property
+    def holders(self) -> tuple[Policy, ...]:
+        """The policies that can hold the LR (a warmup): those that override ``holds``."""
+        return self._may_hold
+
+    @property
     def names(self) -> str:
         return "+".join(p.name for p in self.policies) or "none"
 

@@ -22,7 +22,7 @@ from .config import Settings
 from .control import (MAX_AHEAD, ControlConflict, ControlError, ControlWriteError, ControlWriter, JournalCursor,
                       atomic_write_json, path_identity, read_json, scheduled_with)
 from .engine import RunEngine
-from .policy import Policy, UnseenNames
+from .policy import Observation, Policy, UnseenNames
 from .readers.base import Reader
 
 log = logging.getLogger("autolr.run")
@@ -124,6 +124,7 @@ class Run:
             self.adopt_manual(save=False)  # (the batch is read, not fed: saved once it is)
         columns = tuple(reader.columns())
         max_before = self.max_step
+        first_read = self.rows == 0
         batch: list[Decision] = []
         engine = self.engine
         lane = self.lane_of(reader)
@@ -153,6 +154,8 @@ class Run:
                 if len(batch) >= PUBLISH_CHUNK:  # a decision on every row of a long log
                     self.publish(batch)
                     batch = []
+        if first_read and records:
+            self._warn_warmup_unseen(records[0])
         if max_before is None and records and type(records[0].step) is int:
             max_before = records[0].step - 1  # a first read: from its own first step
         if max_before is not None and self.max_step is not None and self.max_step > max_before:
@@ -320,6 +323,22 @@ class Run:
         plan = chain.ahead(state, last + 1, last + 1 + reach, MAX_AHEAD, beyond=AHEAD_MAX - reach)
         base = chain.base_lr if chain.base_lr is not None else state.get("base")
         return [(at, scale, None if base is None else base * scale) for at, scale in plan]
+
+    def _warn_warmup_unseen(self, first: Any) -> None:
+        """Say once when a run's first row comes after its warmup was over (a logger that writes
+        its first rows late: a SummaryWriter flushes every 2 minutes, a Trainer logs every 500
+        steps): the steps before it ran at the LR in force before, not the warmup's."""
+        step = first.step
+        if type(step) is not int or step <= 0 or self.engine.state.get("unit") != "step":
+            return
+        for policy in self.engine.chain.holders:
+            at_start = Observation(0, 0, None, {}, 1.0, None, "step", False)
+            if policy.holds(at_start) and not policy.holds(Observation(0, step, None, {}, 1.0, None, "step", False)):
+                log.warning("%s: the first row came at step %d, after %s's warmup was over: the steps before it "
+                            "ran at the LR in force before (the job's own, or the initial value). Log from the "
+                            "first steps (the Lightning and Hugging Face callbacks note where a fit starts; a "
+                            "SummaryWriter: flush_secs=1 at first)", self.folder, step, policy.name)
+                return
 
     def _relist_ahead(self) -> None:
         """List the changes ahead in the control record in force when it was published without

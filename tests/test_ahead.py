@@ -224,3 +224,19 @@ def test_a_list_reaches_at_least_as_far_as_the_one_before(tmp_path):
         run.feed(source, [Record({"loss": 1.0}, step=s)])
         assert _control(tmp_path)["ahead"][-1][0] >= far
         assert job.scale(far) >= before  # never back to an earlier step's factor
+
+
+@pytest.mark.parametrize("spec", ["warmup:steps=100", "auto"])
+def test_a_first_row_after_the_warmup_is_reported_once(tmp_path, caplog, spec):
+    (tmp_path / "late").mkdir()
+    (tmp_path / "early").mkdir()
+    run, source = _run(tmp_path / "late", spec)
+    run.feed(source, [Record({"loss": 1.0}, step=499)])  # a Trainer logging every 500 steps
+    run.feed(source, [Record({"loss": 1.0}, step=999)])
+    said = [r.getMessage() for r in caplog.records if "warmup was over" in r.getMessage()]
+    assert len(said) == 1 and "first row came at step 499" in said[0]
+    caplog.clear()
+    run, source = _run(tmp_path / "early", spec)
+    run.feed(source, [Record({}, step=-1)])  # a callback's start row
+    run.feed(source, [Record({"loss": 1.0}, step=499)])
+    assert not [r for r in caplog.records if "warmup was over" in r.getMessage()]
