@@ -177,7 +177,8 @@ class Chain:
         where it changes from ``state["scale"]``, then from the entry before (by ``min_change``
         at least, when set: the rule a published change follows); when none comes before
         ``stop``, the first one within ``beyond`` more steps (a StepLR's next step). At most
-        ``limit`` entries, thinned evenly when there are more (each still exact at its step).
+        ``limit`` entries: with more, those that move the LR most are kept (:func:`_thin`),
+        each still exact at its step.
         Empty unless the run counts steps and a policy moves on its own (a schedule, a warmup);
         a value that is not finite and positive is left out, as the chain never publishes one."""
         if state.get("unit") != "step" or stop <= start or limit <= 0:
@@ -209,10 +210,7 @@ class Chain:
             if _changed(last, scale) and not (min_change and abs(scale - last) < min_change * last):
                 out.append((t, scale))
                 last = scale
-        if len(out) > limit:
-            n = len(out)
-            out = [out[round(i * (n - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else out[-1:]
-        return out
+        return _thin(out, state["scale"], limit) if len(out) > limit else out
 
     # ---- observation -------------------------------------------------------------------
     def _restart_schedules(self, states: list) -> list:
@@ -413,6 +411,29 @@ def _epochs_run(state: State, step: int | None, epoch: float) -> bool:
     if math.isfinite(epoch) and not float(epoch).is_integer():
         return True
     return epoch == state.get("last_epoch") and (step is None or step != state.get("last_step"))
+
+
+def _thin(changes: list[tuple[int, float]], start: float, limit: int) -> list[tuple[int, float]]:
+    """At most ``limit`` of ``changes`` (``[(step, scale)]`` from scale ``start``): a change is kept
+    when it moves the scale by at least x (relative) from the last one kept, with x the smallest
+    of a geometric search that keeps ``limit`` or fewer; the last change is always kept. A
+    StepLR's jump stays while a ramp's small steps are merged, and the LR in force is never
+    more than about x from the exact one."""
+    moves = sorted((abs(b - a) / a for a, b in zip([start] + [s for _, s in changes], [s for _, s in changes])),
+                   reverse=True)
+    x = moves[limit - 1] if limit >= 1 else math.inf
+    while True:
+        kept, last = [], start
+        for step, scale in changes:
+            if abs(scale - last) >= x * last:
+                kept.append((step, scale))
+                last = scale
+        if len(kept) <= limit:
+            break
+        x *= 1.25
+    if not kept or kept[-1] != changes[-1]:
+        kept = (kept if len(kept) < limit else kept[:-1]) + [changes[-1]]
+    return kept
 
 
 def _usable(x: float) -> bool:

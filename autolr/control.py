@@ -39,7 +39,7 @@ CONTROL_NAME = "autolr.json"
 JOURNAL_NAME = "autolr.decisions.jsonl"
 LOCK_NAME = "autolr.lock"
 #: A control file larger than this is refused by the client.
-MAX_CONTROL_BYTES = 64 << 10
+MAX_CONTROL_BYTES = 128 << 10
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 #: Changes a control file lists for step-exact application (multi-rank training, resumes):
@@ -47,7 +47,7 @@ DIR_MODE = 0o755
 MAX_SCHEDULE = 256
 #: Changes ahead a control file lists at most: the steps at which a schedule or a warmup would
 #: change the LR if no log row came first (see Chain.ahead), for a job logging every N steps.
-MAX_AHEAD = 256
+MAX_AHEAD = 1024
 #: A journal line longer than this is skipped by a restart's reading (ours are < 64 KiB).
 MAX_JOURNAL_LINE = 16 << 20
 

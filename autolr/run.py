@@ -66,7 +66,7 @@ class Run:
         # (seq, unit) the control file's changes ahead were last worked out for, and whether a
         # policy of the chain can move on its own (a schedule, a warmup) at all
         self.ahead_key: tuple[int, str | None] | None = None
-        self.ahead_end: int | None = None  # the last step a list of changes ahead reached
+        self.ahead_end: tuple[int, int] | None = None  # (from, to): the steps the last list covered
         self.moves = any(type(p).ahead is not Policy.ahead for p in self.engine.chain.policies)
         self.last_step: int | float | None = None
         self.last_metric: float | None = None
@@ -154,12 +154,14 @@ class Run:
                 if len(batch) >= PUBLISH_CHUNK:  # a decision on every row of a long log
                     self.publish(batch)
                     batch = []
-        if first_read and records:
+        if first_read and records and not getattr(reader, "companion", False):
             self._warn_warmup_unseen(records[0])
         if max_before is None and records and type(records[0].step) is int:
             max_before = records[0].step - 1  # a first read: from its own first step
         if max_before is not None and self.max_step is not None and self.max_step > max_before:
             self.read_span = self.max_step - max_before
+        elif max_before is not None and self.max_step is not None and self.max_step < max_before:
+            self.read_span = 0  # a rewind: the reads before say nothing of the resumed job's
         if batch:
             # The state is saved by the daemon's flush timer, not here: a crash in between is
             # covered by matching the journal at restart, and a save per batch cost more than
@@ -309,16 +311,18 @@ class Run:
         rows = engine.rows
         stride = rows.stride if rows.steps is None and rows.stride > 0 else 1
         if self.rows <= 1:
-            reach = MAX_AHEAD  # the first row (a callback's at the start of a fit): no cadence known yet
+            reach = AHEAD_MAX  # the first row (a callback's at the start of a fit): no cadence known yet
         elif stride == 1 and self.read_span <= 1:
             return []  # a row every step, read as it comes: the job is a step ahead at most
         else:
             reach = min(max(2 * max(self.read_span, stride) + stride, AHEAD_MIN), AHEAD_MAX)
-        if self.ahead_end is not None and self.ahead_end - last > reach:
+        if self.ahead_end is not None and self.ahead_end[0] > last:
+            self.ahead_end = None  # the job went back (a resumed checkpoint): the list before is void
+        if self.ahead_end is not None and self.ahead_end[1] - last > reach:
             # as far as a list before went: the job may be there already (a daemon catching
             # up), and a shorter list would take its LR back to the factor of an earlier step
-            reach = min(self.ahead_end - last, AHEAD_MAX)
-        self.ahead_end = last + reach
+            reach = min(self.ahead_end[1] - last, AHEAD_MAX)
+        self.ahead_end = (last, last + reach)
         chain = engine.chain
         plan = chain.ahead(state, last + 1, last + 1 + reach, MAX_AHEAD, beyond=AHEAD_MAX - reach)
         base = chain.base_lr if chain.base_lr is not None else state.get("base")
@@ -334,7 +338,7 @@ class Run:
         for policy in self.engine.chain.holders:
             at_start = Observation(0, 0, None, {}, 1.0, None, "step", False)
             if policy.holds(at_start) and not policy.holds(Observation(0, step, None, {}, 1.0, None, "step", False)):
-                log.warning("%s: the first row came at step %d, after %s's warmup was over: the steps before it "
+                log.warning("%s: the first row came at step %d, after the warmup (%s) was over: the steps before it "
                             "ran at the LR in force before (the job's own, or the initial value). Log from the "
                             "first steps (the Lightning and Hugging Face callbacks note where a fit starts; a "
                             "SummaryWriter: flush_secs=1 at first)", self.folder, step, policy.name)

@@ -93,13 +93,27 @@ def test_a_manual_factor_carries_into_the_plan():
     assert chain.ahead(state, 4, 30, 128) == [(10, pytest.approx(0.1)), (20, pytest.approx(0.05))]
 
 
-def test_more_changes_than_the_limit_are_thinned_evenly_each_exact_at_its_step():
-    chain = build_chain([("cosine", {"T_max": 1000, "eta_min": 0.01})], policy_classes(), base_lr=1.0)
+@pytest.mark.parametrize("limit, worst", [(256, 0.025), (1024, 0.005)])
+def test_more_changes_than_the_limit_keep_those_that_move_the_lr_most_each_exact(limit, worst):
+    chain = build_chain([("cosine", {"T_max": 4000, "eta_min": 0.01})], policy_classes(), base_lr=1.0)
     state = _feed(chain, chain.init(), 0, 1.0)
-    plan = chain.ahead(state, 1, 1001, limit=11)
-    assert len(plan) == 11 and plan[0][0] == 2 and plan[-1][0] == 1000
-    for at, scale in plan:
-        assert scale == pytest.approx(0.01 + 0.99 * (1 + math.cos(math.pi * at / 1000)) / 2, abs=1e-12)
+    plan = chain.ahead(state, 1, 4001, limit=limit)
+
+    def exact(t):
+        return 0.01 + 0.99 * (1 + math.cos(math.pi * t / 4000)) / 2
+
+    assert len(plan) <= limit and plan[-1][0] == 4000
+    assert all(scale == pytest.approx(exact(at), rel=1e-12) for at, scale in plan)
+    error = max(abs(_in_force(plan, t, chain.scale(state)) - exact(t)) / exact(t) for t in range(1, 4001))
+    assert error <= worst
+
+
+def test_thinning_keeps_a_step_schedules_jump_among_a_warmups_small_changes():
+    chain = build_chain([("warmup", {"steps": 1000}), ("multistep", {"milestones": [500], "gamma": 0.1})],
+                        policy_classes())
+    state = _feed(chain, chain.init(), 0, 1.0)
+    plan = chain.ahead(state, 1, 1001, limit=50)
+    assert len(plan) <= 50 and dict(plan)[500] == pytest.approx(0.1 * (0.01 + 0.99 * 500 / 1000))
 
 
 def test_the_plan_leaves_out_values_that_are_not_finite_and_positive():
@@ -160,7 +174,13 @@ def test_a_step_schedule_lists_its_next_step_however_far(tmp_path):
     run.feed(source, [Record({"loss": 1.0}, step=999)])
     control = _control(tmp_path)
     assert control["scale"] == pytest.approx(0.1) and control["lr"] == pytest.approx(0.05)
-    assert control["ahead"] == [[2000, pytest.approx(0.01), pytest.approx(0.005)]]
+    # (as far as the first row's list, 4096 steps: no cadence was known then)
+    assert control["ahead"] == [[at, pytest.approx(0.1 ** (at // 1000)), pytest.approx(0.5 * 0.1 ** (at // 1000))]
+                                for at in (2000, 3000, 4000)]
+    for s in range(4999, 12000, 100):  # a row every 100 steps, one a read: 300 steps ahead, or the next step
+        run.feed(source, [Record({"loss": 1.0}, step=s)])
+    assert _control(tmp_path)["step"] == 11999 and _control(tmp_path)["scale"] == pytest.approx(1e-12)
+    assert _control(tmp_path)["ahead"] == [[13000, pytest.approx(1e-13), pytest.approx(5e-14)]]
 
 
 def test_no_changes_ahead_with_an_apply_margin_or_a_policy_that_waits_for_rows(tmp_path):
@@ -233,10 +253,37 @@ def test_a_first_row_after_the_warmup_is_reported_once(tmp_path, caplog, spec):
     run, source = _run(tmp_path / "late", spec)
     run.feed(source, [Record({"loss": 1.0}, step=499)])  # a Trainer logging every 500 steps
     run.feed(source, [Record({"loss": 1.0}, step=999)])
-    said = [r.getMessage() for r in caplog.records if "warmup was over" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "was over" in r.getMessage()]
     assert len(said) == 1 and "first row came at step 499" in said[0]
     caplog.clear()
     run, source = _run(tmp_path / "early", spec)
     run.feed(source, [Record({}, step=-1)])  # a callback's start row
     run.feed(source, [Record({"loss": 1.0}, step=499)])
-    assert not [r for r in caplog.records if "warmup was over" in r.getMessage()]
+    assert not [r for r in caplog.records if "was over" in r.getMessage()]
+
+
+def test_a_start_row_lists_as_far_as_a_trainer_logging_every_500_steps_needs(tmp_path):
+    """Regression (a helper's audit): the first row's list reached 256 steps (the entry limit
+    taken for steps), so with ``logging_steps=500`` a StepLR's changes at 300 and 400, and a
+    500-step warmup's second half, were not listed: steps 300-499 ran at 2-4x the factor."""
+    run, source = _run(tmp_path, "step:step_size=100,gamma=0.5")
+    run.start()
+    run.feed(source, [Record({}, step=-1)])
+    assert [at for at, _, _ in _control(tmp_path)["ahead"]][:5] == [100, 200, 300, 400, 500]
+    (tmp_path / "w").mkdir()
+    run, source = _run(tmp_path / "w", "warmup:steps=500")
+    run.start()
+    run.feed(source, [Record({}, step=-1)])
+    assert [at for at, _, _ in _control(tmp_path / "w")["ahead"]] == list(range(1, 501))
+
+
+def test_a_rewind_ends_the_reach_of_the_lists_before(tmp_path):
+    """Regression (a helper's audit): after a resume from an earlier checkpoint the lists kept
+    reaching as far as before the rewind, thinned, until the job passed that point again."""
+    run, source = _run(tmp_path, "cosine:T_max=100000")
+    run.feed(source, [Record({"loss": 1.0}, step=s) for s in range(0, 3000, 10)])  # a long first read
+    assert _control(tmp_path)["ahead"][-1][0] > 5000
+    run.feed(source, [Record({"loss": 1.0}, step=1000)])  # resumed from step 1000
+    run.feed(source, [Record({"loss": 1.0}, step=1010)])
+    ahead = _control(tmp_path)["ahead"]
+    assert ahead[-1][0] < 1100 and [at for at, _, _ in ahead] == list(range(1012, ahead[-1][0] + 1))

@@ -125,6 +125,8 @@ def test_resumed_fit_keeps_the_step_clock(tmp_path):
     assert all(scale[s] == pytest.approx(1.0) for s in range(20, 25))
     assert all(scale[s] == pytest.approx(0.5) for s in range(25, 35))
     assert all(scale[s] == pytest.approx(0.25) for s in range(35, 40))
+    # each fit noted where it starts: the last step done (a new fit: -1)
+    assert (run / "autolr-fit.jsonl").read_text().split() == ['{"step":-1}', '{"step":19}']
 
 
 class TwoOptimizers(L.LightningModule):
@@ -179,6 +181,33 @@ def test_two_optimizers_take_each_change_at_the_logged_step(tmp_path):
     assert sorted({b for _, b, _ in used}) == list(range(30))
     assert [(k, b, scale) for k, b, scale in used if scale != pytest.approx(want[b])] == []
     assert sum(k == 1 for k, _, _ in used) == 3 * sum(k == 0 for k, _, _ in used)
+    # each fit noted where it starts in the logged steps (a helper's audit: the resumed fit's
+    # was one step early, read at train start, before Lightning sets the resumed batch count)
+    assert (run / "autolr-fit.jsonl").read_text().split() == ['{"step":-1}', '{"step":14}']
+
+
+def test_a_fit_resumed_mid_epoch_notes_where_it_starts_in_logged_steps(tmp_path):
+    """Regression (a helper's audit): with manual optimization the start row of a fit resumed
+    from a mid-epoch checkpoint was one step early (read at train start, before Lightning sets
+    the resumed batch count), and the daemon saw a rewind that was not there."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    run = tmp_path / "run"
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=40, save_top_k=-1)
+    first = trainer(tmp_path / "logs", [AutolrCallback(run), ckpts], 40, limit_train_batches=15,
+                    enable_checkpointing=True, default_root_dir=tmp_path)
+    first.fit(TwoOptimizers(), data())  # 10 batches of 4 optimizer steps: a checkpoint mid-epoch
+    (ckpt,) = (tmp_path / "ck").iterdir()
+    logged = []
+
+    class FirstBatch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            logged.append(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    trainer(tmp_path / "logs", [AutolrCallback(run), FirstBatch()], -1, max_epochs=1, limit_train_batches=15).fit(
+        TwoOptimizers(), data(), ckpt_path=ckpt)
+    assert logged[0] == 10
+    assert (run / "autolr-fit.jsonl").read_text().split() == ['{"step":-1}', '{"step":9}']
 
 
 @pytest.mark.parametrize("version", [None, 0])

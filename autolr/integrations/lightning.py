@@ -20,8 +20,8 @@ accumulated batches do not shift it. With several optimizers or manual optimizat
 batch) every step reads the step the loggers write on the batch's rows. They come off at the
 end of the fit.
 
-At the start of each fit the callback (on global rank 0) appends ``{"step": s - 1}``, where
-``s`` is the step the fit starts at, to ``autolr-fit.jsonl`` in the run folder
+At the first batch of each fit the callback (on global rank 0) appends ``{"step": s - 1}``,
+where ``s`` is the step the fit starts at, to ``autolr-fit.jsonl`` in the run folder
 (``mark_start=False``: not). The CSVLogger writes its first rows at its first flush (every 100
 steps by default); from this row the daemon knows the run counts steps and lists a warmup's or
 a schedule's changes ahead from the first step, and sees a resumed fit's rewind at once.
@@ -54,6 +54,7 @@ class _AutolrCallbackMixin:
         self.run_dir = run_dir
         self.min_interval = min_interval
         self.mark_start = mark_start
+        self._start_to_mark = False  # the fit's start is noted at its first batch
         self.handles: list[_torch_integration.AttachedControl] = []
         self.control: Control | None = None
 
@@ -77,19 +78,23 @@ class _AutolrCallbackMixin:
         start = int(trainer.global_step)
         self.handles = [_torch_integration.attach(_unwrap(opt), control, start_step=start)
                         for opt in trainer.optimizers]
-        logged = len(self.handles) != 1 or not getattr(pl_module, "automatic_optimization", True)
-        if logged:
+        if len(self.handles) != 1 or not getattr(pl_module, "automatic_optimization", True):
             # global_step counts every optimizer's steps (two optimizers: 2 a batch), and an
             # optimizer may step several times a batch (a GAN's critic); the rows carry the
             # logged step, one a batch: every step takes its change by that clock.
             for handle in self.handles:
                 handle.clock = lambda: _logged_step(trainer)
-        if self.mark_start and getattr(trainer, "is_global_zero", True):
-            _mark_start(control.path.parent, (_logged_step(trainer) if logged else start) - 1)
+        self._start_to_mark = self.mark_start and getattr(trainer, "is_global_zero", True)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if len(self.handles) == 1 and self.handles[0].clock is None:
+        one = len(self.handles) == 1 and self.handles[0].clock is None
+        if one:
             self.handles[0].step = int(trainer.global_step)
+        if self._start_to_mark and self.control is not None:
+            # at the first batch, not at train start: a resumed fit's logged step (batches that
+            # stepped) is set right only by then
+            self._start_to_mark = False
+            _mark_start(self.control.path.parent, (int(trainer.global_step) if one else _logged_step(trainer)) - 1)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._detach()
