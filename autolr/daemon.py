@@ -473,7 +473,7 @@ class Daemon:
             if not reader.more or self.stop_event.is_set():
                 if not multi and not self.catching_up and not reader.more:
                     run = self.run_for.get(path)
-                    if run is not None and run.pending and len(run.sources) == 1:
+                    if run is not None and run.pending and run.logs() == 1:
                         run.check_journal_ahead(settle=AHEAD_SETTLE)  # (its only log read to its end)
                 break
             if deadline is not None and time.monotonic() > deadline:

@@ -96,11 +96,21 @@ class Run:
 
     def lane_of(self, reader: Reader) -> str:
         """The folder of ``reader``'s file, relative to the run's: files in one folder follow
-        each other (a resumed job's new file), files in two are written side by side."""
+        each other (a resumed job's new file), files in two are written side by side. A
+        companion (a callback's fit starts) is a lane of its own: read when the daemon gets to
+        it (after a whole log, when catching up), its rows below the last step are late rows,
+        never a rewind that would drop the run's history; the resumed fit's rows rewind."""
         name = self._lane_names.get(reader.path)
         if name is None:
-            name = self._lane_names[reader.path] = _rel(reader.path.parent, self.folder)
+            name = _rel(reader.path.parent, self.folder)
+            if getattr(reader, "companion", False):
+                name += "#" + reader.name
+            self._lane_names[reader.path] = name
         return name
+
+    def logs(self) -> int:
+        """The run's log sources, a companion (a callback's fit starts) not counted."""
+        return sum(not getattr(r, "companion", False) for r in self.sources.values())
 
     def skipped(self) -> Counter[str]:
         total: Counter[str] = Counter()

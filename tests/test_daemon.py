@@ -482,10 +482,33 @@ def test_a_callbacks_fit_start_file_is_read_beside_the_runs_log_of_any_kind(tmp_
         start.write_text('{"step": 4}\n')
         daemon, events = make_daemon(tmp_path)
         daemon.run()
-        assert daemon.runs[run].engine.rewinds == 1
+        assert daemon.runs[run].engine.rewinds == 0  # a late row: the resumed fit's own rows rewind
     assert sorted(p.name for p in daemon.runs[run].sources) == ["autolr-fit.jsonl", "metrics.csv"]
     assert [d["path"] for k, d in events if k == "ignored"] == [str(run / "other.jsonl")]
     assert daemon.runs[run].rows == 11
+
+
+def test_a_fit_start_file_read_after_the_whole_log_never_rewinds_the_run(tmp_path):
+    """Regression (a helper's audit): catching up, the daemon reads a folder's files one after the
+    other, so the fit starts (-1, then a resumed fit's 249) came after the whole log and rewound
+    the run to step -1, dropping its history: a final scale of 0.25 where the log gives 0.125."""
+    def folder(name: str, with_start: bool) -> Path:
+        run = tmp_path / name / "run"
+        rows = [{"step": s, "loss": 1.0 if s < 20 else 2.0} for s in range(0, 300)]
+        write_jsonl(run / "metrics.jsonl", rows)
+        if with_start:
+            (run / "autolr-fit.jsonl").write_text('{"step": -1}\n{"step": 249}\n')
+            os.utime(run / "autolr-fit.jsonl", (time.time() + 5, time.time() + 5))  # read last
+        return tmp_path / name
+
+    scales = []
+    for name, with_start in (("plain", False), ("started", True)):
+        daemon, _ = make_daemon(folder(name, with_start))
+        daemon.run()
+        run = daemon.runs[tmp_path / name / "run"]
+        scales.append(run.engine.scale)
+        assert run.engine.rewinds == 0
+    assert scales[0] < 0.01 and scales[1] == scales[0]
 
 
 def test_catching_up_reports_progress(tmp_path, monkeypatch):
@@ -1054,14 +1077,16 @@ def test_a_restart_reads_the_rest_of_a_log_rotated_while_it_was_down(tmp_path, c
     assert decisions(run) == decisions(tmp_path / "clean")
 
 
-@pytest.mark.parametrize("live", [False, True])
-def test_a_run_folder_copied_to_start_a_new_run_continues_from_its_own_log(tmp_path, live, monkeypatch):
+@pytest.mark.parametrize("live, start", [(False, False), (True, False), (True, True)])
+def test_a_run_folder_copied_to_start_a_new_run_continues_from_its_own_log(tmp_path, live, start, monkeypatch):
     """Regression (a helper's audit): ``cp -r runs/a runs/b`` (the control file and journal
     with it), then a new job in b logging from step 0: the daemon matched the new log's
     decisions against the copied journal and took them as published, so the job ran on a's
     last LR (0.03125 instead of 1.0, then 0.5, ...). The journal's entries beyond every row
     of the log are not this log's: a rewind to the log's LR is published (live, once that has
-    held for AHEAD_SETTLE seconds: the end of the log may be that of a copy under way)."""
+    held for AHEAD_SETTLE seconds: the end of the log may be that of a copy under way). With a
+    callback's fit-start file beside the log (``start``), the same (a helper's audit: the live
+    check ran only for runs of one source, and the companion made two)."""
     from autolr import daemon as daemon_module
 
     monkeypatch.setattr(daemon_module, "AHEAD_SETTLE", 0.3)
@@ -1073,9 +1098,13 @@ def test_a_run_folder_copied_to_start_a_new_run_continues_from_its_own_log(tmp_p
     for name in ("autolr.json", "autolr.decisions.jsonl"):  # (the copy seen before a's state file)
         (b / name).write_bytes((a / name).read_bytes())
     write_jsonl(b / "metrics.jsonl", [{"step": s, "loss": 1.0} for s in range(5)])
+    if start:
+        (b / "autolr-fit.jsonl").write_text('{"step": -1}\n')
     daemon, _ = make_daemon(b, policy=policy)
     if live:
         daemon.discover()
+        if start:
+            daemon.process(b / "autolr-fit.jsonl")
         daemon.process(b / "metrics.jsonl")
         assert Control(b).scale() == 0.03125  # not yet: a copy may be under way
         time.sleep(0.35)

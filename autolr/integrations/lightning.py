@@ -24,7 +24,8 @@ At the first batch of each fit the callback (on global rank 0) appends ``{"step"
 where ``s`` is the step the fit starts at, to ``autolr-fit.jsonl`` in the run folder
 (``mark_start=False``: not). The CSVLogger writes its first rows at its first flush (every 100
 steps by default); from this row the daemon knows the run counts steps and lists a warmup's or
-a schedule's changes ahead from the first step, and sees a resumed fit's rewind at once.
+a schedule's changes ahead from the first step (a resumed fit's rewind comes with its
+first logged rows: the daemon reads this file apart from the log).
 
 ``AutolrCallback`` subclasses ``lightning.pytorch.Callback`` (the ``lightning`` package, else
 ``pytorch_lightning``); ``PLAutolrCallback`` is the same for the ``pytorch_lightning`` package.
@@ -137,7 +138,7 @@ def _mark_start(folder: Path, step: int) -> None:
     """Append ``{"step": step}`` (the last step done; -1 for a new fit) to FIT_START_FILE: the
     logger writes its first rows only at its first flush (100 steps for the CSVLogger), and
     this row lets the daemon list a warmup's or a schedule's changes ahead from the first
-    step, and see a resumed fit's rewind at once. A folder that cannot be written is warned
+    step. A folder that cannot be written is warned
     about, never fatal."""
     try:
         with Logger(folder / FIT_START_FILE) as log:

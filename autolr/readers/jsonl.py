@@ -279,8 +279,8 @@ class FitStartReader(JsonlReader):
     #: Read beside the run's log of another kind (a run keeps one kind of log: the same metrics
     #: twice would double every observation). Its rows carry a step and no metric: a Lightning
     #: run, whose CSVLogger writes its first rows at its first flush, counts in steps from its
-    #: first step on (the control file lists a warmup ahead from there), and a resumed fit's
-    #: rewind is seen when it starts.
+    #: first step on (the control file lists a warmup ahead from there). Its rows are a lane of
+    #: their own (Run.lane_of): read apart from the log, they never rewind the run.
     companion = True
 
     @classmethod
