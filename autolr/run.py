@@ -309,10 +309,11 @@ class Run:
         """The changes the chain would publish at the next steps if no row came first, for the
         control file to list (a job logging every N steps, or a logger that flushes late, then
         follows a warmup or a schedule step by step): from the last step on, as far as twice
-        the steps a read brings plus the rows' stride (AHEAD_MIN … AHEAD_MAX) and at least as
-        far as the list before, or to the next change. Empty with ``--apply-margin``, whose changes the ``schedule`` lists, and while
-        each read brings the one row of a log written every step (a daemon that falls behind
-        reads several at once, and lists them again)."""
+        the steps a read brings plus the rows' stride (AHEAD_MIN … AHEAD_MAX; AHEAD_MAX from a
+        first row) and at least as far as the list before, or to the next change. Empty with
+        ``--apply-margin``, whose changes the ``schedule`` lists, and while each read brings the
+        one row of a log written every step (a daemon that falls behind reads several at once,
+        and lists them again)."""
         engine = self.engine
         state = engine.state
         last = state.get("last_step")
@@ -323,7 +324,7 @@ class Run:
         if self.rows <= 1:
             reach = AHEAD_MAX  # the first row (a callback's at the start of a fit): no cadence known yet
         elif stride == 1 and self.read_span <= 1:
-            return []  # a row every step, read as it comes: the job is a step ahead at most
+            return []  # a row every step, read as it comes: the job is a step or two ahead at most
         else:
             reach = min(max(2 * max(self.read_span, stride) + stride, AHEAD_MIN), AHEAD_MAX)
         if self.ahead_end is not None and self.ahead_end[0] > last:
@@ -345,9 +346,9 @@ class Run:
         step = first.step
         if type(step) is not int or step <= 0 or self.engine.state.get("unit") != "step":
             return
+        at_start, at_first = (Observation(0, s, None, {}, 1.0, None, "step", False) for s in (0, step))
         for policy in self.engine.chain.holders:
-            at_start = Observation(0, 0, None, {}, 1.0, None, "step", False)
-            if policy.holds(at_start) and not policy.holds(Observation(0, step, None, {}, 1.0, None, "step", False)):
+            if policy.holds(at_start) and not policy.holds(at_first):
                 log.warning("%s: the first row came at step %d, after the warmup (%s) was over: the steps before it "
                             "ran at the LR in force before (the job's own, or the initial value). Log from the "
                             "first steps (the Lightning and Hugging Face callbacks note where a fit starts; a "
