@@ -117,6 +117,8 @@ class Chain:
             raise PolicyError(f"min_lr {self.min_lr} is above max_lr {self.max_lr}")
         # Only a policy that overrides holds() (a warmup) can hold the LR: the others are not asked.
         object.__setattr__(self, "_may_hold", tuple(p for p in self.policies if type(p).holds is not Policy.holds))
+        # Only a policy that overrides ahead() (a schedule, a warmup) moves the LR between rows.
+        object.__setattr__(self, "movers", tuple(p for p in self.policies if type(p).ahead is not Policy.ahead))
 
     @property
     def base(self) -> float:
@@ -183,14 +185,14 @@ class Chain:
         a value that is not finite and positive is left out, as the chain never publishes one."""
         if state.get("unit") != "step" or stop <= start or limit <= 0:
             return []
+        if not self.movers:
+            return []
         fixed, movers = state["manual"], []
         for policy, pstate in zip(self.policies, state["policies"]):
-            if type(policy).ahead is Policy.ahead:
-                fixed *= policy.value(pstate)
-            else:
+            if policy in self.movers:
                 movers.append((policy.ahead, pstate))
-        if not movers:
-            return []
+            else:
+                fixed *= policy.value(pstate)
         base, low, high, min_change = self.base, self.min_lr, self.max_lr, self.min_change
         last, out = state["scale"], []
         for t in range(start, stop + beyond):

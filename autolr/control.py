@@ -144,6 +144,14 @@ def _validate_ahead(ahead: Any) -> None:
         last = item[0]
 
 
+def _ahead_list(ahead: list[tuple[int, float, float | None]]) -> list[list[Any]]:
+    """``ahead`` as the control file lists it, ``[[step, scale, lr], ...]``; ControlError (before
+    any byte is written) when an entry is unusable."""
+    listed = [[int(at), float(scale), None if lr is None else float(lr)] for at, scale, lr in ahead]
+    _validate_ahead(listed)
+    return listed
+
+
 def _ahead_index(record: dict[str, Any]) -> tuple[list[int], list[dict[str, Any]]] | None:
     """A record's ``ahead`` as (steps, entries) for a bisection; None when it has none (or an
     ``apply_at_step``, whose changes the ``schedule`` lists instead)."""
@@ -541,9 +549,7 @@ class ControlWriter:
         if not records:
             return []
         if ahead:
-            records[-1]["ahead"] = [[int(at), float(scale), None if lr is None else float(lr)]
-                                    for at, scale, lr in ahead]
-            _validate_ahead(records[-1]["ahead"])  # never write an unusable LR
+            records[-1]["ahead"] = _ahead_list(ahead)
         with self.locked():
             current = self.current()
             self._known = None
@@ -579,8 +585,7 @@ class ControlWriter:
         them without a new decision (the run's first row, a restart). False, writing nothing,
         when ``seq`` is not the record in force on disk (another writer moved on, or the
         journal is ahead of the file and waits for :meth:`repair`)."""
-        listed = [[int(at), float(scale), None if lr is None else float(lr)] for at, scale, lr in ahead]
-        _validate_ahead(listed)
+        listed = _ahead_list(ahead)
         with self.locked():
             self._known = None
             on_disk = None

@@ -22,7 +22,7 @@ from .config import Settings
 from .control import (MAX_AHEAD, ControlConflict, ControlError, ControlWriteError, ControlWriter, JournalCursor,
                       atomic_write_json, path_identity, read_json, scheduled_with)
 from .engine import RunEngine
-from .policy import Observation, Policy, UnseenNames
+from .policy import Observation, UnseenNames
 from .readers.base import Reader
 
 log = logging.getLogger("autolr.run")
@@ -67,7 +67,7 @@ class Run:
         # policy of the chain can move on its own (a schedule, a warmup) at all
         self.ahead_key: tuple[int, str | None] | None = None
         self.ahead_end: tuple[int, int] | None = None  # (from, to): the steps the last list covered
-        self.moves = any(type(p).ahead is not Policy.ahead for p in self.engine.chain.policies)
+        self.moves = bool(self.engine.chain.movers)
         self.last_step: int | float | None = None
         self.last_metric: float | None = None
         self.last_decision: dict[str, Any] | None = None
